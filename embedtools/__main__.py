@@ -1,0 +1,5 @@
+"""``python -m embedtools``."""
+
+from embedtools.cli import main
+
+raise SystemExit(main())

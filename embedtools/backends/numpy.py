@@ -1,0 +1,202 @@
+"""NumPy backend: the reference implementation, and the default on every machine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedtools.errors import DimensionError, InvalidArgumentError
+from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
+from embedtools.search import check_k, check_metric, query_chunks
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["NumpyBackend"]
+
+F32 = np.float32
+
+_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "uint8", "int32", "int64", "bool")
+}
+
+
+def _np_dtype(dtype: str) -> np.dtype[Any]:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise InvalidArgumentError(f"unsupported dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
+
+
+class NumpyBackend:
+    """Arrays are ``numpy.ndarray`` on the host; matmul goes to the BLAS numpy was built with."""
+
+    @property
+    def name(self) -> str:
+        return "numpy"
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def __repr__(self) -> str:
+        return "NumpyBackend()"
+
+    def asarray(self, data: object, dtype: DTypeName = "float32") -> npt.NDArray[Any]:
+        return np.array(data, dtype=_np_dtype(dtype))
+
+    def from_numpy(self, array: npt.NDArray[Any], dtype: DTypeName = "float32") -> npt.NDArray[Any]:
+        return np.asarray(array, dtype=_np_dtype(dtype))
+
+    def to_numpy(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return np.asarray(array)
+
+    def to_list(self, array: npt.NDArray[Any]) -> list[Any]:
+        out = np.asarray(array).tolist()
+        return out if isinstance(out, list) else [out]
+
+    def shape(self, array: npt.NDArray[Any]) -> tuple[int, ...]:
+        return tuple(int(s) for s in array.shape)
+
+    def dtype(self, array: npt.NDArray[Any]) -> str:
+        return str(array.dtype)
+
+    def nbytes(self, array: npt.NDArray[Any]) -> int:
+        return int(array.nbytes)
+
+    def zeros(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> npt.NDArray[Any]:
+        return np.zeros(shape, dtype=_np_dtype(dtype))
+
+    def ones(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> npt.NDArray[Any]:
+        return np.ones(shape, dtype=_np_dtype(dtype))
+
+    def random_normal(
+        self,
+        shape: tuple[int, ...],
+        *,
+        seed: int | None = None,
+        mean: float = 0.0,
+        std: float = 1.0,
+        dtype: DTypeName = "float32",
+    ) -> npt.NDArray[Any]:
+        target = _np_dtype(dtype)
+        if target.kind != "f":
+            raise InvalidArgumentError(f"random_normal needs a float dtype, got {dtype!r}")
+        samples = np.random.default_rng(seed).standard_normal(shape, dtype=np.float64)
+        return (samples * std + mean).astype(target)
+
+    def matmul(self, a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        out: npt.NDArray[Any] = np.matmul(a, b)
+        return out
+
+    def row_norms(self, a: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        x = np.asarray(a, dtype=F32)
+        squares = np.einsum("ij,ij->i", x, x) if x.ndim == 2 else np.asarray(np.dot(x, x))
+        out: npt.NDArray[np.float32] = np.sqrt(squares, dtype=F32)
+        return out
+
+    def normalize(self, a: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        x = np.asarray(a, dtype=F32)
+        divisor = _safe_divisor(self.row_norms(x))
+        out: npt.NDArray[np.float32] = x / (divisor[..., None] if x.ndim > 1 else divisor)
+        return out
+
+    def cosine_similarity(self, a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        a2 = np.atleast_2d(np.asarray(a, dtype=F32))
+        b2 = np.atleast_2d(np.asarray(b, dtype=F32))
+        if a2.shape[1] != b2.shape[1]:
+            raise DimensionError(f"cannot compare width {a2.shape[1]} with width {b2.shape[1]}")
+        out: npt.NDArray[np.float32] = self.normalize(a2) @ self.normalize(b2).T
+        return out
+
+    def concatenate(self, arrays: Sequence[npt.NDArray[Any]], axis: int = 0) -> npt.NDArray[Any]:
+        return np.concatenate(list(arrays), axis=axis)
+
+    def stack(self, arrays: Sequence[npt.NDArray[Any]], axis: int = 0) -> npt.NDArray[Any]:
+        return np.stack(list(arrays), axis=axis)
+
+    def slice_last_dim(self, array: npt.NDArray[Any], dim: int) -> npt.NDArray[Any]:
+        width = array.shape[-1]
+        if not 1 <= dim <= width:
+            raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
+        return array[..., :dim]
+
+    def topk(
+        self,
+        queries: npt.NDArray[Any],
+        corpus: npt.NDArray[Any],
+        k: int,
+        metric: Metric,
+        *,
+        corpus_norms: npt.NDArray[Any] | None = None,
+        max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        metric = check_metric(metric)
+        k = check_k(k)
+        q = np.atleast_2d(np.asarray(queries, dtype=F32))
+        x = np.asarray(corpus, dtype=F32)
+        if q.shape[1] != x.shape[1]:
+            raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
+        n = x.shape[0]
+        k = min(k, n)
+        scores = np.empty((q.shape[0], k), dtype=F32)
+        indices = np.empty((q.shape[0], k), dtype=np.int64)
+        norms = self.row_norms(x) if corpus_norms is None else np.asarray(corpus_norms, dtype=F32)
+        # Per-column terms that turn q·x into the metric's ranking score (larger is better):
+        # cosine scales by 1/|x| (queries normalised); l2 ranks by q·x - |x|²/2, since
+        # ||q - x||² = |q|² - 2 (q·x - |x|²/2), then recomputes the k winners' distances directly.
+        column_scale = 1.0 / _safe_divisor(norms) if metric == "cosine" else None
+        column_shift = 0.5 * norms * norms if metric == "l2" else None
+        if metric == "cosine":
+            q = self.normalize(q)
+        # l2 also gathers (chunk, k, d) winners to rescore: bound that block as well.
+        per_query = max(n, k * x.shape[1]) if metric == "l2" else n
+        for chunk in query_chunks(q.shape[0], per_query, max_block_bytes):
+            block = q[chunk] @ x.T
+            if column_scale is not None:
+                block *= column_scale
+            if column_shift is not None:
+                block -= column_shift
+            vals, idx = _select_topk(block, k)
+            if metric == "l2":
+                vals, idx = _exact_l2(q[chunk], x, idx)
+            scores[chunk] = vals
+            indices[chunk] = idx
+        return scores, indices
+
+
+def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Norms with zeros replaced by one, so zero vectors divide to zero instead of NaN."""
+    return np.where(norms > 0, norms, F32(1.0))
+
+
+def _select_topk(block: npt.NDArray[np.float32], k: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Largest ``k`` per row, descending, equal scores in ascending index order."""
+    n = block.shape[1]
+    if k >= n:
+        order = np.argsort(-block, axis=1, kind="stable")
+        return np.take_along_axis(block, order, axis=1), order.astype(np.int64, copy=False)
+    part = np.argpartition(block, n - k, axis=1)[:, n - k :]
+    cand = np.take_along_axis(block, part, axis=1)
+    order = np.lexsort((part, -cand), axis=1)
+    idx = np.take_along_axis(part, order, axis=1).astype(np.int64, copy=False)
+    vals = np.take_along_axis(cand, order, axis=1)
+    # argpartition picks an arbitrary member of a tie that straddles the k-th place; rows where more
+    # than k scores reach the k-th value are redone with a stable sort so the lower indices win.
+    straddling = np.flatnonzero(np.count_nonzero(block >= vals[:, -1:], axis=1) > k)
+    for row in straddling:
+        best = np.argsort(-block[row], kind="stable")[:k]
+        idx[row] = best
+        vals[row] = block[row, best]
+    return vals, idx
+
+
+def _exact_l2(
+    q: npt.NDArray[np.float32], x: npt.NDArray[np.float32], idx: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Distances of the selected rows computed as ``||q - x||``, re-sorted ascending (ties: lower index)."""
+    dist = np.sqrt(np.einsum("qkd,qkd->qk", diff := x[idx] - q[:, None, :], diff), dtype=F32)
+    order = np.lexsort((idx, dist), axis=1)
+    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)

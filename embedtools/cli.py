@@ -1,0 +1,111 @@
+"""``embedtools`` / ``python -m embedtools``: ``demo`` (the main job) and ``info``.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from embedtools.errors import EmbedtoolsError
+
+__all__ = ["main"]
+
+
+def _clustered(rows: int, dim: int, clusters: int, seed: int) -> np.ndarray[tuple[int, int], np.dtype[np.float32]]:
+    """Synthetic embeddings in Gaussian clusters, like a real corpus's topics."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    return (centres[rng.integers(0, clusters, rows)] + 0.5 * rng.standard_normal((rows, dim))).astype(np.float32)
+
+
+def demo(rows: int, dim: int, backend: str) -> None:
+    """Build a store from the container, add, search (full and Matryoshka prefix), save, load, hash."""
+    from embedtools.container import Container
+    from embedtools.hashing import config_hash
+
+    container = Container()
+    container.config.from_dict({"backend": backend, "max_memory_gb": 1.0})
+    store = container.store()
+    print(f"store: {store.backend.name} backend on {store.backend.device}, budget {store.memory_info().limit_bytes / 2**30:.1f} GiB")
+
+    vectors = _clustered(rows, dim, clusters=50, seed=0)
+    labels = [f"topic-{i % 50}" for i in range(rows)]
+    started = time.perf_counter()
+    store.add(vectors, ids=[f"doc-{i}" for i in range(rows)], labels=labels, metadata=[{"n": i} for i in range(rows)])
+    print(f"added {rows} x {dim} float32 rows in {1e3 * (time.perf_counter() - started):.1f} ms; "
+          f"{store.memory_info().store_bytes / 2**20:.1f} MiB charged")
+
+    queries = vectors[:5] + 0.05 * np.random.default_rng(1).standard_normal((5, dim)).astype(np.float32)
+    started = time.perf_counter()
+    result = store.search(queries, k=3)
+    print(f"searched 5 queries, top-3 cosine in {1e3 * (time.perf_counter() - started):.1f} ms:")
+    for q, (ids, scores) in enumerate(zip(result.ids, result.scores, strict=True)):
+        pairs = ", ".join(f"{i} ({s:.3f})" for i, s in zip(ids, scores, strict=True))
+        print(f"  query {q}: {pairs}")
+    prefix = store.search(queries, k=3, dimension=dim // 4)
+    agree = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(result.ids, prefix.ids, strict=True)])
+    print(f"Matryoshka prefix {dim // 4}-d (a view of the {dim}-d table): top-3 overlap with full {agree:.0%}")
+
+    experiment = {"model": "synthetic-clusters", "dim": dim, "rows": rows}
+    store.config = experiment
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"store-{store.config_hash}.safetensors"
+        store.save(path)
+        print(f"saved to {path.name} ({path.stat().st_size / 2**20:.1f} MiB)")
+        loaded = container.store().load(path)
+        same = np.array_equal(loaded.table(dim).to_numpy(), vectors) and loaded.table(dim).ids == store.table(dim).ids
+        again = loaded.search(queries, k=3)
+        print(f"loaded {len(loaded)} rows; vectors and ids identical: {same}; "
+              f"search identical: {np.array_equal(again.indices, result.indices)}")
+    print(f"config_hash({experiment}) = {config_hash(experiment)}")
+    print(f"seed-compatible: config_hash({{'model': 'bert', 'dim': 768, 'batch_size': 32}}) = "
+          f"{config_hash({'model': 'bert', 'dim': 768, 'batch_size': 32})}")
+
+
+def info() -> None:
+    from embedtools import __version__
+    from embedtools.backends import available_backends, resolve_backend_name
+
+    print(f"embedtools {__version__}, Python {sys.version.split()[0]}")
+    for package in ("numpy", "dependency-injector", "safetensors", "torch", "mlx"):
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"  {package}: {version}")
+    print(f"backends installed: {', '.join(available_backends())}")
+    print(f"auto picks: {resolve_backend_name('auto')} (the only backend implemented in this version)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="embedtools", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser("demo", help="build, search, save, load and hash a store end to end")
+    demo_parser.add_argument("--rows", type=int, default=20_000)
+    demo_parser.add_argument("--dim", type=int, default=384)
+    demo_parser.add_argument("--backend", default="auto")
+    commands.add_parser("info", help="versions and backends usable here")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            demo(args.rows, args.dim, args.backend)
+        else:
+            info()
+    except EmbedtoolsError as exc:
+        print(f"embedtools: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""The dependency-injection container: the one module that knows which class fills which seam.
+
+dependency-injector does not type-check provider arguments, so each provider is annotated with the
+Protocol it provides and built through a typed factory function that validates the configuration;
+``tests/test_container.py`` builds every provider for every configuration value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dependency_injector import containers, providers
+
+from embedtools.backends import make_backend
+from embedtools.budget import ByteBudget
+from embedtools.errors import InvalidArgumentError
+from embedtools.hashing import DEFAULT_HASH_LENGTH, Sha256Hasher
+from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant
+from embedtools.store import EmbeddingStore
+from embedtools.validation import check_positive_int
+
+__all__ = ["DEFAULT_CONFIG", "Container"]
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "backend": "auto",
+    "device": None,
+    "max_memory_gb": 8.0,
+    "hash_length": DEFAULT_HASH_LENGTH,
+}
+
+
+def _backend(backend: object, device: object) -> ArrayBackend[Any]:
+    if device is not None and not isinstance(device, str):
+        raise InvalidArgumentError(f"device must be a str or None, got {device!r}")
+    if not isinstance(backend, str):
+        raise InvalidArgumentError(f"backend must be a str, got {backend!r}")
+    return make_backend(backend, device)
+
+
+def _accountant(max_memory_gb: object) -> MemoryAccountant:
+    return ByteBudget.from_gib(max_memory_gb)
+
+
+def _hasher(hash_length: object) -> Hasher:
+    return Sha256Hasher(check_positive_int(hash_length, "hash_length", upper=64))
+
+
+class Container(containers.DeclarativeContainer):
+    """``Container().store()`` gives a store wired from ``config``.
+
+    The backend and hasher are singletons per container; the accountant is built once per store, so
+    each store has its own ``max_memory_gb`` budget, as in the seed (override ``accountant`` with a
+    ``providers.Singleton`` to make stores share one).
+    """
+
+    config = providers.Configuration(default=DEFAULT_CONFIG)
+    backend: providers.Provider[ArrayBackend[Any]] = providers.Singleton(
+        _backend, backend=config.backend, device=config.device
+    )
+    accountant: providers.Provider[MemoryAccountant] = providers.Factory(_accountant, max_memory_gb=config.max_memory_gb)
+    hasher: providers.Provider[Hasher] = providers.Singleton(_hasher, hash_length=config.hash_length)
+    store: providers.Provider[EmbeddingStore] = providers.Factory(
+        EmbeddingStore, backend=backend, accountant=accountant, hasher=hasher
+    )

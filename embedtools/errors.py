@@ -1,0 +1,73 @@
+"""The exceptions embedtools raises for bad input.
+
+Every failure a caller can provoke is an :class:`EmbedtoolsError`, so one ``except`` catches them all;
+each subclass also inherits the builtin a caller would have caught before (``ValueError``,
+``MemoryError``, ``ImportError``, ...) so code written against the seed package keeps working.
+A call that raises one of these has changed nothing: no store, accountant or file is left half-done.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "DimensionError",
+    "DuplicateIdError",
+    "EmbedtoolsError",
+    "InvalidArgumentError",
+    "InvalidEmbeddingError",
+    "MemoryLimitError",
+    "StoreFormatError",
+    "StoreNotEmptyError",
+    "StoreNotFoundError",
+    "UnhashableConfigError",
+]
+
+
+class EmbedtoolsError(Exception):
+    """Base of every error embedtools raises on purpose."""
+
+
+class InvalidArgumentError(EmbedtoolsError, ValueError):
+    """An argument has the wrong type or value (``k <= 0``, an unknown metric, mismatched lengths)."""
+
+
+class InvalidEmbeddingError(EmbedtoolsError, ValueError):
+    """Vectors that cannot be stored or searched: NaN/inf, wrong rank, non-numeric or empty."""
+
+
+class DimensionError(EmbedtoolsError, ValueError):
+    """A dimension that does not fit: no table for it, or vectors of another width."""
+
+
+class DuplicateIdError(EmbedtoolsError, ValueError):
+    """An id that is already in the table, or given twice in one call."""
+
+
+class StoreFormatError(EmbedtoolsError, ValueError):
+    """A file that is not a valid embedtools (or seed) store: truncated, corrupt or inconsistent."""
+
+
+class StoreNotFoundError(EmbedtoolsError, FileNotFoundError):
+    """The path given to ``load`` does not exist."""
+
+
+class StoreNotEmptyError(EmbedtoolsError, RuntimeError):
+    """``load`` was called on a store that already holds tables; it only fills empty stores."""
+
+
+class UnhashableConfigError(EmbedtoolsError, TypeError):
+    """A configuration value that has no unambiguous canonical encoding (see README, hash rules)."""
+
+
+class BackendUnavailableError(EmbedtoolsError, ImportError):
+    """The asked-for array library or device is not usable here; the message names what to install."""
+
+
+class MemoryLimitError(EmbedtoolsError, MemoryError):
+    """A reservation that would exceed the memory budget; raised before anything is allocated."""
+
+    def __init__(self, message: str, *, asked: int, used: int, limit: int) -> None:
+        super().__init__(message)
+        self.asked = asked
+        self.used = used
+        self.limit = limit

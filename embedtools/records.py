@@ -1,0 +1,48 @@
+"""Host-side snapshots of a store's content, the currency between the store and its file formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["StoreRecord", "TableRecord", "TableShape"]
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """What a file says a table is, read before any vector is: enough to charge the budget."""
+
+    dimension: int
+    rows: int
+
+    @property
+    def nbytes(self) -> int:
+        """float32 vectors plus one float32 norm per row, as the store holds them."""
+        return self.rows * (self.dimension + 1) * np.dtype(np.float32).itemsize
+
+
+@dataclass(frozen=True)
+class TableRecord:
+    """One table on the host: float32 vectors, ids, labels and per-row metadata as JSON text."""
+
+    vectors: npt.NDArray[np.float32]
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    metadata: tuple[str, ...]
+
+    @property
+    def dimension(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """A whole store on the host; ``config`` is the experiment configuration attached to it."""
+
+    tables: tuple[TableRecord, ...]
+    config: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,482 @@
+"""EmbeddingStore: tables of embeddings keyed by dimension, searched exactly, saved atomically.
+
+The store validates at its edge (:mod:`embedtools.validation`), asks its accountant before it
+allocates, and delegates arithmetic to its backend. It never imports a concrete backend: the
+container (or the caller) hands it one. Every public method either completes or changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedtools import fileformat, seed_format
+from embedtools.budget import format_bytes
+from embedtools.errors import (
+    DimensionError,
+    DuplicateIdError,
+    EmbedtoolsError,
+    InvalidArgumentError,
+    InvalidEmbeddingError,
+    MemoryLimitError,
+    StoreFormatError,
+    StoreNotEmptyError,
+    StoreNotFoundError,
+)
+from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
+from embedtools.records import StoreRecord, TableRecord, TableShape
+from embedtools.search import check_k, check_metric
+from embedtools.validation import (
+    as_float32_matrix,
+    as_queries,
+    check_dimension,
+    check_positive_int,
+    check_strings,
+    encode_metadata,
+)
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    import numpy.typing as npt
+
+__all__ = ["EmbeddingStore", "MemoryInfo", "SearchResult", "Table", "TableMemory"]
+
+_F32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class _TableState:
+    """One table as the store holds it. Immutable except the prefix-norm cache; replaced whole on change."""
+
+    vectors: Any
+    norms: Any
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    metadata: tuple[str, ...]
+    id_index: Mapping[str, int]
+    prefix_norms: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+
+class Table:
+    """A read-only snapshot of one table; later changes to the store do not show through it."""
+
+    __slots__ = ("_backend", "_dimension", "_state")
+
+    def __init__(self, dimension: int, state: _TableState, backend: ArrayBackend[Any]) -> None:
+        self._dimension = dimension
+        self._state = state
+        self._backend = backend
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    def __len__(self) -> int:
+        return self._state.rows
+
+    def __repr__(self) -> str:
+        return f"Table(dimension={self._dimension}, rows={len(self)})"
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self._state.ids
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._state.labels
+
+    @property
+    def metadata(self) -> tuple[dict[str, Any], ...]:
+        """Each row's metadata, decoded afresh: mutating it cannot change the store."""
+        return tuple(json.loads(text) for text in self._state.metadata)
+
+    def index_of(self, id: str) -> int:
+        try:
+            return self._state.id_index[id]
+        except KeyError:
+            raise InvalidArgumentError(f"no row with id {id!r} in table {self._dimension}d") from None
+
+    def to_numpy(self) -> npt.NDArray[np.float32]:
+        """A float32 ``(n, d)`` copy of the vectors, exactly as they were added."""
+        return np.array(self._backend.to_numpy(self._state.vectors), dtype=np.float32, copy=True)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k rows for each query, best first: ``(q, k)`` arrays (read-only) and the rows' ids.
+
+    Scores are cosine similarities or dot products (descending) or Euclidean distances (``"l2"``,
+    ascending). ``k`` is clipped to the table's rows. ``source_dimension`` is the table searched;
+    it exceeds ``dimension`` when a Matryoshka prefix of a wider table was used.
+    """
+
+    indices: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+    ids: list[list[str]]
+    metric: Metric
+    dimension: int
+    source_dimension: int
+
+
+@dataclass(frozen=True)
+class TableMemory:
+    dimension: int
+    rows: int
+    dtype: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """The accountant's totals (shared by every store on it) and this store's tables."""
+
+    used_bytes: int
+    limit_bytes: int
+    store_bytes: int
+    tables: Mapping[int, TableMemory]
+
+    @property
+    def available_bytes(self) -> int:
+        return max(self.limit_bytes - self.used_bytes, 0)
+
+    @property
+    def utilization(self) -> float:
+        return self.used_bytes / self.limit_bytes
+
+
+def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: dict[int, str]) -> None:
+    """Finaliser: a store that is garbage-collected gives its bytes back to a shared accountant."""
+    for d, nbytes in list(charges.items()):
+        try:
+            accountant.release(owners[d], nbytes)
+        except EmbedtoolsError:  # pragma: no cover - the accountant was reset under us
+            pass
+    charges.clear()
+
+
+class EmbeddingStore:
+    """Tables of float32 embeddings keyed by dimension, with ids, labels and per-row metadata.
+
+    Build one with ``Container().store()``, or directly from any :class:`ArrayBackend`,
+    :class:`MemoryAccountant` and :class:`Hasher`.
+    """
+
+    def __init__(
+        self,
+        backend: ArrayBackend[Any],
+        accountant: MemoryAccountant,
+        hasher: Hasher,
+        *,
+        search_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> None:
+        self._backend = backend
+        self._accountant = accountant
+        self._hasher = hasher
+        self._block_bytes = check_positive_int(search_block_bytes, "search_block_bytes")
+        self._tables: dict[int, _TableState] = {}
+        self._config: dict[str, Any] = {}
+        self._token = secrets.token_hex(4)
+        self._charges: dict[int, int] = {}
+        self._owners: dict[int, str] = {}
+        weakref.finalize(self, _release_all, accountant, self._charges, self._owners)
+
+    # ------------------------------------------------------------------ collaborators and config
+
+    @property
+    def backend(self) -> ArrayBackend[Any]:
+        return self._backend
+
+    @property
+    def accountant(self) -> MemoryAccountant:
+        return self._accountant
+
+    @property
+    def hasher(self) -> Hasher:
+        return self._hasher
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The experiment configuration attached to this store (saved with it); a copy."""
+        return json.loads(json.dumps(self._config))  # type: ignore[no-any-return]
+
+    @config.setter
+    def config(self, value: Mapping[str, object]) -> None:
+        self._hasher.hash_config(value)  # refuses what cannot be hashed, before anything changes
+        try:
+            self._config = json.loads(json.dumps(dict(value)))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"config is not JSON-serialisable: {exc}") from None
+
+    @property
+    def config_hash(self) -> str:
+        return self._hasher.hash_config(self._config)
+
+    # ------------------------------------------------------------------ shape of the store
+
+    def __len__(self) -> int:
+        return sum(state.rows for state in self._tables.values())
+
+    @property
+    def dimensions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._tables))
+
+    def __repr__(self) -> str:
+        tables = ", ".join(f"{d}d: {self._tables[d].rows} rows" for d in self.dimensions)
+        used = sum(self._charges.values())
+        return f"EmbeddingStore(backend={self._backend.name}/{self._backend.device}, tables={{{tables}}}, memory={format_bytes(used)})"
+
+    def table(self, dimension: int) -> Table:
+        d = check_dimension(dimension)
+        return Table(d, self._state(d), self._backend)
+
+    def _state(self, d: int) -> _TableState:
+        try:
+            return self._tables[d]
+        except KeyError:
+            raise DimensionError(f"no table of dimension {d}; stored: {list(self.dimensions) or 'none'}") from None
+
+    def _owner(self, d: int) -> str:
+        return self._owners.setdefault(d, f"store-{self._token}/{d}d")
+
+    # ------------------------------------------------------------------ writing
+
+    def add(
+        self,
+        vectors: object,
+        ids: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        replace: bool = False,
+    ) -> tuple[str, ...]:
+        """Append rows ``(n, d)`` to the table of dimension ``d`` (created if absent); return their ids.
+
+        Vectors are copied as float32. Omitted ids are the rows' positions in the table (``"0"``,
+        ``"1"``, ...); omitted labels are ``""`` and metadata ``{}``. ``replace=True`` swaps the whole
+        table for these rows (the seed's ``add_embeddings``), charging only the size difference.
+        """
+        host = as_float32_matrix(vectors)
+        n, d = host.shape
+        old = None if replace else self._tables.get(d)
+        start = old.rows if old is not None else 0
+        new_ids = tuple(str(start + i) for i in range(n)) if ids is None else check_strings(ids, n, "ids")
+        new_labels = ("",) * n if labels is None else check_strings(labels, n, "labels")
+        new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
+        index = dict(old.id_index) if old is not None else {}
+        for i, id_ in enumerate(new_ids):
+            if id_ in index:
+                where = "earlier in this call" if index[id_] >= start else f"row {index[id_]} of table {d}d"
+                raise DuplicateIdError(f"id {id_!r} (row {i}) is already used {where}")
+            index[id_] = start + i
+        table_bytes = (start + n) * (d + 1) * _F32_BYTES
+
+        def build() -> Mapping[int, _TableState]:
+            arr, norms = self._to_device(host, "vectors")
+            if old is not None:
+                arr = self._backend.concatenate([old.vectors, arr])
+                norms = self._backend.concatenate([old.norms, norms])
+            state = _TableState(
+                vectors=arr,
+                norms=norms,
+                ids=(old.ids if old else ()) + new_ids,
+                labels=(old.labels if old else ()) + new_labels,
+                metadata=(old.metadata if old else ()) + new_meta,
+                id_index=index,
+            )
+            return {d: state}
+
+        self._commit({d: table_bytes}, build)
+        return new_ids
+
+    def _to_device(self, host: npt.NDArray[np.float32], what: str) -> tuple[Any, Any]:
+        """The backend's copy of validated host vectors and their row norms (computed once, here)."""
+        if not np.isfinite(host).all():
+            raise InvalidEmbeddingError(f"{what} contain NaN or infinite values")
+        arr = self._backend.from_numpy(host)
+        norms = self._backend.row_norms(arr)
+        host_norms = self._backend.to_numpy(norms)
+        if not np.isfinite(host_norms).all():
+            row = int(np.flatnonzero(~np.isfinite(host_norms))[0])
+            raise InvalidEmbeddingError(f"{what}: the norm of row {row} overflows float32")
+        return arr, norms
+
+    def _commit(self, new_bytes: Mapping[int, int], build: Callable[[], Mapping[int, _TableState]]) -> None:
+        """Reserve growth, build the tables, then swap them in; on any failure undo the reservations."""
+        reserved: list[tuple[int, int]] = []
+        try:
+            for d, nbytes in new_bytes.items():
+                delta = nbytes - self._charges.get(d, 0)
+                if delta > 0:
+                    self._accountant.reserve(self._owner(d), delta)
+                    reserved.append((d, delta))
+            built = build()
+        except BaseException:
+            for d, delta in reserved:
+                self._accountant.release(self._owner(d), delta)
+            raise
+        for d, state in built.items():
+            self._tables[d] = state
+            delta = new_bytes[d] - self._charges.get(d, 0)
+            if delta < 0:
+                self._accountant.release(self._owner(d), -delta)
+            self._charges[d] = new_bytes[d]
+
+    def drop(self, dimension: int) -> None:
+        """Remove one table and give its bytes back."""
+        d = check_dimension(dimension)
+        self._state(d)
+        del self._tables[d]
+        self._accountant.release(self._owner(d), self._charges.pop(d))
+
+    def clear(self) -> None:
+        for d in self.dimensions:
+            self.drop(d)
+
+    # ------------------------------------------------------------------ searching
+
+    def _source_dimension(self, dim: int, exact: bool) -> int:
+        if dim in self._tables:
+            return dim
+        wider = [d for d in self.dimensions if d > dim]
+        if exact or not wider:
+            hint = " (pass dimension= to search a prefix of a wider table)" if exact and wider else ""
+            raise DimensionError(f"no table of dimension {dim}; stored: {list(self.dimensions) or 'none'}{hint}")
+        return wider[0]
+
+    def _norms(self, source: int, state: _TableState, dim: int, prefix: Any) -> Any:
+        """Row norms at ``dim``: stored for the full width, computed once per prefix and cached."""
+        if dim == source:
+            return state.norms
+        cached = state.prefix_norms.get(dim)
+        if cached is None:
+            cached = self._backend.row_norms(prefix)
+            cost = state.rows * _F32_BYTES
+            try:
+                self._accountant.reserve(self._owner(source), cost)
+            except MemoryLimitError:
+                return cached  # no room to keep it: use it for this search only
+            state.prefix_norms[dim] = cached
+            self._charges[source] += cost
+        return cached
+
+    def search(
+        self,
+        queries: object,
+        k: int = 10,
+        dimension: int | None = None,
+        metric: Metric = "cosine",
+    ) -> SearchResult:
+        """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
+
+        ``dimension=None`` searches the table as wide as the queries. A smaller ``dimension``
+        searches the first ``dimension`` columns (Matryoshka prefix) of the queries and of the
+        table of that width, or of the narrowest wider table, without copying it.
+        """
+        metric = check_metric(metric)
+        k = check_k(k)
+        q = as_queries(queries)
+        width = q.shape[1]
+        dim = width if dimension is None else check_dimension(dimension)
+        if width < dim:
+            raise DimensionError(f"queries have width {width}, fewer than dimension {dim}")
+        source = self._source_dimension(dim, exact=dimension is None)
+        state = self._tables[source]
+        corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
+        norms = None if metric == "dot" else self._norms(source, state, dim, corpus)
+        kk = min(k, state.rows)
+        if q.shape[0] == 0:
+            scores = np.empty((0, kk), dtype=np.float32)
+            indices = np.empty((0, kk), dtype=np.int64)
+        else:
+            query_array = self._backend.from_numpy(np.ascontiguousarray(q[:, :dim]))
+            scores, indices = self._backend.topk(
+                query_array, corpus, kk, metric, corpus_norms=norms, max_block_bytes=self._block_bytes
+            )
+        scores.setflags(write=False)
+        indices.setflags(write=False)
+        ids = [[state.ids[i] for i in row] for row in indices.tolist()]
+        return SearchResult(indices=indices, scores=scores, ids=ids, metric=metric, dimension=dim, source_dimension=source)
+
+    # ------------------------------------------------------------------ memory
+
+    def memory_info(self) -> MemoryInfo:
+        report = self._accountant.report()
+        tables = {
+            d: TableMemory(dimension=d, rows=self._tables[d].rows, dtype="float32", nbytes=self._charges[d])
+            for d in self.dimensions
+        }
+        return MemoryInfo(
+            used_bytes=report.used_bytes,
+            limit_bytes=report.limit_bytes,
+            store_bytes=sum(self._charges.values()),
+            tables=tables,
+        )
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the store to one file, atomically: the old file survives any failure or crash."""
+        tables = tuple(
+            TableRecord(
+                vectors=np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32),
+                ids=state.ids,
+                labels=state.labels,
+                metadata=state.metadata,
+            )
+            for _, state in sorted(self._tables.items())
+        )
+        fileformat.write_store(path, StoreRecord(tables=tables, config=self._config), self.config_hash)
+
+    def load(self, path: str | os.PathLike[str]) -> Self:
+        """Fill this empty store from an embedtools file or a seed ``save_to_disk`` folder; return it.
+
+        The memory budget is charged from the file's header before any vector is read; if anything
+        fails (budget, checksum, format) the store is left empty and nothing stays reserved.
+        """
+        if self._tables:
+            raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
+        p = Path(path)
+        if not p.exists():
+            raise StoreNotFoundError(f"no store at {p}")
+        if p.is_dir():
+            if not seed_format.is_seed_folder(p):
+                raise StoreNotFoundError(f"{p} is a folder without metadata.json (not a seed store)")
+            shapes: tuple[TableShape, ...] = seed_format.read_seed_shapes(p)
+        else:
+            shapes = fileformat.read_table_shapes(p)
+        loaded: list[StoreRecord] = []
+
+        def build() -> Mapping[int, _TableState]:
+            record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p)[0]
+            if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
+                raise StoreFormatError(f"{p} changed while it was being loaded")
+            loaded.append(record)
+            return {table.dimension: self._state_from_record(table) for table in record.tables}
+
+        self._commit({s.dimension: s.nbytes for s in shapes}, build)
+        self._config = dict(loaded[0].config)
+        return self
+
+    def _state_from_record(self, record: TableRecord) -> _TableState:
+        index: dict[str, int] = {}
+        for i, id_ in enumerate(record.ids):
+            if id_ in index:
+                raise DuplicateIdError(f"id {id_!r} appears at rows {index[id_]} and {i} of table {record.dimension}d")
+            index[id_] = i
+        arr, norms = self._to_device(record.vectors, f"table {record.dimension}d")
+        return _TableState(
+            vectors=arr, norms=norms, ids=record.ids, labels=record.labels, metadata=record.metadata, id_index=index
+        )

@@ -1,0 +1,144 @@
+"""Checks at the store's edge: caller data becomes validated host NumPy, or a typed error.
+
+Everything a store call accepts passes through here *before* any state changes, so a failing call
+has nothing to undo. The functions copy what they keep (the seed aliased caller arrays and lists).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedtools.errors import InvalidArgumentError, InvalidEmbeddingError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = [
+    "as_float32_matrix",
+    "as_queries",
+    "check_dimension",
+    "check_positive_int",
+    "check_strings",
+    "encode_metadata",
+]
+
+
+def _to_host(data: object, what: str) -> npt.NDArray[Any]:
+    if isinstance(data, (str, bytes)):
+        raise InvalidEmbeddingError(f"{what} must be numeric, got {type(data).__name__}")
+    try:
+        array = np.asarray(data)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEmbeddingError(f"{what} cannot be read as a numeric array: {exc}") from None
+    if array.dtype.kind not in "biuf":
+        raise InvalidEmbeddingError(f"{what} must be real numbers, got dtype {array.dtype}")
+    return array
+
+
+def _finite_float32(array: npt.NDArray[Any], what: str) -> npt.NDArray[np.float32]:
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.array(array, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        where = f"row {int(bad[0])}" if out.ndim == 2 else "position " + str(tuple(int(i) for i in bad))
+        overflow = np.isfinite(array).all() if array.dtype.kind == "f" else True
+        reason = "does not fit float32" if overflow else "is NaN or infinite"
+        raise InvalidEmbeddingError(f"{what}: a value at {where} {reason}")
+    return out
+
+
+def as_float32_matrix(data: object, what: str = "vectors") -> npt.NDArray[np.float32]:
+    """A fresh C-contiguous float32 ``(n, d)`` copy with ``n, d >= 1`` and finite values."""
+    array = _to_host(data, what)
+    if array.ndim != 2:
+        raise InvalidEmbeddingError(f"{what} must be a 2-D array (rows, dimension), got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InvalidEmbeddingError(f"{what} is empty (shape {array.shape})")
+    return _finite_float32(array, what)
+
+
+def as_queries(data: object) -> npt.NDArray[np.float32]:
+    """Queries as float32 ``(q, d)``; one ``(d,)`` query becomes ``(1, d)``; ``q`` may be 0."""
+    array = _to_host(data, "queries")
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise InvalidEmbeddingError(f"queries must be (d,) or (q, d), got shape {array.shape}")
+    if array.shape[1] == 0:
+        raise InvalidEmbeddingError("queries have width 0")
+    return _finite_float32(array, "queries")
+
+
+def check_positive_int(value: object, what: str, *, upper: int | None = None) -> int:
+    """``value`` as an int in ``1..upper``; bools, floats and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidArgumentError(f"{what} must be a positive int, got {value!r}")
+    if upper is not None and value > upper:
+        raise InvalidArgumentError(f"{what} must be at most {upper}, got {value!r}")
+    return int(value)
+
+
+def check_dimension(dimension: object) -> int:
+    return check_positive_int(dimension, "dimension")
+
+
+def check_strings(values: object, n: int, what: str) -> tuple[str, ...]:
+    """``n`` str values that can be written as UTF-8 (lone surrogates cannot)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
+        raise InvalidArgumentError(f"{what} must be a sequence of str, got {type(values).__name__}")
+    items = tuple(values)
+    if len(items) != n:
+        raise InvalidArgumentError(f"{what} has {len(items)} entries for {n} rows")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InvalidArgumentError(f"{what}[{i}] is a {type(item).__name__}, expected str")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgumentError(f"{what}[{i}] is not valid Unicode (lone surrogate)") from None
+    return tuple(str.__str__(s) for s in items)
+
+
+def encode_metadata(values: object, n: int) -> tuple[str, ...]:
+    """Each row's metadata as compact JSON text: validated once, stored and saved as is."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise InvalidArgumentError(f"metadata must be a sequence of one mapping per row, got {type(values).__name__}")
+    if len(values) != n:
+        raise InvalidArgumentError(f"metadata has {len(values)} entries for {n} rows")
+    out = []
+    for i, row in enumerate(values):
+        if not isinstance(row, Mapping):
+            raise InvalidArgumentError(f"metadata[{i}] is a {type(row).__name__}, expected a mapping")
+        bad_key = _non_str_key(row, 0)
+        if bad_key is not None:
+            raise InvalidArgumentError(f"metadata[{i}] has key {bad_key}; JSON keys must be str")
+        try:
+            text = json.dumps(dict(row), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            text.encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidArgumentError(f"metadata[{i}] is not JSON-serialisable: {exc}") from None
+        out.append(text)
+    return tuple(out)
+
+
+def _non_str_key(value: object, depth: int) -> str | None:
+    """``repr`` of the first non-str key at any depth (``json`` would silently stringify it)."""
+    if depth > 500:
+        return None  # json.dumps reports the depth problem itself
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return repr(key)
+            found = _non_str_key(item, depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found = _non_str_key(item, depth + 1)
+            if found is not None:
+                return found
+    return None
