@@ -1,0 +1,182 @@
+"""Every ArrayBackend method, for every backend implemented and installed here.
+
+Issue 5 adds torch and MLX to ``BACKENDS``; the assertions stay the same for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import embedtools as et
+from embedtools import ArrayBackend, DimensionError, InvalidArgumentError, Metric
+from tests.helpers import assert_exact_topk, clustered
+
+BACKENDS = ["numpy"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> ArrayBackend[Any]:
+    return et.make_backend(str(request.param))
+
+
+def test_name_and_device(backend: ArrayBackend[Any]) -> None:
+    assert backend.name in {"numpy", "torch", "mlx"}
+    assert isinstance(backend.device, str) and backend.device
+
+
+def test_asarray_copies_and_casts(backend: ArrayBackend[Any]) -> None:
+    source = [[1, 2], [3, 4]]
+    a = backend.asarray(source)
+    assert backend.dtype(a) == "float32"
+    assert backend.shape(a) == (2, 2)
+    source[0][0] = 99
+    assert backend.to_list(a) == [[1.0, 2.0], [3.0, 4.0]]
+    assert backend.dtype(backend.asarray([1, 2], dtype="int64")) == "int64"
+    with pytest.raises(InvalidArgumentError):
+        backend.asarray([1.0], dtype="complex64")  # type: ignore[arg-type]
+
+
+def test_numpy_round_trip(backend: ArrayBackend[Any]) -> None:
+    host = np.arange(12, dtype=np.float64).reshape(3, 4)
+    a = backend.from_numpy(host)
+    assert backend.dtype(a) == "float32"
+    back = backend.to_numpy(a)
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, host.astype(np.float32))
+    assert backend.to_list(backend.from_numpy(np.array([1.5], dtype=np.float32))) == [1.5]
+
+
+def test_shape_dtype_nbytes(backend: ArrayBackend[Any]) -> None:
+    a = backend.zeros((5, 7))
+    assert backend.shape(a) == (5, 7)
+    assert backend.dtype(a) == "float32"
+    assert backend.nbytes(a) == 5 * 7 * 4
+    assert backend.nbytes(backend.zeros((5, 7), dtype="float16")) == 5 * 7 * 2
+
+
+def test_zeros_ones(backend: ArrayBackend[Any]) -> None:
+    assert backend.to_list(backend.zeros((2,))) == [0.0, 0.0]
+    assert backend.to_list(backend.ones((1, 3), dtype="int32")) == [[1, 1, 1]]
+
+
+def test_random_normal_is_seeded_without_global_state(backend: ArrayBackend[Any]) -> None:
+    a = backend.to_numpy(backend.random_normal((200, 50), seed=7))
+    np.random.seed(0)  # the global numpy state must not matter
+    b = backend.to_numpy(backend.random_normal((200, 50), seed=7))
+    c = backend.to_numpy(backend.random_normal((200, 50), seed=8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    shifted = backend.to_numpy(backend.random_normal((20_000,), seed=1, mean=3.0, std=0.5))
+    assert abs(float(shifted.mean()) - 3.0) < 0.02
+    assert abs(float(shifted.std()) - 0.5) < 0.02
+    with pytest.raises(InvalidArgumentError):
+        backend.random_normal((2,), dtype="int8")
+
+
+def test_matmul(backend: ArrayBackend[Any]) -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = backend.to_numpy(backend.matmul(backend.from_numpy(a), backend.from_numpy(b)))
+    np.testing.assert_allclose(got, a @ b)
+
+
+def test_row_norms_and_normalize_keep_zero_rows_finite(backend: ArrayBackend[Any]) -> None:
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
+    norms = backend.to_numpy(backend.row_norms(backend.from_numpy(x)))
+    np.testing.assert_allclose(norms, [5.0, 0.0, 1.0])
+    unit = backend.to_numpy(backend.normalize(backend.from_numpy(x)))
+    assert np.isfinite(unit).all()
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(backend.to_numpy(backend.normalize(backend.from_numpy(x[0]))), [0.6, 0.8], rtol=1e-6)
+
+
+def test_cosine_similarity_shapes_and_zero_vectors(backend: ArrayBackend[Any]) -> None:
+    a = np.array([[1.0, 0.0], [0.0, 0.0]], dtype=np.float32)
+    b = np.array([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], dtype=np.float32)
+    sims = backend.to_numpy(backend.cosine_similarity(backend.from_numpy(a), backend.from_numpy(b)))
+    assert sims.shape == (2, 3)
+    np.testing.assert_allclose(sims, [[1.0, 0.0, np.sqrt(0.5)], [0.0, 0.0, 0.0]], rtol=1e-6, atol=1e-7)
+    one = backend.to_numpy(backend.cosine_similarity(backend.from_numpy(a[0]), backend.from_numpy(b)))
+    assert one.shape == (1, 3), "a single query is one row, as for a batch"
+    with pytest.raises(DimensionError):
+        backend.cosine_similarity(backend.from_numpy(a), backend.from_numpy(np.ones((2, 3), np.float32)))
+
+
+def test_concatenate_and_stack(backend: ArrayBackend[Any]) -> None:
+    a = backend.from_numpy(np.ones((2, 3), np.float32))
+    b = backend.from_numpy(np.zeros((1, 3), np.float32))
+    assert backend.shape(backend.concatenate([a, b])) == (3, 3)
+    assert backend.shape(backend.concatenate([a, a], axis=1)) == (2, 6)
+    assert backend.shape(backend.stack([a, a])) == (2, 2, 3)
+    assert backend.shape(backend.stack([a, a], axis=2)) == (2, 3, 2)
+
+
+def test_slice_last_dim_is_a_prefix(backend: ArrayBackend[Any]) -> None:
+    host = np.arange(20, dtype=np.float32).reshape(4, 5)
+    a = backend.from_numpy(host)
+    prefix = backend.slice_last_dim(a, 2)
+    np.testing.assert_array_equal(backend.to_numpy(prefix), host[:, :2])
+    for bad in (0, 6, -1):
+        with pytest.raises(DimensionError):
+            backend.slice_last_dim(a, bad)
+
+
+def test_slice_last_dim_is_a_view_on_numpy() -> None:
+    backend = et.make_backend("numpy")
+    host = np.arange(20, dtype=np.float32).reshape(4, 5)
+    prefix = backend.slice_last_dim(host, 3)
+    assert np.shares_memory(prefix, host)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("block", [1, 4096, 1 << 30])
+def test_topk_matches_float64_reference(backend: ArrayBackend[Any], metric: Metric, block: int) -> None:
+    corpus = clustered(700, 24, seed=3)
+    queries = clustered(37, 24, seed=4)
+    scores, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), 9, metric, max_block_bytes=block)
+    assert scores.dtype == np.float32 and indices.dtype == np.int64
+    assert_exact_topk(queries, corpus, metric, 9, indices, scores)
+    order = scores if metric == "l2" else -scores
+    assert (np.diff(order, axis=1) >= 0).all(), "best first"
+
+
+def test_topk_uses_given_norms_and_handles_zero_rows(backend: ArrayBackend[Any]) -> None:
+    corpus = clustered(50, 8, seed=1)
+    corpus[[3, 10]] = 0.0
+    x = backend.from_numpy(corpus)
+    norms = backend.row_norms(x)
+    queries = np.vstack([corpus[:4], np.zeros((1, 8), np.float32)])
+    for metric in ("cosine", "l2", "dot"):
+        scores, indices = backend.topk(backend.from_numpy(queries), x, 50, metric, corpus_norms=norms)  # type: ignore[arg-type]
+        assert np.isfinite(scores).all()
+        assert sorted(indices[0].tolist()) == list(range(50))
+    scores, indices = backend.topk(backend.from_numpy(queries), x, 5, "cosine")
+    np.testing.assert_array_equal(indices[-1], [0, 1, 2, 3, 4])  # a zero query ties everywhere
+    assert (scores[-1] == 0).all()
+
+
+def test_topk_breaks_ties_by_lower_index(backend: ArrayBackend[Any]) -> None:
+    corpus = np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (40, 1))
+    corpus[17] = [3.0, 2.0, 1.0]  # the one distinct row scores lower for the query below
+    q = np.array([1.0, 2.0, 3.0], np.float32)
+    for metric in ("cosine", "dot", "l2"):
+        _, indices = backend.topk(backend.from_numpy(q), backend.from_numpy(corpus), 5, metric)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(indices, [[0, 1, 2, 3, 4]])
+        _, all_rows = backend.topk(backend.from_numpy(q), backend.from_numpy(corpus), 40, metric)  # type: ignore[arg-type]
+        assert all_rows[0, -1] == 17 and all_rows[0, :5].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_topk_k_beyond_rows_and_bad_arguments(backend: ArrayBackend[Any]) -> None:
+    corpus = backend.from_numpy(clustered(6, 4))
+    q = backend.from_numpy(clustered(2, 4, seed=9))
+    scores, indices = backend.topk(q, corpus, 100, "dot")
+    assert scores.shape == indices.shape == (2, 6)
+    with pytest.raises(InvalidArgumentError):
+        backend.topk(q, corpus, 0, "dot")
+    with pytest.raises(InvalidArgumentError):
+        backend.topk(q, corpus, 3, "manhattan")  # type: ignore[arg-type]
+    with pytest.raises(DimensionError):
+        backend.topk(backend.from_numpy(np.ones((1, 5), np.float32)), corpus, 3, "dot")

@@ -1,0 +1,65 @@
+"""Shared test data and the float64 brute-force reference every search is checked against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embedtools import Metric
+
+F32 = npt.NDArray[np.float32]
+
+
+def clustered(rows: int, dim: int, *, clusters: int = 8, seed: int = 0) -> F32:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    data = centres[rng.integers(0, clusters, rows)] + 0.6 * rng.standard_normal((rows, dim))
+    return data.astype(np.float32)
+
+
+def reference_scores(queries: npt.NDArray[Any], corpus: npt.NDArray[Any], metric: Metric) -> npt.NDArray[np.float64]:
+    """Scores in float64 where larger is better (negated distance for l2)."""
+    q = np.atleast_2d(queries).astype(np.float64)
+    x = np.asarray(corpus, dtype=np.float64)
+    if metric == "dot":
+        out: npt.NDArray[np.float64] = q @ x.T
+        return out
+    if metric == "cosine":
+        qn = np.linalg.norm(q, axis=1, keepdims=True)
+        xn = np.linalg.norm(x, axis=1, keepdims=True)
+        qn[qn == 0] = 1.0
+        xn[xn == 0] = 1.0
+        cos: npt.NDArray[np.float64] = (q / qn) @ (x / xn).T
+        return cos
+    dist: npt.NDArray[np.float64] = -np.sqrt(((q[:, None, :] - x[None, :, :]) ** 2).sum(axis=2))
+    return dist
+
+
+def assert_exact_topk(
+    queries: npt.NDArray[Any],
+    corpus: npt.NDArray[Any],
+    metric: Metric,
+    k: int,
+    indices: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float32],
+    *,
+    tol: float = 1e-4,
+) -> None:
+    """``indices`` is a true top-k by the float64 reference, except for swaps within ``tol`` (ties).
+
+    Each returned row's reference score must equal the reference's i-th best score up to ``tol``
+    (relative to the score scale); and the returned scores must match the reference for those rows.
+    """
+    ref = reference_scores(queries, corpus, metric)
+    kk = min(k, corpus.shape[0])
+    assert indices.shape == scores.shape == (ref.shape[0], kk)
+    best = -np.sort(-ref, axis=1)[:, :kk]
+    got = np.take_along_axis(ref, indices, axis=1)
+    scale = max(float(np.abs(ref).max()), 1.0)
+    np.testing.assert_allclose(got, best, atol=tol * scale, rtol=0)
+    shown = -scores.astype(np.float64) if metric == "l2" else scores.astype(np.float64)
+    np.testing.assert_allclose(shown, got, atol=tol * scale, rtol=0)
+    for row in indices:
+        assert len(set(row.tolist())) == kk, "a row was returned twice"
