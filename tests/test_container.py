@@ -1,0 +1,170 @@
+"""The container wires every collaborator from configuration, and users can override each one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+from dependency_injector import providers
+
+import embedtools as et
+from embedtools import (
+    ArrayBackend,
+    BackendUnavailableError,
+    ByteBudget,
+    EmbeddingStore,
+    InvalidArgumentError,
+    MemoryReport,
+    Sha256Hasher,
+)
+from embedtools.container import DEFAULT_CONFIG
+
+
+def build_all(c: et.Container) -> EmbeddingStore:
+    backend = c.backend()
+    accountant = c.accountant()
+    hasher = c.hasher()
+    store = c.store()
+    assert store.backend is backend and store.hasher is hasher
+    assert isinstance(accountant.report(), MemoryReport)
+    store.add(np.eye(3, dtype=np.float32))
+    assert store.search(np.eye(3, dtype=np.float32)[0], k=1).indices.tolist() == [[0]]
+    return store
+
+
+def test_defaults() -> None:
+    c = et.Container()
+    store = build_all(c)
+    assert store.backend.name == "numpy"
+    assert store.memory_info().limit_bytes == int(DEFAULT_CONFIG["max_memory_gb"] * 2**30)
+    assert len(store.config_hash) == 16
+
+
+@pytest.mark.parametrize("backend", ["auto", "numpy", "AUTO", "NumPy"])
+@pytest.mark.parametrize("device", [None, "cpu"])
+@pytest.mark.parametrize("max_memory_gb", [0.001, 1, 2.5])
+@pytest.mark.parametrize("hash_length", [1, 16, 64])
+def test_every_provider_builds_for_every_valid_value(backend: str, device: str | None, max_memory_gb: float, hash_length: int) -> None:
+    c = et.Container()
+    c.config.from_dict({"backend": backend, "device": device, "max_memory_gb": max_memory_gb, "hash_length": hash_length})
+    store = build_all(c)
+    assert store.backend.name == "numpy"
+    assert store.memory_info().limit_bytes == int(max_memory_gb * 2**30)
+    assert len(store.config_hash) == hash_length
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_backends_not_implemented_yet_fail_clearly(backend: str) -> None:
+    c = et.Container()
+    c.config.backend.from_value(backend)
+    with pytest.raises(BackendUnavailableError, match=backend):
+        c.store()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "provider"),
+    [
+        ("backend", "jax", "backend"),
+        ("backend", 3, "backend"),
+        ("device", "cuda", "backend"),
+        ("device", 0, "backend"),
+        ("max_memory_gb", 0, "accountant"),
+        ("max_memory_gb", -1, "accountant"),
+        ("max_memory_gb", "8", "accountant"),
+        ("max_memory_gb", float("nan"), "accountant"),
+        ("hash_length", 0, "hasher"),
+        ("hash_length", 65, "hasher"),
+        ("hash_length", "16", "hasher"),
+    ],
+)
+def test_bad_configuration_is_a_typed_error(key: str, value: Any, provider: str) -> None:
+    c = et.Container()
+    c.config.from_dict({key: value})
+    with pytest.raises(et.EmbedtoolsError):
+        getattr(c, provider)()
+    with pytest.raises(et.EmbedtoolsError):
+        c.store()
+
+
+def test_backend_and_hasher_are_shared_accountant_is_per_store() -> None:
+    c = et.Container()
+    a, b = c.store(), c.store()
+    assert a.backend is b.backend and a.hasher is b.hasher and a.accountant is not b.accountant
+
+
+class FakeHasher:
+    length = 4
+
+    def hash_config(self, config: Mapping[str, object]) -> str:
+        return "fake"
+
+
+class RecordingAccountant:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int | None]] = []
+        self.inner = ByteBudget(1 << 20)
+
+    def reserve(self, owner: str, nbytes: int) -> None:
+        self.calls.append(("reserve", owner, nbytes))
+        self.inner.reserve(owner, nbytes)
+
+    def release(self, owner: str, nbytes: int | None = None) -> None:
+        self.calls.append(("release", owner, nbytes))
+        self.inner.release(owner, nbytes)
+
+    def report(self) -> MemoryReport:
+        return self.inner.report()
+
+
+class CountingBackend(et.NumpyBackend):
+    def __init__(self) -> None:
+        self.topk_calls = 0
+
+    def topk(self, *args: Any, **kwargs: Any) -> Any:
+        self.topk_calls += 1
+        return super().topk(*args, **kwargs)
+
+
+def test_override_hasher() -> None:
+    c = et.Container()
+    fake: et.Hasher = FakeHasher()
+    with c.hasher.override(providers.Object(fake)):
+        assert c.store().config_hash == "fake"
+    assert c.store().config_hash == "44136fa355b3678a"
+
+
+def test_override_accountant() -> None:
+    c = et.Container()
+    recording = RecordingAccountant()
+    with c.accountant.override(providers.Object(recording)):
+        store = c.store()
+        store.add(np.ones((2, 3), np.float32))
+    assert recording.calls and recording.calls[0][0] == "reserve" and recording.calls[0][2] == 2 * 4 * 4
+    assert c.store().accountant is not recording
+
+
+def test_override_backend() -> None:
+    c = et.Container()
+    counting = CountingBackend()
+    backend: ArrayBackend[Any] = counting
+    with c.backend.override(providers.Object(backend)):
+        store = c.store()
+        store.add(np.ones((2, 3), np.float32))
+        store.search(np.ones(3, np.float32), k=1)
+    assert counting.topk_calls == 1
+    assert c.store().backend is not counting
+
+
+def test_override_store_factory_arguments() -> None:
+    c = et.Container()
+    with c.store.override(providers.Factory(EmbeddingStore, backend=c.backend, accountant=c.accountant, hasher=providers.Object(Sha256Hasher(8)), search_block_bytes=64)):
+        assert len(c.store().config_hash) == 8
+
+
+def test_invalid_override_fails_at_use() -> None:
+    c = et.Container()
+    with c.accountant.override(providers.Factory(ByteBudget, limit_bytes=-5)):
+        with pytest.raises(InvalidArgumentError):
+            c.store()
