@@ -1,0 +1,45 @@
+"""The CLI through its entry points, in subprocesses: the demo is the main job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "embedtools", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_demo_runs_end_to_end() -> None:
+    out = run("demo", "--rows", "3000", "--dim", "64")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "added 3000 x 64 float32 rows" in text
+    assert "query 0: doc-0 (" in text
+    assert "vectors and ids identical: True; search identical: True" in text
+    assert "config_hash({'model': 'bert', 'dim': 768, 'batch_size': 32}) = 4864205289d401c2" in text
+    assert out.stderr == ""
+
+
+def test_info_lists_backends() -> None:
+    out = run("info")
+    assert out.returncode == 0
+    assert "backends installed: numpy" in out.stdout and "auto picks: numpy" in out.stdout
+
+
+def test_bad_input_is_one_line_and_exit_code_2() -> None:
+    out = run("demo", "--rows", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("embedtools: error:")
+    assert "Traceback" not in out.stderr
+    out = run("demo", "--backend", "jax")
+    assert out.returncode == 2 and "unknown backend" in out.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("embedtools")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "demo" in out.stdout and "info" in out.stdout
