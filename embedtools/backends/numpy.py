@@ -9,7 +9,7 @@ import numpy as np
 
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
-from embedtools.search import check_k, check_metric, query_chunks
+from embedtools.search import check_k, check_metric, run_topk
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -139,32 +139,40 @@ class NumpyBackend:
         x = np.asarray(corpus, dtype=F32)
         if q.shape[1] != x.shape[1]:
             raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
-        n = x.shape[0]
-        k = min(k, n)
-        scores = np.empty((q.shape[0], k), dtype=F32)
-        indices = np.empty((q.shape[0], k), dtype=np.int64)
         norms = self.row_norms(x) if corpus_norms is None else np.asarray(corpus_norms, dtype=F32)
         # Per-column terms that turn q·x into the metric's ranking score (larger is better):
         # cosine scales by 1/|x| (queries normalised); l2 ranks by q·x - |x|²/2, since
-        # ||q - x||² = |q|² - 2 (q·x - |x|²/2), then recomputes the k winners' distances directly.
+        # ||q - x||² = |q|² - 2 (q·x - |x|²/2).
         column_scale = 1.0 / _safe_divisor(norms) if metric == "cosine" else None
         column_shift = 0.5 * norms * norms if metric == "l2" else None
         if metric == "cosine":
             q = self.normalize(q)
-        # l2 also gathers (chunk, k, d) winners to rescore: bound that block as well.
-        per_query = max(n, k * x.shape[1]) if metric == "l2" else n
-        for chunk in query_chunks(q.shape[0], per_query, max_block_bytes):
-            block = q[chunk] @ x.T
+
+        def score_block(chunk: slice) -> npt.NDArray[np.float32]:
+            block: npt.NDArray[np.float32] = q[chunk] @ x.T
             if column_scale is not None:
                 block *= column_scale
             if column_shift is not None:
                 block -= column_shift
-            vals, idx = _select_topk(block, k)
-            if metric == "l2":
-                vals, idx = _exact_l2(q[chunk], x, idx)
-            scores[chunk] = vals
-            indices[chunk] = idx
-        return scores, indices
+            return block
+
+        def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+            diff = x[idx] - q[chunk, None, :]
+            out: npt.NDArray[np.float32] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff), dtype=F32)
+            return out
+
+        return run_topk(
+            q.shape[0],
+            x.shape[0],
+            x.shape[1],
+            min(k, x.shape[0]),
+            metric,
+            max_block_bytes,
+            score_block=score_block,
+            candidates=_candidates,
+            full_row=lambda block, row: block[row],
+            l2_distances=l2_distances,
+        )
 
 
 def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -172,31 +180,13 @@ def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.where(norms > 0, norms, F32(1.0))
 
 
-def _select_topk(block: npt.NDArray[np.float32], k: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Largest ``k`` per row, descending, equal scores in ascending index order."""
+def _candidates(block: npt.NDArray[np.float32], k: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The k largest per row (unordered), and the rows where a tie straddles the k-th place."""
     n = block.shape[1]
     if k >= n:
-        order = np.argsort(-block, axis=1, kind="stable")
-        return np.take_along_axis(block, order, axis=1), order.astype(np.int64, copy=False)
-    part = np.argpartition(block, n - k, axis=1)[:, n - k :]
-    cand = np.take_along_axis(block, part, axis=1)
-    order = np.lexsort((part, -cand), axis=1)
-    idx = np.take_along_axis(part, order, axis=1).astype(np.int64, copy=False)
-    vals = np.take_along_axis(cand, order, axis=1)
-    # argpartition picks an arbitrary member of a tie that straddles the k-th place; rows where more
-    # than k scores reach the k-th value are redone with a stable sort so the lower indices win.
-    straddling = np.flatnonzero(np.count_nonzero(block >= vals[:, -1:], axis=1) > k)
-    for row in straddling:
-        best = np.argsort(-block[row], kind="stable")[:k]
-        idx[row] = best
-        vals[row] = block[row, best]
-    return vals, idx
-
-
-def _exact_l2(
-    q: npt.NDArray[np.float32], x: npt.NDArray[np.float32], idx: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Distances of the selected rows computed as ``||q - x||``, re-sorted ascending (ties: lower index)."""
-    dist = np.sqrt(np.einsum("qkd,qkd->qk", diff := x[idx] - q[:, None, :], diff), dtype=F32)
-    order = np.lexsort((idx, dist), axis=1)
-    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
+        idx = np.broadcast_to(np.arange(n, dtype=np.int64), block.shape).copy()
+        return block.copy(), idx, np.empty(0, dtype=np.int64)
+    part = np.argpartition(block, n - k, axis=1)[:, n - k :].astype(np.int64, copy=False)
+    vals = np.take_along_axis(block, part, axis=1)
+    straddling = np.flatnonzero(np.count_nonzero(block >= vals.min(axis=1, keepdims=True), axis=1) > k)
+    return vals, part, straddling
