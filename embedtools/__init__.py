@@ -1,14 +1,15 @@
 """embedtools: embeddings in memory on NumPy, PyTorch or MLX; exact search; safe files; config hashes.
 
 Importing this package loads NumPy and nothing heavier: the container (dependency-injector) is
-loaded on first use of ``embedtools.Container``, and torch/MLX only when a backend is built.
+loaded on first use of ``embedtools.Container``, torch/MLX only when a backend is built or looked up
+(``embedtools.TorchBackend`` imports torch).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from embedtools.backends import available_backends, make_backend
+from embedtools.backends import Description, available_backends, describe, make_backend
 from embedtools.budget import ByteBudget
 from embedtools.errors import (
     BackendUnavailableError,
@@ -28,7 +29,9 @@ from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant, MemoryR
 from embedtools.store import EmbeddingStore, MemoryInfo, SearchResult, Table, TableMemory
 
 if TYPE_CHECKING:
+    from embedtools.backends.mlx import MlxBackend
     from embedtools.backends.numpy import NumpyBackend
+    from embedtools.backends.torch import TorchBackend
     from embedtools.container import Container
 
 __version__ = "0.1.0"
@@ -38,6 +41,7 @@ __all__ = [
     "BackendUnavailableError",
     "ByteBudget",
     "Container",
+    "Description",
     "DimensionError",
     "DuplicateIdError",
     "EmbeddingStore",
@@ -50,6 +54,7 @@ __all__ = [
     "MemoryLimitError",
     "MemoryReport",
     "Metric",
+    "MlxBackend",
     "NumpyBackend",
     "SearchResult",
     "Sha256Hasher",
@@ -58,24 +63,31 @@ __all__ = [
     "StoreNotFoundError",
     "Table",
     "TableMemory",
+    "TorchBackend",
     "UnhashableConfigError",
     "__version__",
     "available_backends",
     "canonical_json",
     "config_hash",
+    "describe",
     "make_backend",
     "param_hash",
 ]
 
 
+_LAZY = {
+    "Container": "embedtools.container",
+    "NumpyBackend": "embedtools.backends.numpy",
+    "TorchBackend": "embedtools.backends.torch",
+    "MlxBackend": "embedtools.backends.mlx",
+}
+
+
 def __getattr__(name: str) -> Any:
-    """Load the container and concrete backends on first use (PEP 562), keeping the import light."""
-    if name == "Container":
-        from embedtools.container import Container
+    """Load the container and the concrete backends on first use (PEP 562), keeping the import light."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embedtools' has no attribute {name!r}")
+    import importlib
 
-        return Container
-    if name == "NumpyBackend":
-        from embedtools.backends.numpy import NumpyBackend
-
-        return NumpyBackend
-    raise AttributeError(f"module 'embedtools' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

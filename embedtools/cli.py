@@ -6,7 +6,6 @@ Bad input ends with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 import tempfile
 import time
@@ -71,19 +70,12 @@ def demo(rows: int, dim: int, backend: str) -> None:
           f"{config_hash({'model': 'bert', 'dim': 768, 'batch_size': 32})}")
 
 
-def info() -> None:
+def info(backend: str, device: str | None) -> None:
     from embedtools import __version__
-    from embedtools.backends import available_backends, resolve_backend_name
+    from embedtools.backends import describe
 
     print(f"embedtools {__version__}, Python {sys.version.split()[0]}")
-    for package in ("numpy", "dependency-injector", "safetensors", "torch", "mlx"):
-        try:
-            version = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed"
-        print(f"  {package}: {version}")
-    print(f"backends installed: {', '.join(available_backends())}")
-    print(f"auto picks: {resolve_backend_name('auto')} (the only backend implemented in this version)")
+    print(describe(backend, device))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,13 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_parser.add_argument("--rows", type=int, default=20_000)
     demo_parser.add_argument("--dim", type=int, default=384)
     demo_parser.add_argument("--backend", default="auto")
-    commands.add_parser("info", help="versions and backends usable here")
+    info_parser = commands.add_parser("info", help="backends and devices usable here, what auto picks and why")
+    info_parser.add_argument("--backend", default="auto")
+    info_parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             demo(args.rows, args.dim, args.backend)
         else:
-            info()
+            info(args.backend, args.device)
     except EmbedtoolsError as exc:
         print(f"embedtools: error: {exc}", file=sys.stderr)
         return 2

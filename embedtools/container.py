@@ -11,7 +11,7 @@ from typing import Any
 
 from dependency_injector import containers, providers
 
-from embedtools.backends import make_backend
+from embedtools.backends import make_backend, resolve
 from embedtools.budget import ByteBudget
 from embedtools.errors import InvalidArgumentError
 from embedtools.hashing import DEFAULT_HASH_LENGTH, Sha256Hasher
@@ -30,14 +30,26 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 def _backend(backend: object, device: object) -> ArrayBackend[Any]:
-    if device is not None and not isinstance(device, str):
-        raise InvalidArgumentError(f"device must be a str or None, got {device!r}")
-    if not isinstance(backend, str):
-        raise InvalidArgumentError(f"backend must be a str, got {backend!r}")
-    return make_backend(backend, device)
+    choice = resolve(backend, device)
+    return make_backend(choice.name, choice.device)
 
 
-def _accountant(max_memory_gb: object) -> MemoryAccountant:
+def _accountant(max_memory_gb: object, backend: ArrayBackend[Any]) -> MemoryAccountant:
+    """A budget of ``max_memory_gb`` GiB, or ``"80%"``: that share of the device's free memory now."""
+    if isinstance(max_memory_gb, str) and max_memory_gb.strip().endswith("%"):
+        try:
+            share = float(max_memory_gb.strip()[:-1]) / 100
+        except ValueError:
+            raise InvalidArgumentError(f"max_memory_gb {max_memory_gb!r} is not a percentage") from None
+        if not 0 < share <= 1:
+            raise InvalidArgumentError(f"max_memory_gb {max_memory_gb!r} must be in (0%, 100%]")
+        free = backend.free_bytes()
+        if free is None:
+            raise InvalidArgumentError(
+                f"max_memory_gb={max_memory_gb!r} needs a device that reports its free memory (CUDA, MPS, "
+                f"MLX on Metal); {backend.name} on {backend.device} does not: give GiB instead"
+            )
+        return ByteBudget(max(int(free * share), 1))
     return ByteBudget.from_gib(max_memory_gb)
 
 
@@ -57,7 +69,9 @@ class Container(containers.DeclarativeContainer):
     backend: providers.Provider[ArrayBackend[Any]] = providers.Singleton(
         _backend, backend=config.backend, device=config.device
     )
-    accountant: providers.Provider[MemoryAccountant] = providers.Factory(_accountant, max_memory_gb=config.max_memory_gb)
+    accountant: providers.Provider[MemoryAccountant] = providers.Factory(
+        _accountant, max_memory_gb=config.max_memory_gb, backend=backend
+    )
     hasher: providers.Provider[Hasher] = providers.Singleton(_hasher, hash_length=config.hash_length)
     store: providers.Provider[EmbeddingStore] = providers.Factory(
         EmbeddingStore, backend=backend, accountant=accountant, hasher=hasher

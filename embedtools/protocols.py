@@ -46,7 +46,8 @@ class ArrayBackend(Protocol[ArrayT]):
     It keeps 15 of the seed's 17 operations under clearer names (``create_array`` is ``asarray``,
     ``dot`` is ``matmul``, ``get_shape``/``get_dtype``/``get_memory_usage`` are ``shape``/``dtype``/
     ``nbytes``) and drops ``save``/``load``: file I/O belongs to the store's format, and the seed's
-    pickle fallback executed code from files. It adds ``row_norms``, ``to_list`` and ``topk``.
+    pickle fallback executed code from files. It adds ``row_norms``, ``to_list``, ``convert``,
+    ``free_bytes`` and ``topk``.
     """
 
     @property
@@ -69,6 +70,14 @@ class ArrayBackend(Protocol[ArrayT]):
 
     def to_numpy(self, array: ArrayT) -> npt.NDArray[Any]:
         """A host NumPy array with the same values; may share memory on CPU."""
+        ...
+
+    def convert(self, array: object) -> ArrayT:
+        """This backend's array for a NumPy, PyTorch or MLX array, same dtype, on this backend's device.
+
+        Zero-copy through DLPack or the buffer protocol where both libraries allow it (CPU memory,
+        see the README's conversion table); a copy otherwise.
+        """
         ...
 
     def to_list(self, array: ArrayT) -> list[Any]:
@@ -121,6 +130,10 @@ class ArrayBackend(Protocol[ArrayT]):
 
     def slice_last_dim(self, array: ArrayT, dim: int) -> ArrayT:
         """The first ``dim`` columns, as a view where the library has views (a Matryoshka prefix)."""
+        ...
+
+    def free_bytes(self) -> int | None:
+        """Free memory on this backend's device where the library reports it (CUDA, Metal); else ``None``."""
         ...
 
     def topk(

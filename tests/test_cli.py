@@ -27,7 +27,10 @@ def test_demo_runs_end_to_end() -> None:
 def test_info_lists_backends() -> None:
     out = run("info")
     assert out.returncode == 0
-    assert "backends installed: numpy" in out.stdout and "auto picks: numpy" in out.stdout
+    assert "backend: numpy on cpu" in out.stdout and "why: " in out.stdout
+    assert "numpy: devices cpu" in out.stdout
+    out = run("info", "--backend", "torch", "--device", "cuda:5")
+    assert out.returncode == 2 and "not available here" in out.stderr
 
 
 def test_bad_input_is_one_line_and_exit_code_2() -> None:

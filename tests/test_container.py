@@ -20,6 +20,7 @@ from embedtools import (
     Sha256Hasher,
 )
 from embedtools.container import DEFAULT_CONFIG
+from tests.conformance.backends import PAIRS
 
 
 def build_all(c: et.Container) -> EmbeddingStore:
@@ -56,11 +57,49 @@ def test_every_provider_builds_for_every_valid_value(backend: str, device: str |
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_backends_not_implemented_yet_fail_clearly(backend: str) -> None:
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_torch_and_mlx_are_wired_with_their_device(backend: str, device: str | None) -> None:
     c = et.Container()
-    c.config.backend.from_value(backend)
-    with pytest.raises(BackendUnavailableError, match=backend):
-        c.store()
+    c.config.from_dict({"backend": backend, "device": device})
+    store = build_all(c)
+    assert (store.backend.name, store.backend.device) == (backend, "cpu")
+
+
+@pytest.mark.parametrize(("backend", "device"), [("torch", "cuda:9"), ("torch", "tpu"), ("mlx", "cuda"), ("numpy", "gpu")])
+def test_a_device_that_is_not_here_fails_at_construction(backend: str, device: str) -> None:
+    c = et.Container()
+    c.config.from_dict({"backend": backend, "device": device})
+    with pytest.raises(BackendUnavailableError, match="usable|cpu only"):
+        c.backend()
+
+
+def test_auto_follows_the_documented_order_here() -> None:
+    choice = et.backends.choose_auto()
+    gpu = [p for p in PAIRS if p[1] != "cpu"]
+    if not gpu:
+        assert choice.name == "numpy" and "no GPU library is usable" in choice.reason
+    else:
+        order = [p for kind in ("gpu", "cuda", "mps") for p in gpu if p[1].startswith(kind)]
+        assert (choice.name, choice.device) == order[0]
+    assert et.backends.choose_auto("cpu").name == "numpy"
+
+
+def test_memory_budget_as_a_share_of_free_device_memory() -> None:
+    class Reporting(et.NumpyBackend):
+        def free_bytes(self) -> int | None:
+            return 1000
+
+    c = et.Container()
+    c.config.max_memory_gb.from_value("80%")
+    backend: ArrayBackend[Any] = Reporting()
+    with c.backend.override(providers.Object(backend)):
+        assert c.store().memory_info().limit_bytes == 800
+    with pytest.raises(InvalidArgumentError, match="free memory"):
+        c.store()  # numpy on the cpu reports no free memory
+    for bad in ("0%", "150%", "x%"):
+        c.config.max_memory_gb.from_value(bad)
+        with c.backend.override(providers.Object(backend)), pytest.raises(InvalidArgumentError):
+            c.store()
 
 
 @pytest.mark.parametrize(
@@ -68,7 +107,7 @@ def test_backends_not_implemented_yet_fail_clearly(backend: str) -> None:
     [
         ("backend", "jax", "backend"),
         ("backend", 3, "backend"),
-        ("device", "cuda", "backend"),
+        ("device", "cuda:7", "backend"),
         ("device", 0, "backend"),
         ("max_memory_gb", 0, "accountant"),
         ("max_memory_gb", -1, "accountant"),

@@ -46,8 +46,12 @@ class Hide(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(name)
         return None
 sys.meta_path.insert(0, Hide())
+import numpy as np
 import embedtools as et
 print(et.available_backends())
+store = et.Container().store()  # backend "auto" without torch or mlx: numpy
+store.add(np.eye(3, dtype=np.float32))
+assert store.backend.name == "numpy" and store.search(np.eye(3, dtype=np.float32), k=1).indices.tolist() == [[0], [1], [2]]
 for name in ('torch', 'mlx'):
     try:
         et.make_backend(name)

@@ -1,31 +1,56 @@
-"""Backend names → lazily built backends. Nothing here imports torch or MLX until asked to.
+"""Backend names → lazily built backends, and the one documented ``auto`` rule.
 
-``make_backend("numpy" | "torch" | "mlx" | "auto", device)`` is the one factory the container
-calls. ``auto`` picks NumPy for now: the Torch and MLX backends are the next issue's work, and until
-they exist asking for them raises :class:`BackendUnavailableError` naming what is missing.
+Nothing here imports torch or MLX until a backend is built or ``auto`` has to look for a GPU.
+``auto`` picks, among libraries installed *and usable here*: MLX where it runs on a GPU (Apple
+silicon), then PyTorch on CUDA, then PyTorch on MPS, then NumPy. A CPU-only PyTorch or MLX is never
+chosen over NumPy unless asked for by name (the seed picked CPU torch, in three inconsistent orders).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
+import platform
+from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from embedtools.errors import BackendUnavailableError, InvalidArgumentError
 from embedtools.protocols import ArrayBackend
 
-__all__ = ["BACKEND_NAMES", "available_backends", "make_backend", "resolve_backend_name"]
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendChoice",
+    "Description",
+    "available_backends",
+    "choose_auto",
+    "describe",
+    "make_backend",
+]
 
 BACKEND_NAMES: tuple[str, ...] = ("auto", "numpy", "torch", "mlx")
 
-_EXTRAS = {"torch": "torch", "mlx": "mlx"}
 _MODULES = {"torch": "torch", "mlx": "mlx.core"}
 
 
 def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it or its parent package.
+
+    (``find_spec("mlx.core")`` would import ``mlx``; the submodule is looked up on disk instead.)
+    """
+    top, _, sub = module.partition(".")
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package missing, or a module with no spec
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    if not sub:
+        return True
+    return any(
+        any(Path(folder).glob(f"{sub}.*")) or Path(folder, sub).is_dir() for folder in spec.submodule_search_locations or ()
+    )
 
 
 def available_backends() -> tuple[str, ...]:
@@ -33,29 +58,149 @@ def available_backends() -> tuple[str, ...]:
     return ("numpy",) + tuple(name for name, module in _MODULES.items() if _installed(module))
 
 
-def resolve_backend_name(name: object) -> str:
-    """The concrete backend ``name`` stands for; ``auto`` is NumPy until issue 5's backends land."""
+def _require(name: str) -> None:
+    if not _installed(_MODULES[name]):
+        raise BackendUnavailableError(
+            f"backend {name!r} needs {_MODULES[name]}, which is not installed: pip install 'embedtools[{name}]'"
+        )
+
+
+def devices(name: str) -> tuple[str, ...]:
+    """Devices the named backend can use here, best first (imports that backend's library)."""
+    if name == "numpy":
+        return ("cpu",)
+    _require(name)
+    if name == "torch":
+        from embedtools.backends.torch import torch_devices
+
+        return torch_devices()
+    from embedtools.backends.mlx import mlx_devices
+
+    return mlx_devices()
+
+
+def _gpu_possible(name: str) -> bool:
+    """Cheap look (no import) for whether the library could reach a GPU here; the import then decides.
+
+    Keeps ``auto`` from importing torch (about a second) on machines that plainly have no GPU.
+    """
+    apple_silicon = platform.system() == "Darwin" and platform.machine() == "arm64"
+    if name == "mlx":
+        return apple_silicon or _version("mlx-cuda") is not None
+    version = _version("torch") or ""
+    if apple_silicon:
+        return True
+    drivers = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+    return "+cpu" not in version and (platform.system() == "Windows" or any(os.path.exists(p) for p in drivers))
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """A concrete backend and device, and why it was chosen."""
+
+    name: str
+    device: str | None
+    reason: str
+
+
+def choose_auto(device: str | None = None) -> BackendChoice:
+    """Apply the ``auto`` rule (module docstring). A given ``device`` picks the library that has it."""
+    installed = available_backends()
+    if device is not None:
+        kind = device.split(":")[0].lower()
+        by_kind = {"cpu": "numpy", "cuda": "torch", "mps": "torch", "gpu": "mlx"}
+        if kind not in by_kind:
+            raise BackendUnavailableError(f"no backend has a device {device!r}; devices are cpu, cuda[:N], mps, gpu")
+        return BackendChoice(by_kind[kind], device, f"device {device!r} was asked for")
+    looked = []
+    if "mlx" in installed and not _gpu_possible("mlx"):
+        looked.append("MLX has no GPU backend here (Metal needs Apple silicon; no mlx-cuda)")
+    elif "mlx" in installed:
+        if "gpu" in devices("mlx"):
+            return BackendChoice("mlx", "gpu", "MLX is installed and runs on the GPU here")
+        looked.append("MLX runs on the CPU only here")
+    else:
+        looked.append("MLX is not installed")
+    if "torch" in installed and not _gpu_possible("torch"):
+        looked.append("PyTorch is a CPU build or no GPU driver is present")
+    elif "torch" in installed:
+        usable = devices("torch")
+        for kind in ("cuda", "mps"):
+            found = [d for d in usable if d.startswith(kind)]
+            if found:
+                return BackendChoice("torch", found[0], f"PyTorch is installed and {found[0]} is usable ({'; '.join(looked)})")
+        looked.append("PyTorch sees no CUDA or MPS device")
+    else:
+        looked.append("PyTorch is not installed")
+    return BackendChoice("numpy", "cpu", f"no GPU library is usable: {'; '.join(looked)}; NumPy is the CPU default")
+
+
+def resolve(name: object, device: object = None) -> BackendChoice:
+    """The concrete backend that ``(name, device)`` stands for; ``auto`` applies the rule."""
     if not isinstance(name, str) or name.lower() not in BACKEND_NAMES:
         raise InvalidArgumentError(f"unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    if device is not None and not isinstance(device, str):
+        raise InvalidArgumentError(f"device must be a str or None, got {device!r}")
     lowered = name.lower()
-    return "numpy" if lowered == "auto" else lowered
+    if lowered == "auto":
+        return choose_auto(device)
+    return BackendChoice(lowered, device, f"backend {lowered!r} was asked for")
 
 
 def make_backend(name: str = "auto", device: str | None = None) -> ArrayBackend[Any]:
-    """Build the backend ``name`` on ``device`` (``None``: the backend's default)."""
-    resolved = resolve_backend_name(name)
-    if resolved == "numpy":
-        if device not in (None, "cpu"):
-            raise BackendUnavailableError(f"the numpy backend runs on the cpu only, not on {device!r}")
+    """Build the backend ``name`` on ``device`` (``None``: its best device here), checked now."""
+    choice = resolve(name, device)
+    if choice.name == "numpy":
+        if choice.device not in (None, "cpu"):
+            raise BackendUnavailableError(f"the numpy backend runs on the cpu only, not on {choice.device!r}")
         from embedtools.backends.numpy import NumpyBackend
 
         return NumpyBackend()
-    if not _installed(_MODULES[resolved]):
-        raise BackendUnavailableError(
-            f"backend {resolved!r} needs {_MODULES[resolved]}, which is not installed: "
-            f"pip install 'embedtools[{_EXTRAS[resolved]}]'"
-        )
-    raise BackendUnavailableError(
-        f"backend {resolved!r} is not implemented in this version of embedtools (numpy is); "
-        "see the README's roadmap"
+    _require(choice.name)
+    if choice.name == "torch":
+        from embedtools.backends.torch import TorchBackend
+
+        return TorchBackend(choice.device)
+    from embedtools.backends.mlx import MlxBackend
+
+    return MlxBackend(choice.device)
+
+
+@dataclass(frozen=True)
+class Description:
+    """What ``embedtools info`` prints: what ``auto`` (or the given config) picks here, and why."""
+
+    backend: str
+    device: str
+    reason: str
+    installed: tuple[str, ...]
+    devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend} on {self.device}", f"why: {self.reason}"]
+        lines += [f"  {name}: devices {', '.join(found)}" for name, found in self.devices.items()]
+        lines += [f"  {package}: {version or 'not installed'}" for package, version in self.versions.items()]
+        return "\n".join(lines)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe(backend: str = "auto", device: str | None = None) -> Description:
+    """Build the backend ``(backend, device)`` resolves to and report it with versions and reasons."""
+    choice = resolve(backend, device)
+    built = make_backend(choice.name, choice.device)
+    installed = available_backends()
+    return Description(
+        backend=built.name,
+        device=built.device,
+        reason=choice.reason,
+        installed=installed,
+        devices={name: devices(name) for name in installed},
+        versions={p: _version(p) for p in ("embedtools", "numpy", "torch", "mlx", "dependency-injector", "safetensors")},
     )

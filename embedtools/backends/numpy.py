@@ -53,6 +53,22 @@ class NumpyBackend:
     def to_numpy(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
         return np.asarray(array)
 
+    def convert(self, array: object) -> npt.NDArray[Any]:
+        if isinstance(array, np.ndarray):
+            return array
+        if hasattr(array, "__dlpack__"):
+            try:
+                shared: npt.NDArray[Any] = np.from_dlpack(array)  # torch on CPU, MLX: zero-copy
+                return shared
+            except (BufferError, RuntimeError, TypeError, ValueError):
+                pass  # a device tensor (CUDA/MPS) or a dtype numpy lacks: copy through the host
+        cpu = getattr(array, "cpu", None)
+        host = cpu().detach() if callable(cpu) else array
+        return np.asarray(host)
+
+    def free_bytes(self) -> int | None:
+        return None
+
     def to_list(self, array: npt.NDArray[Any]) -> list[Any]:
         out = np.asarray(array).tolist()
         return out if isinstance(out, list) else [out]

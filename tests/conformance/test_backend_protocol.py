@@ -1,7 +1,4 @@
-"""Every ArrayBackend method, for every backend implemented and installed here.
-
-Issue 5 adds torch and MLX to ``BACKENDS``; the assertions stay the same for all of them.
-"""
+"""Every ArrayBackend method, for every backend and device usable here (``backends.PAIRS``)."""
 
 from __future__ import annotations
 
@@ -12,14 +9,13 @@ import pytest
 
 import embedtools as et
 from embedtools import ArrayBackend, DimensionError, InvalidArgumentError, Metric
+from tests.conformance.backends import IDS, PAIRS
 from tests.helpers import assert_exact_topk, clustered
 
-BACKENDS = ["numpy"]
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=PAIRS, ids=IDS)
 def backend(request: pytest.FixtureRequest) -> ArrayBackend[Any]:
-    return et.make_backend(str(request.param))
+    name, device = request.param
+    return et.make_backend(name, device)
 
 
 def test_name_and_device(backend: ArrayBackend[Any]) -> None:

@@ -1,0 +1,244 @@
+"""MLX backend: Apple's array library, on the GPU (Metal) or the CPU (also on Linux, ``mlx[cpu]``).
+
+Every operation runs on the device chosen at construction, passed as ``stream=`` to each call, so
+MLX's process-wide default device is never changed. Imported only when an MLX backend is built.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import numpy as np
+
+from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
+from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
+from embedtools.search import check_k, check_metric, run_topk
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["MlxBackend", "mlx_devices"]
+
+_DTYPES: dict[str, mx.Dtype] = {
+    "float16": mx.float16,
+    "float32": mx.float32,
+    "float64": mx.float64,
+    "int8": mx.int8,
+    "uint8": mx.uint8,
+    "int32": mx.int32,
+    "int64": mx.int64,
+    "bool": mx.bool_,
+}
+
+
+def _mx_dtype(dtype: str) -> mx.Dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise InvalidArgumentError(f"unsupported dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
+
+
+def _gpu_available() -> bool:
+    if mx.metal.is_available():
+        return True
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda is not None and cuda.is_available())
+
+
+def mlx_devices() -> tuple[str, ...]:
+    """The devices MLX can use here, best first."""
+    return ("gpu", "cpu") if _gpu_available() else ("cpu",)
+
+
+def _as_2d(a: mx.array) -> mx.array:
+    return a.reshape(1, -1) if a.ndim == 1 else a
+
+
+class MlxBackend:
+    """Arrays are ``mlx.core.array``; results are evaluated before they leave the backend."""
+
+    def __init__(self, device: str | None = None) -> None:
+        there = mlx_devices()
+        name = there[0] if device is None else device.strip().lower()
+        if name not in there:
+            raise BackendUnavailableError(f"MLX device {device!r} is not available here; usable: {', '.join(there)}")
+        self._name = name
+        self._device = mx.Device(mx.gpu if name == "gpu" else mx.cpu)
+
+    @property
+    def name(self) -> str:
+        return "mlx"
+
+    @property
+    def device(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"MlxBackend(device={self._name!r})"
+
+    def asarray(self, data: object, dtype: DTypeName = "float32") -> mx.array:
+        target = _mx_dtype(dtype)
+        if isinstance(data, mx.array):
+            return mx.array(np.array(data, copy=True)).astype(target, stream=self._device)
+        return mx.array(np.array(data, dtype=np.dtype(dtype)))
+
+    def from_numpy(self, array: npt.NDArray[Any], dtype: DTypeName = "float32") -> mx.array:
+        _mx_dtype(dtype)
+        return mx.array(np.ascontiguousarray(array, dtype=np.dtype(dtype)))
+
+    def to_numpy(self, array: mx.array) -> npt.NDArray[Any]:
+        mx.eval(array)
+        return np.asarray(array)
+
+    def convert(self, array: object) -> mx.array:
+        if isinstance(array, mx.array):
+            return array
+        cpu = getattr(array, "cpu", None)
+        if callable(cpu):  # a torch tensor, possibly on CUDA/MPS: MLX copies from host memory
+            return mx.array(np.asarray(cpu().detach()))
+        return mx.array(np.asarray(array))
+
+    def free_bytes(self) -> int | None:
+        if self._name != "gpu" or not mx.metal.is_available():
+            return None
+        limit = int(mx.metal.device_info()["max_recommended_working_set_size"])
+        return max(limit - int(mx.get_active_memory()), 0)
+
+    def to_list(self, array: mx.array) -> list[Any]:
+        out: object = array.tolist()
+        return out if isinstance(out, list) else [out]
+
+    def shape(self, array: mx.array) -> tuple[int, ...]:
+        return tuple(int(s) for s in array.shape)
+
+    def dtype(self, array: mx.array) -> str:
+        return str(array.dtype).removeprefix("mlx.core.")
+
+    def nbytes(self, array: mx.array) -> int:
+        return int(array.nbytes)
+
+    def zeros(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> mx.array:
+        return mx.zeros(shape, dtype=_mx_dtype(dtype), stream=self._device)
+
+    def ones(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> mx.array:
+        return mx.ones(shape, dtype=_mx_dtype(dtype), stream=self._device)
+
+    def random_normal(
+        self,
+        shape: tuple[int, ...],
+        *,
+        seed: int | None = None,
+        mean: float = 0.0,
+        std: float = 1.0,
+        dtype: DTypeName = "float32",
+    ) -> mx.array:
+        target = _mx_dtype(dtype)
+        if target not in (mx.float16, mx.float32, mx.float64):
+            raise InvalidArgumentError(f"random_normal needs a float dtype, got {dtype!r}")
+        key = mx.random.key(secrets.randbits(63) if seed is None else seed)
+        return mx.random.normal(shape, dtype=target, loc=mean, scale=std, key=key, stream=self._device)
+
+    def matmul(self, a: mx.array, b: mx.array) -> mx.array:
+        return mx.matmul(a, b, stream=self._device)
+
+    def row_norms(self, a: mx.array) -> mx.array:
+        x = a.astype(mx.float32, stream=self._device)
+        return mx.sqrt(mx.sum(x * x, axis=-1, stream=self._device), stream=self._device)
+
+    def normalize(self, a: mx.array) -> mx.array:
+        x = a.astype(mx.float32, stream=self._device)
+        norms = self.row_norms(x)
+        divisor = mx.where(norms > 0, norms, mx.ones_like(norms), stream=self._device)
+        return mx.divide(x, mx.expand_dims(divisor, -1, stream=self._device), stream=self._device)
+
+    def cosine_similarity(self, a: mx.array, b: mx.array) -> mx.array:
+        a2, b2 = _as_2d(a), _as_2d(b)
+        if a2.shape[1] != b2.shape[1]:
+            raise DimensionError(f"cannot compare width {a2.shape[1]} with width {b2.shape[1]}")
+        return mx.matmul(self.normalize(a2), self.normalize(b2).T, stream=self._device)
+
+    def concatenate(self, arrays: Sequence[mx.array], axis: int = 0) -> mx.array:
+        return mx.concatenate(list(arrays), axis=axis, stream=self._device)
+
+    def stack(self, arrays: Sequence[mx.array], axis: int = 0) -> mx.array:
+        return mx.stack(list(arrays), axis=axis, stream=self._device)
+
+    def slice_last_dim(self, array: mx.array, dim: int) -> mx.array:
+        width = array.shape[-1]
+        if not 1 <= dim <= width:
+            raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
+        return array[..., :dim]
+
+    def topk(
+        self,
+        queries: mx.array,
+        corpus: mx.array,
+        k: int,
+        metric: Metric,
+        *,
+        corpus_norms: mx.array | None = None,
+        max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        metric = check_metric(metric)
+        k = check_k(k)
+        dev = self._device
+        q = _as_2d(queries).astype(mx.float32, stream=dev)
+        x = corpus.astype(mx.float32, stream=dev)
+        if q.shape[1] != x.shape[1]:
+            raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
+        norms = self.row_norms(x) if corpus_norms is None else corpus_norms.astype(mx.float32, stream=dev)
+        # The same ranking scores as the NumPy backend (see there); the driver rescores l2 winners.
+        safe = mx.where(norms > 0, norms, mx.ones_like(norms), stream=dev)
+        column_scale = mx.reciprocal(safe, stream=dev) if metric == "cosine" else None
+        column_shift = 0.5 * norms * norms if metric == "l2" else None
+        if metric == "cosine":
+            q = self.normalize(q)
+        xt = x.T
+
+        def score_block(chunk: slice) -> mx.array:
+            block = mx.matmul(q[chunk], xt, stream=dev)
+            if column_scale is not None:
+                block = mx.multiply(block, column_scale, stream=dev)
+            if column_shift is not None:
+                block = mx.subtract(block, column_shift, stream=dev)
+            mx.eval(block)
+            return block
+
+        def candidates(block: mx.array, kk: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+            rows, n = block.shape
+            if kk >= n:
+                idx = np.broadcast_to(np.arange(n, dtype=np.int64), (rows, n)).copy()
+                return _host_f32(block), idx, np.empty(0, dtype=np.int64)
+            # MLX's topk returns no indices: argpartition for the k largest, on the device
+            part = mx.argpartition(block, kth=n - kk, axis=1, stream=dev)[:, n - kk :]
+            vals = mx.take_along_axis(block, part, axis=1, stream=dev)
+            kth = mx.min(vals, axis=1, keepdims=True, stream=dev)
+            straddling = mx.sum(block >= kth, axis=1, stream=dev) > kk
+            mx.eval(vals, part, straddling)
+            return _host_f32(vals), np.asarray(part).astype(np.int64), np.flatnonzero(np.asarray(straddling))
+
+        def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+            rows = x[mx.array(idx)]
+            diff = mx.subtract(rows, mx.expand_dims(q[chunk], 1, stream=dev), stream=dev)
+            return _host_f32(mx.sqrt(mx.sum(diff * diff, axis=2, stream=dev), stream=dev))
+
+        return run_topk(
+            q.shape[0],
+            x.shape[0],
+            x.shape[1],
+            min(k, x.shape[0]),
+            metric,
+            max_block_bytes,
+            score_block=score_block,
+            candidates=candidates,
+            full_row=lambda block, row: _host_f32(block[row]),
+            l2_distances=l2_distances,
+        )
+
+
+def _host_f32(a: mx.array) -> npt.NDArray[np.float32]:
+    mx.eval(a)
+    return np.array(a, dtype=np.float32)

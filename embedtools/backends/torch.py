@@ -1,0 +1,263 @@
+"""PyTorch backend: CPU, CUDA (``cuda``, ``cuda:N``) and Apple's MPS, on torch's own kernels.
+
+Imported only when a Torch backend is built (``make_backend("torch")``), never by ``import embedtools``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.utils.dlpack
+
+from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
+from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
+from embedtools.search import check_k, check_metric, run_topk
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["TorchBackend", "torch_devices"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise InvalidArgumentError(f"unsupported dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
+
+
+def torch_devices() -> tuple[str, ...]:
+    """The devices torch can use here, best first: ``cuda:0``…, then ``mps``, then ``cpu``."""
+    cuda = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
+    mps = ("mps",) if torch.backends.mps.is_available() else ()
+    return cuda + mps + ("cpu",)
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    """The asked-for device, checked now (not at first use); ``None`` is the best one here."""
+    there = torch_devices()
+    if device is None:
+        return torch.device(there[0])
+    name = device.strip().lower()
+    if name == "cuda" and torch.cuda.is_available():
+        name = f"cuda:{torch.cuda.current_device()}"
+    if name not in there:
+        raise BackendUnavailableError(f"torch device {device!r} is not available here; usable: {', '.join(there)}")
+    return torch.device(name)
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, -1) if t.dim() == 1 else t
+
+
+class TorchBackend:
+    """Arrays are ``torch.Tensor`` on one device, chosen at construction (never on first use)."""
+
+    def __init__(self, device: str | None = None) -> None:
+        self._device = _resolve_device(device)
+
+    @property
+    def name(self) -> str:
+        return "torch"
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    def __repr__(self) -> str:
+        return f"TorchBackend(device={self.device!r})"
+
+    def asarray(self, data: object, dtype: DTypeName = "float32") -> torch.Tensor:
+        target = _torch_dtype(dtype)
+        if isinstance(data, torch.Tensor):
+            return data.detach().to(device=self._device, dtype=target, copy=True)
+        host = np.array(data, dtype=np.dtype(dtype))
+        return torch.from_numpy(host).to(self._device)
+
+    def from_numpy(self, array: npt.NDArray[Any], dtype: DTypeName = "float32") -> torch.Tensor:
+        host = np.ascontiguousarray(array, dtype=np.dtype(_np_name(dtype)))
+        if not host.flags.writeable:
+            host = host.copy()  # torch cannot wrap read-only memory
+        return torch.from_numpy(host).to(self._device)
+
+    def to_numpy(self, array: torch.Tensor) -> npt.NDArray[Any]:
+        return array.detach().cpu().numpy()
+
+    def convert(self, array: object) -> torch.Tensor:
+        if isinstance(array, torch.Tensor):
+            return array.to(self._device)
+        if isinstance(array, np.ndarray):
+            return self.from_numpy(array, dtype=str(array.dtype))  # type: ignore[arg-type]
+        if hasattr(array, "__dlpack__"):
+            return torch.utils.dlpack.from_dlpack(array).to(self._device)  # MLX on CPU: zero-copy
+        return torch.as_tensor(np.asarray(array), device=self._device)
+
+    def free_bytes(self) -> int | None:
+        kind = str(self._device).split(":")[0]
+        if kind == "cuda":
+            free, _total = torch.cuda.mem_get_info(self._device)
+            return int(free)
+        if kind == "mps":
+            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+        return None
+
+    def to_list(self, array: torch.Tensor) -> list[Any]:
+        out: object = array.tolist()  # a scalar for 0-d tensors, whatever the stubs say
+        return out if isinstance(out, list) else [out]
+
+    def shape(self, array: torch.Tensor) -> tuple[int, ...]:
+        return tuple(int(s) for s in array.shape)
+
+    def dtype(self, array: torch.Tensor) -> str:
+        return str(array.dtype).removeprefix("torch.")
+
+    def nbytes(self, array: torch.Tensor) -> int:
+        return int(array.element_size() * array.nelement())
+
+    def zeros(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> torch.Tensor:
+        return torch.zeros(shape, dtype=_torch_dtype(dtype), device=self._device)
+
+    def ones(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> torch.Tensor:
+        return torch.ones(shape, dtype=_torch_dtype(dtype), device=self._device)
+
+    def random_normal(
+        self,
+        shape: tuple[int, ...],
+        *,
+        seed: int | None = None,
+        mean: float = 0.0,
+        std: float = 1.0,
+        dtype: DTypeName = "float32",
+    ) -> torch.Tensor:
+        target = _torch_dtype(dtype)
+        if not target.is_floating_point:
+            raise InvalidArgumentError(f"random_normal needs a float dtype, got {dtype!r}")
+        generator = torch.Generator(device=self._device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        samples = torch.randn(shape, generator=generator, device=self._device, dtype=target)
+        return samples * std + mean
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+    def row_norms(self, a: torch.Tensor) -> torch.Tensor:
+        norms: torch.Tensor = torch.linalg.vector_norm(a.to(torch.float32), dim=-1)
+        return norms
+
+    def normalize(self, a: torch.Tensor) -> torch.Tensor:
+        x = a.to(torch.float32)
+        norms = self.row_norms(x)
+        divisor = torch.where(norms > 0, norms, torch.ones_like(norms))
+        return x / divisor.unsqueeze(-1)
+
+    def cosine_similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a2, b2 = _as_2d(a), _as_2d(b)
+        if a2.shape[1] != b2.shape[1]:
+            raise DimensionError(f"cannot compare width {a2.shape[1]} with width {b2.shape[1]}")
+        return self.normalize(a2) @ self.normalize(b2).T
+
+    def concatenate(self, arrays: Sequence[torch.Tensor], axis: int = 0) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=axis)
+
+    def stack(self, arrays: Sequence[torch.Tensor], axis: int = 0) -> torch.Tensor:
+        return torch.stack(list(arrays), dim=axis)
+
+    def slice_last_dim(self, array: torch.Tensor, dim: int) -> torch.Tensor:
+        width = array.shape[-1]
+        if not 1 <= dim <= width:
+            raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
+        return array[..., :dim]
+
+    @torch.no_grad()
+    def topk(
+        self,
+        queries: torch.Tensor,
+        corpus: torch.Tensor,
+        k: int,
+        metric: Metric,
+        *,
+        corpus_norms: torch.Tensor | None = None,
+        max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        metric = check_metric(metric)
+        k = check_k(k)
+        q = _as_2d(queries).to(device=self._device, dtype=torch.float32)
+        x = corpus.to(torch.float32)
+        if q.shape[1] != x.shape[1]:
+            raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
+        norms = self.row_norms(x) if corpus_norms is None else corpus_norms.to(torch.float32)
+        # The same ranking scores as the NumPy backend: cosine scales columns by 1/|x|, l2 ranks by
+        # q·x - |x|²/2 and the driver rescores the winners as true distances.
+        column_scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)) if metric == "cosine" else None
+        column_shift = 0.5 * norms * norms if metric == "l2" else None
+        if metric == "cosine":
+            q = self.normalize(q)
+
+        def score_block(chunk: slice) -> torch.Tensor:
+            block = q[chunk] @ x.T
+            if column_scale is not None:
+                block.mul_(column_scale)
+            if column_shift is not None:
+                block.sub_(column_shift)
+            return block
+
+        def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+            rows = x[torch.from_numpy(idx).to(self._device)]
+            return _host_f32(torch.linalg.vector_norm(rows - q[chunk].unsqueeze(1), dim=2))
+
+        return run_topk(
+            q.shape[0],
+            x.shape[0],
+            x.shape[1],
+            min(k, x.shape[0]),
+            metric,
+            max_block_bytes,
+            score_block=score_block,
+            candidates=_candidates,
+            full_row=lambda block, row: _host_f32(block[row]),
+            l2_distances=l2_distances,
+        )
+
+
+def _np_name(dtype: str) -> str:
+    _torch_dtype(dtype)  # refuses names torch does not know, with the same error as elsewhere
+    return dtype
+
+
+def _host_f32(t: torch.Tensor) -> npt.NDArray[np.float32]:
+    out: npt.NDArray[np.float32] = t.detach().to("cpu", torch.float32).numpy()
+    return out
+
+
+def _host_i64(t: torch.Tensor) -> npt.NDArray[np.int64]:
+    out: npt.NDArray[np.int64] = t.detach().to("cpu", torch.int64).numpy()
+    return out
+
+
+def _candidates(block: torch.Tensor, k: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``torch.topk`` on the device; only the (rows, k) winners and the tie-straddling rows come back."""
+    n = block.shape[1]
+    if k >= n:
+        idx = torch.arange(n, device=block.device).expand(block.shape[0], n)
+        return _host_f32(block), _host_i64(idx), np.empty(0, dtype=np.int64)
+    vals, idx = torch.topk(block, k, dim=1, largest=True, sorted=False)
+    kth = vals.min(dim=1, keepdim=True).values
+    straddling = torch.nonzero((block >= kth).sum(dim=1) > k).flatten()
+    return _host_f32(vals), _host_i64(idx), _host_i64(straddling)
