@@ -17,7 +17,7 @@ import numpy.typing as npt
 from embedtools.errors import InvalidArgumentError
 from embedtools.protocols import METRICS, Metric
 
-__all__ = ["best_first", "check_k", "check_metric", "query_chunks", "run_topk"]
+__all__ = ["BLOCK_ROWS", "best_first", "check_k", "check_metric", "plan_blocks", "run_topk"]
 
 BlockT = TypeVar("BlockT")
 
@@ -42,18 +42,24 @@ def check_metric(metric: object) -> Metric:
     raise InvalidArgumentError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
 
 
-def query_chunks(n_queries: int, n_rows: int, max_block_bytes: int, itemsize: int = 4) -> Iterator[slice]:
-    """Slices of the query batch whose score block ``(chunk, n_rows)`` fits ``max_block_bytes``.
+#: Corpus rows scored per block: small enough that a block of scores for a batch of queries stays
+#: in cache while it is scaled and its candidates are selected, large enough for an efficient GEMM.
+BLOCK_ROWS = 8192
 
-    At least one query per chunk, so a single query over a huge corpus still runs (its row of
-    scores is the floor the next issue's corpus blocking removes).
-    """
+
+def plan_blocks(n_queries: int, n_rows: int, max_block_bytes: int, itemsize: int = 4) -> tuple[int, int]:
+    """``(queries, rows)`` per score block: ``rows`` up to :data:`BLOCK_ROWS`, then as many queries
+    as ``max_block_bytes`` allows (at least one), so the corpus is read once per query chunk."""
     if max_block_bytes < 1:
         raise InvalidArgumentError(f"max_block_bytes must be >= 1, got {max_block_bytes}")
-    per_query = max(n_rows * itemsize, 1)
-    step = max(max_block_bytes // per_query, 1)
-    for start in range(0, n_queries, step):
-        yield slice(start, min(start + step, n_queries))
+    rows = max(min(n_rows, BLOCK_ROWS, max_block_bytes // itemsize), 1)
+    queries = max(min(n_queries, max_block_bytes // (rows * itemsize)), 1)
+    return queries, rows
+
+
+def _chunks(total: int, step: int) -> Iterator[slice]:
+    for start in range(0, total, step):
+        yield slice(start, min(start + step, total))
 
 
 def best_first(
@@ -64,6 +70,10 @@ def best_first(
     return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
+Candidates = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]
+"""Flat ``(query_rows, values, columns)``: any number of candidate scores from one block."""
+
+
 def run_topk(
     n_queries: int,
     n_rows: int,
@@ -72,35 +82,83 @@ def run_topk(
     metric: Metric,
     max_block_bytes: int,
     *,
-    score_block: Callable[[slice], BlockT],
-    candidates: Callable[[BlockT, int], tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]],
-    full_row: Callable[[BlockT, int], npt.NDArray[np.float32]],
+    score_block: Callable[[slice, slice], BlockT],
+    candidates: Callable[[BlockT, int, npt.NDArray[np.float32]], Candidates],
+    to_host: Callable[[BlockT], npt.NDArray[np.float32]],
     l2_distances: Callable[[slice, npt.NDArray[np.int64]], npt.NDArray[np.float32]],
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The exact top-k driver every backend runs with its own kernels.
 
-    ``score_block(chunk)`` gives the backend's ``(chunk, n_rows)`` ranking scores (larger is better);
-    ``candidates(block, k)`` its k best per row on the host, unordered, plus the rows where more
-    than k scores reach the k-th value (a tie straddles the cut: those rows are redone from
-    ``full_row`` with a stable sort so lower indices win). For ``l2`` the winners are then rescored
-    as true distances by ``l2_distances`` (the ranking expansion loses digits near 0).
-    Only ``(chunk, k)`` arrays cross to the host; the score block stays on the device.
+    The corpus is walked in blocks of rows; ``score_block(queries, rows)`` gives the backend's
+    ranking scores for that block (larger is better) and ``candidates(block, m, threshold)`` the
+    scores that may enter each query's running top ``m``: at least every score above that query's
+    ``threshold`` (the m-th best so far; ``-inf`` while fewer than ``m`` are known), as flat
+    ``(query_row, value, column)`` arrays. A backend may return exactly its block's top ``m``
+    (``torch.topk``) or every score above the threshold (one vectorised compare, so most of a block
+    is rejected without a partition). The running top ``m`` is merged on the host; extra memory is
+    one score block, never the whole query × corpus matrix.
+
+    Ties: the driver keeps ``m = k + 1``. Where the (k+1)-th best equals the k-th, a tie may
+    straddle the cut (a block may have dropped an equal score), and that query alone is redone over
+    the whole corpus with a stable sort so lower indices win; elsewhere the top ``k`` are exactly
+    determined. For ``l2`` the winners are rescored as true distances by ``l2_distances`` (the
+    ranking expansion loses digits near 0).
     """
     scores = np.empty((n_queries, k), dtype=np.float32)
     indices = np.empty((n_queries, k), dtype=np.int64)
+    wanted = min(k + 1, n_rows)
     # l2 also gathers (chunk, k, dim) winners to rescore: bound that block as well.
-    per_query = max(n_rows, k * dim) if metric == "l2" else n_rows
-    for chunk in query_chunks(n_queries, per_query, max_block_bytes):
-        block = score_block(chunk)
-        vals, idx, straddling = candidates(block, k)
-        vals, idx = best_first(vals, idx)
-        for row in straddling:
-            row_scores = full_row(block, int(row))
-            best = np.argsort(-row_scores, kind="stable")[:k]
-            idx[row] = best
-            vals[row] = row_scores[best]
+    query_step, row_step = plan_blocks(n_queries, max(n_rows, k * dim) if metric == "l2" else n_rows, max_block_bytes)
+    row_step = min(row_step, n_rows)
+    for qs in _chunks(n_queries, query_step):
+        running = _Running(qs.stop - qs.start, wanted)
+        for rs in _chunks(n_rows, row_step):
+            rows, vals, cols = candidates(score_block(qs, rs), wanted, running.threshold)
+            running.merge(rows, vals, cols + rs.start)
+        vals, idx = running.result()
+        if wanted > k:
+            for row in np.flatnonzero(vals[:, k] == vals[:, k - 1]):
+                query = qs.start + int(row)
+                row_scores = to_host(score_block(slice(query, query + 1), slice(0, n_rows)))[0]
+                best = np.argsort(-row_scores, kind="stable")[:k]
+                idx[row, :k] = best
+                vals[row, :k] = row_scores[best]
+        vals, idx = vals[:, :k], np.ascontiguousarray(idx[:, :k])
         if metric == "l2":
-            vals, idx = best_first(l2_distances(chunk, idx), idx, ascending=True)
-        scores[chunk] = vals
-        indices[chunk] = idx
+            vals, idx = best_first(l2_distances(qs, idx), idx, ascending=True)
+        scores[qs] = vals
+        indices[qs] = idx
     return scores, indices
+
+
+class _Running:
+    """Each query's best ``m`` candidates so far, as flat arrays sorted by (query, value desc, index)."""
+
+    def __init__(self, n_queries: int, m: int) -> None:
+        self.n_queries = n_queries
+        self.m = m
+        self.rows = np.empty(0, dtype=np.int64)
+        self.vals = np.empty(0, dtype=np.float32)
+        self.cols = np.empty(0, dtype=np.int64)
+        self.threshold = np.full(n_queries, -np.inf, dtype=np.float32)
+
+    def merge(self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64]) -> None:
+        if rows.size == 0:
+            return
+        rows = np.concatenate([self.rows, rows])
+        vals = np.concatenate([self.vals, vals.astype(np.float32, copy=False)])
+        cols = np.concatenate([self.cols, cols])
+        order = np.lexsort((cols, -vals, rows))
+        rows, vals, cols = rows[order], vals[order], cols[order]
+        starts = np.searchsorted(rows, np.arange(self.n_queries))
+        rank = np.arange(rows.size) - starts[rows]
+        keep = rank < self.m
+        self.rows, self.vals, self.cols = rows[keep], vals[keep], cols[keep]
+        full = np.flatnonzero(np.bincount(self.rows, minlength=self.n_queries) == self.m)
+        self.threshold[full] = self.vals[np.searchsorted(self.rows, full) + self.m - 1]
+
+    def result(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """``(n_queries, m)`` values and indices, best first."""
+        if self.rows.size != self.n_queries * self.m:
+            raise AssertionError("every query must have m candidates by the end of the corpus")  # pragma: no cover
+        return self.vals.reshape(self.n_queries, self.m), self.cols.reshape(self.n_queries, self.m)

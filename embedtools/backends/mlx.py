@@ -15,7 +15,7 @@ import numpy as np
 
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
-from embedtools.search import check_k, check_metric, run_topk
+from embedtools.search import Candidates, check_k, check_metric, run_topk
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -196,29 +196,26 @@ class MlxBackend:
         column_shift = 0.5 * norms * norms if metric == "l2" else None
         if metric == "cosine":
             q = self.normalize(q)
-        xt = x.T
-
-        def score_block(chunk: slice) -> mx.array:
-            block = mx.matmul(q[chunk], xt, stream=dev)
+        def score_block(qs: slice, rs: slice) -> mx.array:
+            block = mx.matmul(q[qs], x[rs].T, stream=dev)
             if column_scale is not None:
-                block = mx.multiply(block, column_scale, stream=dev)
+                block = mx.multiply(block, column_scale[rs], stream=dev)
             if column_shift is not None:
-                block = mx.subtract(block, column_shift, stream=dev)
-            mx.eval(block)
+                block = mx.subtract(block, column_shift[rs], stream=dev)
             return block
 
-        def candidates(block: mx.array, kk: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-            rows, n = block.shape
-            if kk >= n:
-                idx = np.broadcast_to(np.arange(n, dtype=np.int64), (rows, n)).copy()
-                return _host_f32(block), idx, np.empty(0, dtype=np.int64)
-            # MLX's topk returns no indices: argpartition for the k largest, on the device
-            part = mx.argpartition(block, kth=n - kk, axis=1, stream=dev)[:, n - kk :]
-            vals = mx.take_along_axis(block, part, axis=1, stream=dev)
-            kth = mx.min(vals, axis=1, keepdims=True, stream=dev)
-            straddling = mx.sum(block >= kth, axis=1, stream=dev) > kk
-            mx.eval(vals, part, straddling)
-            return _host_f32(vals), np.asarray(part).astype(np.int64), np.flatnonzero(np.asarray(straddling))
+        def candidates(block: mx.array, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+            rows_n, n = block.shape
+            if m >= n:
+                vals, cols = _host_f32(block), np.broadcast_to(np.arange(n, dtype=np.int64), (rows_n, n))
+            else:
+                # MLX's topk returns no indices: argpartition for the m largest, on the device
+                part = mx.argpartition(block, kth=n - m, axis=1, stream=dev)[:, n - m :]
+                top = mx.take_along_axis(block, part, axis=1, stream=dev)
+                mx.eval(top, part)
+                vals, cols = _host_f32(top), np.asarray(part).astype(np.int64)  # uint32, converted once
+            rows = np.repeat(np.arange(rows_n, dtype=np.int64), cols.shape[1])
+            return rows, vals.reshape(-1), cols.reshape(-1)
 
         def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
             rows = x[mx.array(idx)]
@@ -234,7 +231,7 @@ class MlxBackend:
             max_block_bytes,
             score_block=score_block,
             candidates=candidates,
-            full_row=lambda block, row: _host_f32(block[row]),
+            to_host=_host_f32,
             l2_distances=l2_distances,
         )
 

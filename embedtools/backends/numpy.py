@@ -9,7 +9,7 @@ import numpy as np
 
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
-from embedtools.search import check_k, check_metric, run_topk
+from embedtools.search import Candidates, check_k, check_metric, run_topk
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -164,12 +164,12 @@ class NumpyBackend:
         if metric == "cosine":
             q = self.normalize(q)
 
-        def score_block(chunk: slice) -> npt.NDArray[np.float32]:
-            block: npt.NDArray[np.float32] = q[chunk] @ x.T
+        def score_block(qs: slice, rs: slice) -> npt.NDArray[np.float32]:
+            block: npt.NDArray[np.float32] = q[qs] @ x[rs].T
             if column_scale is not None:
-                block *= column_scale
+                block *= column_scale[rs]
             if column_shift is not None:
-                block -= column_shift
+                block -= column_shift[rs]
             return block
 
         def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
@@ -186,7 +186,7 @@ class NumpyBackend:
             max_block_bytes,
             score_block=score_block,
             candidates=_candidates,
-            full_row=lambda block, row: block[row],
+            to_host=lambda block: block,
             l2_distances=l2_distances,
         )
 
@@ -196,13 +196,18 @@ def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.where(norms > 0, norms, F32(1.0))
 
 
-def _candidates(block: npt.NDArray[np.float32], k: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """The k largest per row (unordered), and the rows where a tie straddles the k-th place."""
+def _candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+    """Scores that may enter the running top ``m``: one compare against each query's threshold.
+
+    Until every query has ``m`` candidates, the block's own top ``m`` (``argpartition``) instead.
+    """
     n = block.shape[1]
-    if k >= n:
-        idx = np.broadcast_to(np.arange(n, dtype=np.int64), block.shape).copy()
-        return block.copy(), idx, np.empty(0, dtype=np.int64)
-    part = np.argpartition(block, n - k, axis=1)[:, n - k :].astype(np.int64, copy=False)
-    vals = np.take_along_axis(block, part, axis=1)
-    straddling = np.flatnonzero(np.count_nonzero(block >= vals.min(axis=1, keepdims=True), axis=1) > k)
-    return vals, part, straddling
+    if np.isneginf(threshold).any():
+        if m >= n:
+            cols = np.broadcast_to(np.arange(n, dtype=np.int64), block.shape)
+        else:
+            cols = np.argpartition(block, n - m, axis=1)[:, n - m :].astype(np.int64, copy=False)
+        rows = np.repeat(np.arange(block.shape[0], dtype=np.int64), cols.shape[1])
+        return rows, np.take_along_axis(block, cols, axis=1).reshape(-1), cols.reshape(-1)
+    rows, cols = np.nonzero(block > threshold[:, None])
+    return rows.astype(np.int64, copy=False), block[rows, cols], cols.astype(np.int64, copy=False)
