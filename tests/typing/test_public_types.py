@@ -34,6 +34,16 @@ def test_static_types_of_the_public_contract() -> None:
     assert result.scores.dtype == np.float32
 
 
+def test_every_backend_satisfies_the_protocol_statically() -> None:
+    import mlx.core as mx
+    import torch
+
+    numpy_backend: et.ArrayBackend[npt.NDArray[Any]] = et.NumpyBackend()
+    torch_backend: et.ArrayBackend[torch.Tensor] = et.TorchBackend("cpu")
+    mlx_backend: et.ArrayBackend[mx.array] = et.MlxBackend("cpu")
+    assert {numpy_backend.name, torch_backend.name, mlx_backend.name} == {"numpy", "torch", "mlx"}
+
+
 SNIPPET = """
 import numpy as np
 import embedtools as et
