@@ -1,7 +1,7 @@
 """Issue 5's figure: for each backend and device usable here, batched exact top-10 over 200,000 x 384
 float32 rows with 100 cosine queries, as a ratio to that library's own naive form in the same run.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_backends.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python -m benchmarks.bench_backends
 
 Naive forms, each on a table normalised beforehand (so they skip work the store does per search):
 NumPy ``Qn @ Xn.T`` + ``argpartition`` + sort of the k; torch ``torch.topk(Qn @ Xn.T, k)``; MLX
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 import embedtools as et
+from benchmarks.common import blas_kernel, clustered, queries_near
 from embedtools.backends import available_backends, devices
 
 
@@ -86,14 +87,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default=None, help="one backend name")
     args = parser.parse_args()
-    from threadpoolctl import threadpool_info
-
-    blas = [f"{i.get('internal_api')} {i.get('architecture')} threads={i.get('num_threads')}" for i in threadpool_info() if i.get("user_api") == "blas"]
-    print(f"python {sys.version.split()[0]}; BLAS seen by threadpoolctl: {'; '.join(blas) or 'none'}")
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((1000, args.dim)).astype(np.float32)
-    table = (centres[rng.integers(0, 1000, args.rows)] + 0.5 * rng.standard_normal((args.rows, args.dim), dtype=np.float32)).astype(np.float32)
-    queries = (table[rng.integers(0, args.rows, args.queries)] + 0.1 * rng.standard_normal((args.queries, args.dim), dtype=np.float32)).astype(np.float32)
+    print(f"python {sys.version.split()[0]}; BLAS: {blas_kernel()}")
+    table = clustered(args.rows, args.dim, seed=0)
+    queries = queries_near(table, args.queries, seed=1)
     k = 10
     reference: np.ndarray | None = None
     print(f"{args.rows:,} x {args.dim} float32, {args.queries} cosine queries, top-{k}; best of {args.repeat}")

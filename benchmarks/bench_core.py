@@ -1,6 +1,6 @@
 """Core figures of issue 4, each printed beside its reference measured in the same run.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_core.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python -m benchmarks.bench_core
 
 * import time: ``python -c "import embedtools"`` minus a bare ``python -c pass`` (best of N each),
   against the 0.3 s budget, and against ``import numpy`` (what the package cannot avoid);
@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 import embedtools as et
+from benchmarks.common import blas_kernel, clustered, queries_near
 
 F32 = npt.NDArray[np.float32]
 
@@ -37,26 +38,8 @@ def best_of(fn: Callable[[], Any], repeat: int) -> float:
     return min(times)
 
 
-def kernel() -> str:
-    from threadpoolctl import threadpool_info
-
-    parts = [
-        f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} threads={i.get('num_threads')}"
-        for i in threadpool_info()
-        if i.get("user_api") == "blas"
-    ]
-    return "; ".join(parts) or "no BLAS found by threadpoolctl"
-
-
 def import_seconds(code: str, repeat: int) -> float:
     return best_of(lambda: subprocess.run([sys.executable, "-c", code], check=True), repeat)
-
-
-def clustered(rows: int, dim: int, seed: int) -> F32:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, dim)).astype(np.float32)
-    out: F32 = centres[rng.integers(0, 1000, rows)] + 0.5 * rng.standard_normal((rows, dim), dtype=np.float32)
-    return out
 
 
 def naive_numpy(queries: F32, unit_table: F32, k: int) -> npt.NDArray[np.int64]:
@@ -88,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, embedtools {et.__version__}")
-    print(f"BLAS: {kernel()}")
+    print(f"BLAS: {blas_kernel()}")
 
     bare = import_seconds("pass", args.repeat)
     numpy_only = import_seconds("import numpy", args.repeat)
@@ -100,7 +83,7 @@ def main() -> None:
           f"({'met' if added < 0.3 else 'MISSED'}); {(ours - numpy_only) * 1e3:.1f} ms beyond numpy itself")
 
     table = clustered(args.rows, args.dim, seed=0)
-    queries = clustered(args.queries, args.dim, seed=1)
+    queries = queries_near(table, args.queries, seed=1)
     container = et.Container()
     container.config.from_dict({"backend": "numpy", "max_memory_gb": 4.0})
     store = container.store()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
+from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
 from embedtools.search import Candidates, check_k, check_metric, run_topk
@@ -22,23 +23,11 @@ if TYPE_CHECKING:
 
 __all__ = ["MlxBackend", "mlx_devices"]
 
-_DTYPES: dict[str, mx.Dtype] = {
-    "float16": mx.float16,
-    "float32": mx.float32,
-    "float64": mx.float64,
-    "int8": mx.int8,
-    "uint8": mx.uint8,
-    "int32": mx.int32,
-    "int64": mx.int64,
-    "bool": mx.bool_,
-}
+_DTYPES: dict[str, mx.Dtype] = dtype_table(lambda name: getattr(mx, "bool_" if name == "bool" else name))
 
 
 def _mx_dtype(dtype: str) -> mx.Dtype:
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise InvalidArgumentError(f"unsupported dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
+    return lookup_dtype(_DTYPES, dtype)
 
 
 def _gpu_available() -> bool:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
 from embedtools.search import Candidates, check_k, check_metric, run_topk
@@ -18,16 +19,11 @@ __all__ = ["NumpyBackend"]
 
 F32 = np.float32
 
-_DTYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "uint8", "int32", "int64", "bool")
-}
+_DTYPES: dict[str, np.dtype[Any]] = dtype_table(np.dtype)
 
 
 def _np_dtype(dtype: str) -> np.dtype[Any]:
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise InvalidArgumentError(f"unsupported dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
+    return lookup_dtype(_DTYPES, dtype)
 
 
 class NumpyBackend:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
+from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
 from embedtools.search import Candidates, check_k, check_metric, run_topk
@@ -21,23 +22,11 @@ if TYPE_CHECKING:
 
 __all__ = ["TorchBackend", "torch_devices"]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
+_DTYPES: dict[str, torch.dtype] = dtype_table(lambda name: getattr(torch, name))
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise InvalidArgumentError(f"unsupported dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
+    return lookup_dtype(_DTYPES, dtype)
 
 
 def torch_devices() -> tuple[str, ...]:

@@ -176,3 +176,14 @@ def test_topk_k_beyond_rows_and_bad_arguments(backend: ArrayBackend[Any]) -> Non
         backend.topk(q, corpus, 3, "manhattan")  # type: ignore[arg-type]
     with pytest.raises(DimensionError):
         backend.topk(backend.from_numpy(np.ones((1, 5), np.float32)), corpus, 3, "dot")
+
+
+def test_every_dtype_name_round_trips(backend: ArrayBackend[Any]) -> None:
+    from embedtools.backends._dtypes import DTYPE_NAMES
+
+    for name in DTYPE_NAMES:
+        if name == "float64" and (backend.name, backend.device) == ("mlx", "gpu"):
+            continue  # Metal has no float64
+        array = backend.zeros((2, 3), dtype=name)  # type: ignore[arg-type]
+        assert backend.dtype(array) == name
+        assert backend.to_numpy(array).dtype == np.dtype(name)

@@ -1,0 +1,34 @@
+"""What every benchmark here shares: the data it searches and the BLAS kernel it reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+
+def clustered(rows: int, dim: int, seed: int, clusters: int = 1000) -> npt.NDArray[np.float32]:
+    """Gaussian clusters (sigma 0.5 around unit-variance centres), like topics in a real corpus."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    out: npt.NDArray[np.float32] = centres[rng.integers(0, clusters, rows)] + 0.5 * rng.standard_normal((rows, dim), dtype=np.float32)
+    return out
+
+
+def blas_kernel() -> str:
+    """The BLAS numpy runs, as threadpoolctl sees it (OpenBLAS settings change every figure)."""
+    from threadpoolctl import threadpool_info
+
+    parts = [
+        f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} threads={i.get('num_threads')}"
+        for i in threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
+    return "; ".join(parts) or "no BLAS found by threadpoolctl"
+
+
+def queries_near(table: npt.NDArray[np.float32], n: int, seed: int) -> npt.NDArray[np.float32]:
+    """Queries drawn like the corpus: random rows of it plus a little noise (sigma 0.1)."""
+    rng = np.random.default_rng(seed)
+    picked = table[rng.integers(0, table.shape[0], n)]
+    out: npt.NDArray[np.float32] = picked + 0.1 * rng.standard_normal(picked.shape, dtype=np.float32)
+    return out
