@@ -47,7 +47,7 @@ class ArrayBackend(Protocol[ArrayT]):
     ``dot`` is ``matmul``, ``get_shape``/``get_dtype``/``get_memory_usage`` are ``shape``/``dtype``/
     ``nbytes``) and drops ``save``/``load``: file I/O belongs to the store's format, and the seed's
     pickle fallback executed code from files. It adds ``row_norms``, ``to_list``, ``convert``,
-    ``free_bytes`` and ``topk``.
+    ``free_bytes``, ``take_rows`` and ``topk``.
     """
 
     @property
@@ -130,6 +130,10 @@ class ArrayBackend(Protocol[ArrayT]):
 
     def slice_last_dim(self, array: ArrayT, dim: int) -> ArrayT:
         """The first ``dim`` columns, as a view where the library has views (a Matryoshka prefix)."""
+        ...
+
+    def take_rows(self, array: ArrayT, indices: npt.NDArray[np.int64]) -> ArrayT:
+        """Rows of ``array`` at host ``indices`` (any shape): ``indices.shape + array.shape[1:]``."""
         ...
 
     def free_bytes(self) -> int | None:

@@ -15,9 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from embedtools.errors import InvalidArgumentError
-from embedtools.protocols import METRICS, Metric
+from embedtools.protocols import METRICS, ArrayBackend, ArrayT, Metric
 
-__all__ = ["BLOCK_ROWS", "best_first", "check_k", "check_metric", "plan_blocks", "run_topk"]
+__all__ = ["BLOCK_ROWS", "best_first", "check_k", "check_metric", "plan_blocks", "rescore", "run_topk"]
 
 BlockT = TypeVar("BlockT")
 
@@ -162,3 +162,45 @@ class _Running:
         if self.rows.size != self.n_queries * self.m:
             raise AssertionError("every query must have m candidates by the end of the corpus")  # pragma: no cover
         return self.vals.reshape(self.n_queries, self.m), self.cols.reshape(self.n_queries, self.m)
+
+
+def rescore(
+    backend: ArrayBackend[ArrayT],
+    queries: npt.NDArray[np.float32],
+    corpus: ArrayT,
+    norms: ArrayT | None,
+    candidates: npt.NDArray[np.int64],
+    metric: Metric,
+    keep: int,
+    max_block_bytes: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Exact scores of each query's candidate rows of ``corpus`` (at the queries' width); the best ``keep``.
+
+    The funnel's later stages and quantised search's rescoring both end here: the shortlist's rows
+    are gathered on the backend (``take_rows``) and scored on the host in float32, exactly as the
+    full search scores them (cosine by the stored norms, ``l2`` as ``||q - x||``), in query chunks
+    so the gathered ``(chunk, shortlist, dim)`` block stays within ``max_block_bytes``.
+    """
+    n_queries, shortlist = candidates.shape
+    dim = queries.shape[1]
+    keep = min(keep, shortlist)
+    scores = np.empty((n_queries, keep), dtype=np.float32)
+    indices = np.empty((n_queries, keep), dtype=np.int64)
+    step = max(max_block_bytes // max(shortlist * dim * 4, 1), 1)
+    for qs in _chunks(n_queries, step):
+        idx = candidates[qs]
+        rows = np.asarray(backend.to_numpy(backend.take_rows(corpus, idx)), dtype=np.float32)
+        q = queries[qs]
+        if metric == "l2":
+            diff = rows - q[:, None, :]
+            vals = np.sqrt(np.einsum("qsd,qsd->qs", diff, diff), dtype=np.float32)
+        else:
+            vals = np.einsum("qsd,qd->qs", rows, q).astype(np.float32, copy=False)
+            if metric == "cosine" and norms is not None:
+                row_norms = np.asarray(backend.to_numpy(backend.take_rows(norms, idx)), dtype=np.float32)
+                q_norms = np.sqrt(np.einsum("qd,qd->q", q, q), dtype=np.float32)
+                vals = vals / (np.where(row_norms > 0, row_norms, 1) * np.where(q_norms > 0, q_norms, 1)[:, None])
+        vals, idx = best_first(vals.astype(np.float32, copy=False), idx, ascending=metric == "l2")
+        scores[qs] = vals[:, :keep]
+        indices[qs] = idx[:, :keep]
+    return scores, indices

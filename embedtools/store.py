@@ -33,7 +33,7 @@ from embedtools.errors import (
 )
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.records import StoreRecord, TableRecord, TableShape
-from embedtools.search import check_k, check_metric
+from embedtools.search import check_k, check_metric, rescore
 from embedtools.validation import (
     as_float32_matrix,
     as_queries,
@@ -372,18 +372,30 @@ class EmbeddingStore:
             self._charges[source] += cost
         return cached
 
+    def _view(self, source: int, state: _TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
+        """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
+        corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
+        return corpus, None if metric == "dot" else self._norms(source, state, dim, corpus)
+
     def search(
         self,
         queries: object,
         k: int = 10,
         dimension: int | None = None,
         metric: Metric = "cosine",
+        *,
+        funnel: Sequence[tuple[int, int]] = (),
     ) -> SearchResult:
         """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
 
         ``dimension=None`` searches the table as wide as the queries. A smaller ``dimension``
         searches the first ``dimension`` columns (Matryoshka prefix) of the queries and of the
         table of that width, or of the narrowest wider table, without copying it.
+
+        ``funnel=[(64, 200), (128, 50)]`` is Matryoshka funnel search: the 200 best rows at the
+        64-d prefix (an exact search there), rescored at 128-d down to 50, then rescored at
+        ``dimension`` down to ``k``. Returned scores are ``dimension``-wide scores; results are exact
+        for the shortlist, so recall depends on how much the prefixes carry.
         """
         metric = check_metric(metric)
         k = check_k(k)
@@ -392,19 +404,26 @@ class EmbeddingStore:
         dim = width if dimension is None else check_dimension(dimension)
         if width < dim:
             raise DimensionError(f"queries have width {width}, fewer than dimension {dim}")
+        stages = _check_funnel(funnel, k, dim)
         source = self._source_dimension(dim, exact=dimension is None)
         state = self._tables[source]
-        corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
-        norms = None if metric == "dot" else self._norms(source, state, dim, corpus)
         kk = min(k, state.rows)
+        q = np.ascontiguousarray(q[:, :dim])
         if q.shape[0] == 0:
             scores = np.empty((0, kk), dtype=np.float32)
             indices = np.empty((0, kk), dtype=np.int64)
         else:
-            query_array = self._backend.from_numpy(np.ascontiguousarray(q[:, :dim]))
+            first_dim, first_size = stages[0] if stages else (dim, kk)
+            corpus, norms = self._view(source, state, first_dim, metric)
+            query_array = self._backend.from_numpy(np.ascontiguousarray(q[:, :first_dim]))
             scores, indices = self._backend.topk(
-                query_array, corpus, kk, metric, corpus_norms=norms, max_block_bytes=self._block_bytes
+                query_array, corpus, first_size, metric, corpus_norms=norms, max_block_bytes=self._block_bytes
             )
+            for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
+                corpus, norms = self._view(source, state, stage_dim, metric)
+                scores, indices = rescore(
+                    self._backend, np.ascontiguousarray(q[:, :stage_dim]), corpus, norms, indices, metric, size, self._block_bytes
+                )
         scores.setflags(write=False)
         indices.setflags(write=False)
         ids = [[state.ids[i] for i in row] for row in indices.tolist()]
@@ -480,3 +499,23 @@ class EmbeddingStore:
         return _TableState(
             vectors=arr, norms=norms, ids=record.ids, labels=record.labels, metadata=record.metadata, id_index=index
         )
+
+
+def _check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
+    """Funnel stages as ``(dimension, shortlist)`` pairs: dimensions rising below ``dim``, shortlists
+    not rising and at least ``k``."""
+    if isinstance(funnel, (str, bytes)) or not isinstance(funnel, Sequence):
+        raise InvalidArgumentError(f"funnel must be a sequence of (dimension, shortlist) pairs, got {funnel!r}")
+    stages = []
+    for stage in funnel:
+        if not isinstance(stage, Sequence) or len(stage) != 2:
+            raise InvalidArgumentError(f"funnel stage {stage!r} is not a (dimension, shortlist) pair")
+        stage_dim = check_positive_int(stage[0], "funnel dimension")
+        size = check_positive_int(stage[1], "funnel shortlist")
+        stages.append((stage_dim, size))
+    for i, (stage_dim, size) in enumerate(stages):
+        if stage_dim >= dim or (i and stage_dim <= stages[i - 1][0]):
+            raise InvalidArgumentError(f"funnel dimensions must rise and stay below {dim}: {stages}")
+        if size < k or (i and size > stages[i - 1][1]):
+            raise InvalidArgumentError(f"funnel shortlists must be >= k={k} and must not grow: {stages}")
+    return stages

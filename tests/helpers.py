@@ -63,3 +63,12 @@ def assert_exact_topk(
     np.testing.assert_allclose(shown, got, atol=tol * scale, rtol=0)
     for row in indices:
         assert len(set(row.tolist())) == kk, "a row was returned twice"
+
+
+def matryoshka_like(rows: int, dim: int, *, seed: int = 0, clusters: int = 20) -> F32:
+    """Clusters whose variance falls along the dimensions (PCA-rotated), so prefixes carry the most."""
+    rng = np.random.default_rng(seed)
+    scale = np.exp(-np.arange(dim) / (dim / 6))
+    centres = rng.standard_normal((clusters, dim)) * scale
+    data = centres[rng.integers(0, clusters, rows)] + 0.3 * rng.standard_normal((rows, dim)) * scale
+    return data.astype(np.float32)

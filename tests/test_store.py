@@ -371,3 +371,36 @@ def test_metadata_deep_copy_on_add(store: EmbeddingStore) -> None:
     store.add(clustered(1, 4), metadata=meta)
     meta[0]["tags"].append("b")
     assert list(store.table(4).metadata) == original
+
+
+@pytest.mark.parametrize(
+    "funnel",
+    [
+        [(16, 100)],  # dimension not below the searched one
+        [(4, 5)],  # shortlist below k
+        [(8, 50), (4, 20)],  # dimensions must rise
+        [(4, 20), (8, 50)],  # shortlists must not grow
+        [(0, 50)],
+        [(4,)],
+        [("4", 50)],
+        "4,50",
+        [(4, 50.0)],
+    ],
+)
+def test_bad_funnel_raises_and_changes_nothing(funnel: Any) -> None:
+    store = make_store()
+    store.add(clustered(100, 16))
+    before = snapshot(store)
+    with pytest.raises(InvalidArgumentError):
+        store.search(clustered(2, 16, seed=1), k=10, funnel=funnel)
+    assert snapshot(store) == before
+
+
+def test_funnel_on_a_prefix_dimension_and_small_table() -> None:
+    store = make_store()
+    corpus = clustered(30, 16)
+    store.add(corpus)
+    exact = store.search(corpus[:3], k=5, dimension=8)
+    funnel = store.search(corpus[:3], k=5, dimension=8, funnel=[(4, 1000)])
+    np.testing.assert_array_equal(funnel.indices, exact.indices)
+    assert funnel.source_dimension == 16 and funnel.dimension == 8

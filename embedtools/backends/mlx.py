@@ -161,6 +161,9 @@ class MlxBackend:
             raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
         return array[..., :dim]
 
+    def take_rows(self, array: mx.array, indices: npt.NDArray[np.int64]) -> mx.array:
+        return mx.take(array, mx.array(np.ascontiguousarray(indices, dtype=np.int64)), axis=0, stream=self._device)
+
     def topk(
         self,
         queries: mx.array,

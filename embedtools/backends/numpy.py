@@ -135,6 +135,10 @@ class NumpyBackend:
             raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
         return array[..., :dim]
 
+    def take_rows(self, array: npt.NDArray[Any], indices: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        out: npt.NDArray[Any] = np.asarray(array)[np.asarray(indices, dtype=np.int64)]
+        return out
+
     def topk(
         self,
         queries: npt.NDArray[Any],

@@ -174,6 +174,9 @@ class TorchBackend:
             raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
         return array[..., :dim]
 
+    def take_rows(self, array: torch.Tensor, indices: npt.NDArray[np.int64]) -> torch.Tensor:
+        return array[torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(array.device)]
+
     @torch.no_grad()
     def topk(
         self,

@@ -187,3 +187,13 @@ def test_every_dtype_name_round_trips(backend: ArrayBackend[Any]) -> None:
         array = backend.zeros((2, 3), dtype=name)  # type: ignore[arg-type]
         assert backend.dtype(array) == name
         assert backend.to_numpy(array).dtype == np.dtype(name)
+
+
+def test_take_rows(backend: ArrayBackend[Any]) -> None:
+    host = np.arange(20, dtype=np.float32).reshape(5, 4)
+    a = backend.from_numpy(host)
+    picked = backend.take_rows(a, np.array([[4, 0], [1, 1]], dtype=np.int64))
+    assert backend.shape(picked) == (2, 2, 4)
+    np.testing.assert_array_equal(backend.to_numpy(picked), host[[[4, 0], [1, 1]]])
+    norms = backend.row_norms(a)
+    np.testing.assert_allclose(backend.to_numpy(backend.take_rows(norms, np.array([3, 2], np.int64))), np.linalg.norm(host[[3, 2]], axis=1), rtol=1e-6)

@@ -104,3 +104,33 @@ def test_a_file_saved_on_one_backend_loads_on_another(pair: tuple[str, str], tar
     a, b = source.search(queries, k=5), loaded.search(queries, k=5)
     assert a.ids == b.ids
     np.testing.assert_allclose(a.scores, b.scores, atol=SCORE_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_funnel_with_a_full_shortlist_is_exact_search(pair: tuple[str, str], metric: Metric) -> None:
+    corpus = clustered(300, 32, seed=31)
+    queries = clustered(9, 32, seed=32)
+    store = make_store(pair)
+    store.add(corpus)
+    exact = store.search(queries, k=6, metric=metric)
+    funnel = store.search(queries, k=6, metric=metric, funnel=[(8, 300), (16, 300)])
+    np.testing.assert_array_equal(funnel.indices, exact.indices)
+    np.testing.assert_allclose(funnel.scores, exact.scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_funnel_scores_are_full_dimension_scores_and_recall_is_high_on_matryoshka_data(pair: tuple[str, str], metric: Metric) -> None:
+    from tests.helpers import matryoshka_like, reference_scores
+
+    corpus = matryoshka_like(2000, 64, seed=41)
+    queries = matryoshka_like(30, 64, seed=42)
+    store = make_store(pair)
+    store.add(corpus)
+    result = store.search(queries, k=10, metric=metric, funnel=[(16, 100)])
+    ref = reference_scores(queries, corpus, metric)
+    got = np.take_along_axis(ref, result.indices, axis=1)
+    shown = -result.scores if metric == "l2" else result.scores
+    np.testing.assert_allclose(shown, got, atol=SCORE_TOLERANCE * max(float(np.abs(ref).max()), 1.0), rtol=0)
+    truth = np.argsort(-ref, axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(result.indices.tolist(), truth.tolist(), strict=True)])
+    assert recall >= 0.9
