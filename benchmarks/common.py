@@ -32,3 +32,18 @@ def queries_near(table: npt.NDArray[np.float32], n: int, seed: int) -> npt.NDArr
     picked = table[rng.integers(0, table.shape[0], n)]
     out: npt.NDArray[np.float32] = picked + 0.1 * rng.standard_normal(picked.shape, dtype=np.float32)
     return out
+
+
+def matryoshka_like(rows: int, dim: int, seed: int, clusters: int = 1000) -> npt.NDArray[np.float32]:
+    """PCA-rotated clusters: clusters with a decaying variance spectrum in a random basis, rotated
+    onto their principal axes, so variance falls along the dimensions as in a Matryoshka model."""
+    rng = np.random.default_rng(seed)
+    spectrum = np.exp(-np.arange(dim) / (dim / 8))
+    centres = rng.standard_normal((clusters, dim)) * spectrum
+    data = centres[rng.integers(0, clusters, rows)] + 0.3 * rng.standard_normal((rows, dim)) * spectrum
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    data = data @ basis.T  # hide the spectrum in a random basis...
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(data[: min(rows, 50_000)], rowvar=False))
+    principal = eigenvectors[:, np.argsort(eigenvalues)[::-1]]
+    out: npt.NDArray[np.float32] = (data @ principal).astype(np.float32)  # ...and recover it by PCA
+    return out

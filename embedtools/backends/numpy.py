@@ -209,5 +209,6 @@ def _candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[n
             cols = np.argpartition(block, n - m, axis=1)[:, n - m :].astype(np.int64, copy=False)
         rows = np.repeat(np.arange(block.shape[0], dtype=np.int64), cols.shape[1])
         return rows, np.take_along_axis(block, cols, axis=1).reshape(-1), cols.reshape(-1)
-    rows, cols = np.nonzero(block > threshold[:, None])
-    return rows.astype(np.int64, copy=False), block[rows, cols], cols.astype(np.int64, copy=False)
+    flat = np.flatnonzero(block > threshold[:, None])
+    rows, cols = np.divmod(flat, n)
+    return rows, block.reshape(-1)[flat], cols

@@ -1,0 +1,240 @@
+"""Issue 6's figures: exact search against its floors and its peers, the funnel, one query, big batches.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python -m benchmarks.bench_search
+    .venv/bin/python -m benchmarks.bench_search            # as the machine sets OpenBLAS up
+    ... --big                                             # adds 1,000,000 x 384 with 1,000 queries
+
+Every figure is printed beside its reference from the same run, as a ratio:
+
+* floors: the sgemm rate (a 2048³ product) turned into the GEMM time the search needs
+  (2·q·n·d flop), and the read bandwidth (one pass over the table) turned into one read's time;
+* exact cosine top-10 over 200,000 x 384 clustered rows, 100 queries: the store (NumPy backend)
+  against NumPy naive, torch naive, faiss ``IndexFlatIP``, usearch exact and sentence-transformers
+  ``semantic_search`` (each skipped with a note if not installed: ``pip install -e '.[bench]'``),
+  with recall@10 against a float64 reference;
+* one query against one read of the table;
+* Matryoshka funnel (64-d shortlist of 200, rescored at 384-d) against exact 384-d search, on a
+  Matryoshka-like set (PCA-rotated clusters: variance falls along the dimensions), with recall@10;
+* ``--big``: 1,000,000 x 384, 1,000 queries, peak RSS beyond the table in a fresh process for the
+  store and for NumPy naive, and their times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+import embedtools as et
+from benchmarks.common import blas_kernel, clustered, matryoshka_like, queries_near
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+K = 10
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def sgemm_rate(repeat: int) -> float:
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    return 2 * 2048**3 / best_of(lambda: a @ a, repeat)
+
+
+def read_bandwidth(table: F32, repeat: int) -> float:
+    ones = np.ones(table.shape[1], dtype=np.float32)
+    return table.nbytes / min(best_of(lambda: table @ ones, repeat), best_of(lambda: table.sum(axis=0), repeat))
+
+
+def recall(found: I64, truth: I64) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found.tolist(), truth.tolist(), strict=True)]))
+
+
+def truth_cosine(table: F32, queries: F32) -> I64:
+    x = table.astype(np.float64)
+    q = queries.astype(np.float64)
+    s = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    out: I64 = np.argsort(-s, axis=1, kind="stable")[:, :K]
+    return out
+
+
+def numpy_store(table: F32) -> et.EmbeddingStore:
+    store = et.EmbeddingStore(et.make_backend("numpy"), et.ByteBudget(16 << 30), et.Sha256Hasher())
+    store.add(table)
+    return store
+
+
+def peers(table: F32, queries: F32) -> dict[str, Callable[[], I64]]:
+    """Each peer's exact cosine top-10, built outside the timing; absent peers are left out."""
+    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+    out: dict[str, Callable[[], I64]] = {}
+
+    def numpy_naive() -> I64:
+        qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        s = qn @ unit.T
+        part = np.argpartition(-s, K - 1, axis=1)[:, :K]
+        idx: I64 = np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, axis=1), axis=1), axis=1)
+        return idx
+
+    out["numpy naive (matmul + argpartition)"] = numpy_naive
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        xt, qt = torch.from_numpy(unit), torch.from_numpy(queries)
+
+        def torch_naive() -> I64:
+            with torch.no_grad():
+                s = torch.nn.functional.normalize(qt, dim=1) @ xt.T
+                idx: I64 = torch.topk(s, K, dim=1).indices.numpy()
+            return idx
+
+        out["torch naive (matmul + topk)"] = torch_naive
+    if importlib.util.find_spec("faiss"):
+        import faiss
+
+        index = faiss.IndexFlatIP(table.shape[1])
+        index.add(unit)
+
+        def faiss_flat() -> I64:
+            qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+            idx: I64 = index.search(qn, K)[1]
+            return idx
+
+        out["faiss IndexFlatIP"] = faiss_flat
+    if importlib.util.find_spec("usearch"):
+        from usearch.index import search as usearch_search
+
+        def usearch_exact() -> I64:
+            idx: I64 = np.asarray(usearch_search(table, queries, K, "cos", exact=True).keys, dtype=np.int64)
+            return idx
+
+        out["usearch exact"] = usearch_exact
+    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("torch"):
+        import torch
+        from sentence_transformers.util import semantic_search
+
+        xt_raw, qt_raw = torch.from_numpy(table), torch.from_numpy(queries)
+
+        def st_semantic_search() -> I64:
+            hits = semantic_search(qt_raw, xt_raw, top_k=K)
+            return np.array([[h["corpus_id"] for h in row] for row in hits], dtype=np.int64)
+
+        out["sentence-transformers semantic_search"] = st_semantic_search
+    return out
+
+
+def section_exact(rows: int, dim: int, n_queries: int, repeat: int, rate: float) -> None:
+    table = clustered(rows, dim, seed=0)
+    queries = queries_near(table, n_queries, seed=1)
+    truth = truth_cosine(table, queries)
+    store = numpy_store(table)
+    floor = 2 * n_queries * rows * dim / rate
+    ours = best_of(lambda: store.search(queries, k=K), repeat)
+    ours_recall = recall(store.search(queries, k=K).indices, truth)
+    print(f"\n== exact cosine top-{K}: {rows:,} x {dim}, {n_queries} queries (best of {repeat}) ==")
+    print(f"GEMM floor at the measured sgemm rate: {floor * 1e3:.1f} ms")
+    print(f"{'embedtools store (numpy)':<40}{ours * 1e3:9.1f} ms  {ours / floor:5.2f}x floor  recall@10 {ours_recall:.4f}")
+    for name, fn in peers(table, queries).items():
+        fn()
+        theirs = best_of(fn, max(2, repeat // 2) if "usearch" in name or "faiss" in name else repeat)
+        print(f"{name:<40}{theirs * 1e3:9.1f} ms  {theirs / floor:5.2f}x floor  recall@10 {recall(fn(), truth):.4f}"
+              f"   store is {theirs / ours:.2f}x faster")
+
+    one = queries[:1]
+    bandwidth = read_bandwidth(table, repeat)
+    one_floor = table.nbytes / bandwidth
+    single = best_of(lambda: store.search(one, k=K), repeat * 3)
+    print(f"\n== one query over the {table.nbytes / 2**20:.0f} MiB table ==")
+    print(f"one read at the measured bandwidth ({bandwidth / 1e9:.1f} GB/s): {one_floor * 1e3:.2f} ms; "
+          f"store.search: {single * 1e3:.2f} ms = {single / one_floor:.2f}x the read")
+
+
+def section_funnel(rows: int, dim: int, n_queries: int, repeat: int) -> None:
+    table = matryoshka_like(rows, dim, seed=6)
+    queries = queries_near(table, n_queries, seed=7)
+    truth = truth_cosine(table, queries)
+    store = numpy_store(table)
+    store.search(queries, k=K, funnel=[(64, 200)])  # caches the 64-d norms, as any second search would
+    exact = best_of(lambda: store.search(queries, k=K), repeat)
+    funnel = best_of(lambda: store.search(queries, k=K, funnel=[(64, 200)]), repeat)
+    got = store.search(queries, k=K, funnel=[(64, 200)]).indices
+    print(f"\n== Matryoshka funnel on a Matryoshka-like set: {rows:,} x {dim}, {n_queries} queries ==")
+    print(f"exact {dim}-d: {exact * 1e3:.1f} ms; funnel 64-d shortlist 200 -> {dim}-d: {funnel * 1e3:.1f} ms "
+          f"= {exact / funnel:.2f}x faster; recall@10 {recall(got, truth):.4f}")
+
+
+BIG = """
+import json, resource, sys, time
+import numpy as np
+from benchmarks.common import clustered, queries_near
+mode, rows, dim, nq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+table = clustered(rows, dim, seed=0)
+queries = queries_near(table, nq, seed=1)
+if mode == "store":
+    import embedtools as et
+    store = et.EmbeddingStore(et.make_backend("numpy"), et.ByteBudget(16 << 30), et.Sha256Hasher())
+    store.add(table)
+    del table
+    run = lambda: store.search(queries, k=10)
+else:
+    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+    del table
+    def run():
+        s = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ unit.T
+        part = np.argpartition(-s, 9, axis=1)[:, :10]
+        return np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, axis=1), axis=1), axis=1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+started = time.perf_counter()
+run()
+elapsed = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": elapsed, "extra_bytes": peak - before}))
+"""
+
+
+def section_big(rows: int, dim: int, n_queries: int) -> None:
+    print(f"\n== {rows:,} x {dim}, {n_queries} queries, fresh processes: peak RSS beyond the table ==")
+    results = {}
+    for mode in ("store", "naive"):
+        out = subprocess.run([sys.executable, "-c", BIG, mode, str(rows), str(dim), str(n_queries)],
+                             capture_output=True, text=True, check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"{mode:<6} {r['seconds']:7.2f} s  {r['extra_bytes'] / 2**20:8.0f} MiB beyond the table")
+    print(f"store: {results['store']['extra_bytes'] / 2**20:.0f} MiB of the 256 MiB allowance; "
+          f"{results['naive']['seconds'] / results['store']['seconds']:.2f}x faster than naive")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--big", action="store_true")
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, numpy {np.__version__}; BLAS: {blas_kernel()}")
+    rate = sgemm_rate(args.repeat)
+    print(f"sgemm rate (2048^3, best of {args.repeat}): {rate / 1e9:.0f} GFLOP/s")
+    section_exact(args.rows, args.dim, args.queries, args.repeat, rate)
+    section_funnel(args.rows, args.dim, args.queries, args.repeat)
+    if args.big:
+        section_big(1_000_000, args.dim, 1000)
+
+
+if __name__ == "__main__":
+    main()
