@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedtools.errors import InvalidArgumentError, StoreFormatError, StoreNotFoundError
+from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
 from embedtools.records import StoreRecord, TableRecord, TableShape
 
 if TYPE_CHECKING:
@@ -118,7 +119,15 @@ def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: 
             data, offsets = _encode_strings(getattr(table, name))
             tensors[f"{d}d/{name}.utf8"] = data
             tensors[f"{d}d/{name}.offsets"] = offsets.astype("<i8", copy=False)
-        tables.append({"dimension": d, "rows": len(table.ids), "dtype": "float32"})
+        for index in table.quantized:
+            tensors[f"{d}d/quantized.{index.kind}.codes"] = np.ascontiguousarray(index.codes)
+            if index.scale is not None and index.offset is not None:
+                tensors[f"{d}d/quantized.{index.kind}.scale"] = index.scale
+                tensors[f"{d}d/quantized.{index.kind}.offset"] = index.offset
+        entry: dict[str, Any] = {"dimension": d, "rows": len(table.ids), "dtype": "float32"}
+        if table.quantized:
+            entry["quantized"] = [index.kind for index in table.quantized]
+        tables.append(entry)
     header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -194,6 +203,19 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
         for name in _STRING_FIELDS:
             expected[f"{d}d/{name}.utf8"] = ("U8", None)
             expected[f"{d}d/{name}.offsets"] = ("I64", [n + 1])
+        kinds = entry.get("quantized", [])
+        if not isinstance(kinds, list) or len(set(map(str, kinds))) != len(kinds) or not set(kinds) <= set(QUANTIZATIONS):
+            raise _fail(path, f"bad quantized list {kinds!r}")
+        for kind in kinds:
+            prefix = f"{d}d/quantized.{kind}"
+            if kind == "float16":
+                expected[f"{prefix}.codes"] = ("F16", [n, d])
+            elif kind == "binary":
+                expected[f"{prefix}.codes"] = ("U8", [n, (d + 7) // 8])
+            else:
+                expected[f"{prefix}.codes"] = ("I8", [n, d])
+                expected[f"{prefix}.scale"] = ("F32", [d])
+                expected[f"{prefix}.offset"] = ("F32", [d])
     if set(shapes) != set(expected) or set(digests) != set(expected):
         raise _fail(path, "tensor names do not match the header")
     for name, (dtype, shape) in expected.items():
@@ -205,7 +227,9 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
 
 def read_table_shapes(path: str | os.PathLike[str]) -> tuple[TableShape, ...]:
     header = read_header(path)
-    return tuple(TableShape(dimension=t["dimension"], rows=t["rows"]) for t in header["tables"])
+    return tuple(
+        TableShape(dimension=t["dimension"], rows=t["rows"], quantized=tuple(t.get("quantized", ()))) for t in header["tables"]
+    )
 
 
 def _decode_strings(path: Path, name: str, data: npt.NDArray[Any], offsets: npt.NDArray[Any]) -> tuple[str, ...]:
@@ -246,7 +270,12 @@ def read_store(path: str | os.PathLike[str]) -> tuple[StoreRecord, dict[str, Any
         for i, text in enumerate(strings["metadata"]):
             if not _is_json_object(text):
                 raise _fail(p, f"{d}d/metadata row {i} is not a JSON object")
-        tables.append(TableRecord(vectors=vectors, ids=strings["ids"], labels=strings["labels"], metadata=strings["metadata"]))
+        quantized = tuple(_read_quantized(p, d, kind, arrays) for kind in entry.get("quantized", ()))
+        tables.append(
+            TableRecord(
+                vectors=vectors, ids=strings["ids"], labels=strings["labels"], metadata=strings["metadata"], quantized=quantized
+            )
+        )
     return StoreRecord(tables=tuple(tables), config=dict(header["config"])), header
 
 
@@ -255,3 +284,16 @@ def _is_json_object(text: str) -> bool:
         return isinstance(json.loads(text), dict)
     except ValueError:
         return False
+
+
+def _read_quantized(path: Path, d: int, kind: Quantization, arrays: Mapping[str, npt.NDArray[Any]]) -> QuantizedIndex:
+    prefix = f"{d}d/quantized.{kind}"
+    codes = arrays[f"{prefix}.codes"]
+    if kind != "int8":
+        if kind == "float16" and not np.isfinite(codes).all():
+            raise _fail(path, f"{prefix} holds NaN or infinite values")
+        return QuantizedIndex(kind, d, codes)
+    scale, offset = arrays[f"{prefix}.scale"], arrays[f"{prefix}.offset"]
+    if not (np.isfinite(scale).all() and np.isfinite(offset).all() and (scale > 0).all()):
+        raise _fail(path, f"{prefix} has a bad calibration (scale must be finite and positive)")
+    return QuantizedIndex(kind, d, codes, scale=scale, offset=offset)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedtools.quantize import Quantization, QuantizedIndex
+
 if TYPE_CHECKING:
     import numpy.typing as npt
 
@@ -19,11 +21,13 @@ class TableShape:
 
     dimension: int
     rows: int
+    quantized: tuple[Quantization, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        """float32 vectors plus one float32 norm per row, as the store holds them."""
-        return self.rows * (self.dimension + 1) * np.dtype(np.float32).itemsize
+        """float32 vectors, one float32 norm per row, and each quantised index, as the store holds them."""
+        float_bytes = self.rows * (self.dimension + 1) * np.dtype(np.float32).itemsize
+        return float_bytes + sum(QuantizedIndex.nbytes_for(kind, self.rows, self.dimension) for kind in self.quantized)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class TableRecord:
     ids: tuple[str, ...]
     labels: tuple[str, ...]
     metadata: tuple[str, ...]
+    quantized: tuple[QuantizedIndex, ...] = ()
 
     @property
     def dimension(self) -> int:

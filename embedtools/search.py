@@ -17,7 +17,17 @@ import numpy.typing as npt
 from embedtools.errors import InvalidArgumentError
 from embedtools.protocols import METRICS, ArrayBackend, ArrayT, Metric
 
-__all__ = ["BLOCK_ROWS", "best_first", "check_k", "check_metric", "plan_blocks", "rescore", "run_topk"]
+__all__ = [
+    "BLOCK_ROWS",
+    "Candidates",
+    "best_first",
+    "check_k",
+    "check_metric",
+    "host_candidates",
+    "plan_blocks",
+    "rescore",
+    "run_topk",
+]
 
 BlockT = TypeVar("BlockT")
 
@@ -129,6 +139,29 @@ def run_topk(
         scores[qs] = vals
         indices[qs] = idx
     return scores, indices
+
+
+def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+    """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``.
+
+    One compare against each query's threshold rejects nearly the whole block; until every query
+    has ``m`` candidates, the block's own top ``m`` per query (``argpartition``) instead.
+    """
+    n, queries = block.shape
+    if np.isneginf(threshold).any():
+        if m >= n:
+            picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
+        else:
+            picked = np.argpartition(block, n - m, axis=0)[n - m :].astype(np.int64, copy=False)
+        vals = np.take_along_axis(block, picked, axis=0)
+        return (
+            np.repeat(np.arange(queries, dtype=np.int64), picked.shape[0]),
+            np.ascontiguousarray(vals.T).reshape(-1),
+            np.ascontiguousarray(picked.T).reshape(-1),
+        )
+    flat = np.flatnonzero(block > threshold)
+    cols, rows = np.divmod(flat, queries)
+    return rows, block.reshape(-1)[flat], cols
 
 
 class _Running:

@@ -12,7 +12,7 @@ import os
 import secrets
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,9 @@ from embedtools.errors import (
 )
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.records import StoreRecord, TableRecord, TableShape
-from embedtools.search import check_k, check_metric, rescore
+from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
+from embedtools.search import check_k, check_metric
+from embedtools.search import rescore as rescore_rows
 from embedtools.validation import (
     as_float32_matrix,
     as_queries,
@@ -63,6 +65,7 @@ class _TableState:
     labels: tuple[str, ...]
     metadata: tuple[str, ...]
     id_index: Mapping[str, int]
+    quantized: Mapping[Quantization, QuantizedIndex] = field(default_factory=dict)
     prefix_norms: dict[int, Any] = field(default_factory=dict)
 
     @property
@@ -133,10 +136,13 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class TableMemory:
+    """A table's charge: ``nbytes`` in all, of which ``quantized[kind]`` for each quantised index."""
+
     dimension: int
     rows: int
     dtype: str
     nbytes: int
+    quantized: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -281,13 +287,17 @@ class EmbeddingStore:
                 where = "earlier in this call" if index[id_] >= start else f"row {index[id_]} of table {d}d"
                 raise DuplicateIdError(f"id {id_!r} (row {i}) is already used {where}")
             index[id_] = start + i
-        table_bytes = (start + n) * (d + 1) * _F32_BYTES
+        current = self._tables.get(d)
+        kinds = tuple(current.quantized) if current is not None else ()
+        table_bytes = TableShape(d, start + n, kinds).nbytes
 
         def build() -> Mapping[int, _TableState]:
             arr, norms = self._to_device(host, "vectors")
             if old is not None:
                 arr = self._backend.concatenate([old.vectors, arr])
                 norms = self._backend.concatenate([old.norms, norms])
+            # quantised indexes follow their table: rebuilt (and recalibrated) over all its rows
+            full = np.asarray(self._backend.to_numpy(arr), dtype=np.float32) if kinds else host
             state = _TableState(
                 vectors=arr,
                 norms=norms,
@@ -295,6 +305,7 @@ class EmbeddingStore:
                 labels=(old.labels if old else ()) + new_labels,
                 metadata=(old.metadata if old else ()) + new_meta,
                 id_index=index,
+                quantized={kind: QuantizedIndex.build(kind, full) for kind in kinds},
             )
             return {d: state}
 
@@ -345,6 +356,37 @@ class EmbeddingStore:
         for d in self.dimensions:
             self.drop(d)
 
+    def quantize(self, dimension: int, kind: Quantization) -> None:
+        """Give the table of ``dimension`` a quantised index (``float16``, ``int8`` or ``binary``).
+
+        The index is charged to the budget (its real bytes) and kept with the table through later
+        adds, saves and loads; ``search(..., quantized=kind)`` then shortlists with it.
+        Quantising again recalibrates.
+        """
+        d = check_dimension(dimension)
+        kind = check_quantization(kind)
+        state = self._state(d)
+        kinds = tuple(sorted({*state.quantized, kind}))
+        new_bytes = self._charges[d] - TableShape(d, state.rows, tuple(state.quantized)).nbytes
+        new_bytes += TableShape(d, state.rows, kinds).nbytes
+
+        def build() -> Mapping[int, _TableState]:
+            host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
+            return {d: replace(state, quantized={**state.quantized, kind: QuantizedIndex.build(kind, host)})}
+
+        self._commit({d: new_bytes}, build)
+
+    def drop_quantized(self, dimension: int, kind: Quantization) -> None:
+        """Remove one quantised index and give its bytes back."""
+        d = check_dimension(dimension)
+        kind = check_quantization(kind)
+        state = self._state(d)
+        if kind not in state.quantized:
+            raise InvalidArgumentError(f"table {d}d has no {kind} index")
+        remaining = {k: v for k, v in state.quantized.items() if k != kind}
+        new_bytes = self._charges[d] - state.quantized[kind].nbytes
+        self._commit({d: new_bytes}, lambda: {d: replace(state, quantized=remaining)})
+
     # ------------------------------------------------------------------ searching
 
     def _source_dimension(self, dim: int, exact: bool) -> int:
@@ -385,6 +427,8 @@ class EmbeddingStore:
         metric: Metric = "cosine",
         *,
         funnel: Sequence[tuple[int, int]] = (),
+        quantized: Quantization | None = None,
+        rescore: int = 4,
     ) -> SearchResult:
         """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
 
@@ -396,6 +440,10 @@ class EmbeddingStore:
         64-d prefix (an exact search there), rescored at 128-d down to 50, then rescored at
         ``dimension`` down to ``k``. Returned scores are ``dimension``-wide scores; results are exact
         for the shortlist, so recall depends on how much the prefixes carry.
+
+        ``quantized="int8"`` (or ``"float16"``, ``"binary"``; see :meth:`quantize`) shortlists the
+        ``k * rescore`` best rows by the quantised index, then rescores them exactly against the
+        float32 table: scores are exact, recall depends on ``rescore``.
         """
         metric = check_metric(metric)
         k = check_k(k)
@@ -407,11 +455,17 @@ class EmbeddingStore:
         stages = _check_funnel(funnel, k, dim)
         source = self._source_dimension(dim, exact=dimension is None)
         state = self._tables[source]
+        index = self._quantized_index(state, source, dim, quantized, rescore, stages)
         kk = min(k, state.rows)
         q = np.ascontiguousarray(q[:, :dim])
         if q.shape[0] == 0:
             scores = np.empty((0, kk), dtype=np.float32)
             indices = np.empty((0, kk), dtype=np.int64)
+        elif index is not None:
+            corpus, norms = self._view(source, state, dim, metric)
+            host_norms = np.asarray(self._backend.to_numpy(state.norms), dtype=np.float32)
+            shortlist = index.shortlist(q, kk * rescore, metric, host_norms, self._block_bytes)
+            scores, indices = rescore_rows(self._backend, q, corpus, norms, shortlist, metric, kk, self._block_bytes)
         else:
             first_dim, first_size = stages[0] if stages else (dim, kk)
             corpus, norms = self._view(source, state, first_dim, metric)
@@ -421,7 +475,7 @@ class EmbeddingStore:
             )
             for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
                 corpus, norms = self._view(source, state, stage_dim, metric)
-                scores, indices = rescore(
+                scores, indices = rescore_rows(
                     self._backend, np.ascontiguousarray(q[:, :stage_dim]), corpus, norms, indices, metric, size, self._block_bytes
                 )
         scores.setflags(write=False)
@@ -429,12 +483,39 @@ class EmbeddingStore:
         ids = [[state.ids[i] for i in row] for row in indices.tolist()]
         return SearchResult(indices=indices, scores=scores, ids=ids, metric=metric, dimension=dim, source_dimension=source)
 
+    def _quantized_index(
+        self,
+        state: _TableState,
+        source: int,
+        dim: int,
+        quantized: object,
+        rescore: object,
+        stages: Sequence[tuple[int, int]],
+    ) -> QuantizedIndex | None:
+        if quantized is None:
+            return None
+        kind = check_quantization(quantized)
+        check_positive_int(rescore, "rescore")
+        if stages:
+            raise InvalidArgumentError("funnel and quantized search cannot be combined")
+        if dim != source:
+            raise InvalidArgumentError(f"quantized search runs at the table's full width ({source}), not at {dim}")
+        if kind not in state.quantized:
+            raise InvalidArgumentError(f"table {source}d has no {kind} index; call store.quantize({source}, {kind!r})")
+        return state.quantized[kind]
+
     # ------------------------------------------------------------------ memory
 
     def memory_info(self) -> MemoryInfo:
         report = self._accountant.report()
         tables = {
-            d: TableMemory(dimension=d, rows=self._tables[d].rows, dtype="float32", nbytes=self._charges[d])
+            d: TableMemory(
+                dimension=d,
+                rows=self._tables[d].rows,
+                dtype="float32",
+                nbytes=self._charges[d],
+                quantized={kind: index.nbytes for kind, index in self._tables[d].quantized.items()},
+            )
             for d in self.dimensions
         }
         return MemoryInfo(
@@ -454,6 +535,7 @@ class EmbeddingStore:
                 ids=state.ids,
                 labels=state.labels,
                 metadata=state.metadata,
+                quantized=tuple(state.quantized[kind] for kind in sorted(state.quantized)),
             )
             for _, state in sorted(self._tables.items())
         )
@@ -497,7 +579,13 @@ class EmbeddingStore:
             index[id_] = i
         arr, norms = self._to_device(record.vectors, f"table {record.dimension}d")
         return _TableState(
-            vectors=arr, norms=norms, ids=record.ids, labels=record.labels, metadata=record.metadata, id_index=index
+            vectors=arr,
+            norms=norms,
+            ids=record.ids,
+            labels=record.labels,
+            metadata=record.metadata,
+            id_index=index,
+            quantized={q.kind: q for q in record.quantized},
         )
 
 

@@ -185,6 +185,8 @@ def corrupt(path: Path, offset: int, mask: int = 0x01) -> None:
 def small_file(tmp_path: Path) -> Path:
     store = make_store()
     store.add(clustered(3, 4), ids=["a", "b", "c"], labels=["x", "y", "z"], metadata=[{"k": 1}, {}, {}])
+    store.quantize(4, "int8")
+    store.quantize(4, "binary")
     path = tmp_path / "small"
     store.save(path)
     return path
@@ -271,9 +273,20 @@ def _bad_metadata_row(header: dict[str, Any], tensors: dict[str, Any]) -> None:
         header["tensors"][name] = fileformat._digest(tensors[name])
 
 
+def _bad_int8_scale(header: dict[str, Any], tensors: dict[str, Any]) -> None:
+    tensors["4d/quantized.int8.scale"] = np.zeros(4, np.float32)
+    header["tensors"]["4d/quantized.int8.scale"] = fileformat._digest(tensors["4d/quantized.int8.scale"])
+
+
+def _unknown_quantization(header: dict[str, Any], tensors: dict[str, Any]) -> None:
+    header["tables"][0]["quantized"] = ["int4"]
+
+
 @pytest.mark.parametrize(
     ("change", "error"),
     [
+        (_bad_int8_scale, StoreFormatError),
+        (_unknown_quantization, StoreFormatError),
         (_set("version", 2), StoreFormatError),
         (_set("format", "other"), StoreFormatError),
         (_set("tables", [{"dimension": 4, "rows": 5}]), StoreFormatError),

@@ -10,7 +10,7 @@ import numpy as np
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
-from embedtools.search import Candidates, check_k, check_metric, run_topk
+from embedtools.search import check_k, check_metric, host_candidates, run_topk
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -186,7 +186,7 @@ class NumpyBackend:
             metric,
             max_block_bytes,
             score_block=score_block,
-            candidates=_candidates,
+            candidates=host_candidates,
             to_host=lambda block: np.ascontiguousarray(block.T),
             l2_distances=l2_distances,
         )
@@ -195,26 +195,3 @@ class NumpyBackend:
 def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Norms with zeros replaced by one, so zero vectors divide to zero instead of NaN."""
     return np.where(norms > 0, norms, F32(1.0))
-
-
-def _candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
-    """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``.
-
-    One compare against each query's threshold rejects nearly the whole block; until every query
-    has ``m`` candidates, the block's own top ``m`` per query (``argpartition``) instead.
-    """
-    n, queries = block.shape
-    if np.isneginf(threshold).any():
-        if m >= n:
-            picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
-        else:
-            picked = np.argpartition(block, n - m, axis=0)[n - m :].astype(np.int64, copy=False)
-        vals = np.take_along_axis(block, picked, axis=0)
-        return (
-            np.repeat(np.arange(queries, dtype=np.int64), picked.shape[0]),
-            np.ascontiguousarray(vals.T).reshape(-1),
-            np.ascontiguousarray(picked.T).reshape(-1),
-        )
-    flat = np.flatnonzero(block > threshold)
-    cols, rows = np.divmod(flat, queries)
-    return rows, block.reshape(-1)[flat], cols

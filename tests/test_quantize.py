@@ -1,0 +1,146 @@
+"""Quantised indexes: real bytes charged, exact scores after rescoring, recall floors, files, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import embedtools as et
+from embedtools import ByteBudget, EmbeddingStore, InvalidArgumentError, MemoryLimitError, Sha256Hasher
+from embedtools.quantize import QuantizedIndex
+from tests.conformance.backends import IDS, PAIRS
+from tests.helpers import assert_exact_topk, clustered, matryoshka_like, reference_scores
+
+
+def make_store(pair: tuple[str, str] = ("numpy", "cpu"), limit_bytes: int = 1 << 30) -> EmbeddingStore:
+    return EmbeddingStore(et.make_backend(*pair), ByteBudget(limit_bytes), Sha256Hasher())
+
+
+def recall(found: Any, truth: Any) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found.tolist(), truth.tolist(), strict=True)]))
+
+
+def test_indexes_take_the_bytes_they_claim() -> None:
+    x = clustered(1000, 100)
+    for kind, ratio in (("float16", 2), ("int8", 4), ("binary", 32)):
+        index = QuantizedIndex.build(kind, x)  # type: ignore[arg-type]
+        assert index.nbytes == QuantizedIndex.nbytes_for(kind, 1000, 100)  # type: ignore[arg-type]
+        assert x.nbytes / index.codes.nbytes == pytest.approx(ratio, rel=0.05)
+
+
+def test_int8_calibration_round_trips_within_half_a_step() -> None:
+    x = clustered(500, 16, seed=3)
+    x[:, 5] = 2.5  # a constant column
+    index = QuantizedIndex.build("int8", x)
+    assert index.scale is not None
+    err = np.abs(index.decoded(slice(0, 500)) - x)
+    assert (err <= index.scale / 2 + 1e-6).all()
+
+
+def test_quantize_charges_and_releases() -> None:
+    store = make_store()
+    store.add(clustered(200, 64))
+    base = store.memory_info().used_bytes
+    store.quantize(64, "binary")
+    store.quantize(64, "int8")
+    info = store.memory_info()
+    assert info.tables[64].quantized == {"binary": 200 * 8, "int8": 200 * 64 + 2 * 64 * 4}
+    assert info.used_bytes == base + 200 * 8 + 200 * 64 + 512
+    store.quantize(64, "int8")  # again: recalibrated, charged once
+    assert store.memory_info().used_bytes == info.used_bytes
+    store.drop_quantized(64, "binary")
+    assert store.memory_info().used_bytes == base + 200 * 64 + 512
+    with pytest.raises(InvalidArgumentError):
+        store.drop_quantized(64, "binary")
+
+
+def test_quantize_over_budget_changes_nothing() -> None:
+    store = make_store(limit_bytes=100 * 65 * 4 + 10)
+    store.add(clustered(100, 64))
+    with pytest.raises(MemoryLimitError):
+        store.quantize(64, "float16")
+    assert store.memory_info().tables[64].quantized == {}
+    with pytest.raises(InvalidArgumentError):
+        store.search(clustered(1, 64, seed=2), quantized="float16")
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=IDS)
+@pytest.mark.parametrize(("kind", "rescore", "floor"), [("float16", 2, 1.0), ("int8", 4, 0.97), ("binary", 20, 0.9)])
+def test_quantized_search_returns_exact_scores_with_high_recall(pair: tuple[str, str], kind: Any, rescore: int, floor: float) -> None:
+    corpus = matryoshka_like(3000, 96, seed=5)
+    queries = corpus[np.random.default_rng(6).integers(0, 3000, 40)] + 0.05 * np.random.default_rng(7).standard_normal((40, 96)).astype(np.float32)
+    store = make_store(pair)
+    store.add(corpus)
+    store.quantize(96, kind)
+    result = store.search(queries, k=10, quantized=kind, rescore=rescore)
+    ref = reference_scores(queries, corpus, "cosine")
+    np.testing.assert_allclose(result.scores, np.take_along_axis(ref, result.indices, axis=1), atol=1e-4)
+    assert recall(result.indices, np.argsort(-ref, axis=1)[:, :10]) >= floor
+
+
+def test_full_rescoring_is_exact_search() -> None:
+    corpus = clustered(300, 32)
+    queries = clustered(5, 32, seed=1)
+    store = make_store()
+    store.add(corpus)
+    store.quantize(32, "binary")
+    for metric in ("cosine", "dot", "l2"):
+        result = store.search(queries, k=5, metric=metric, quantized="binary", rescore=60)
+        assert_exact_topk(queries, corpus, metric, 5, result.indices, result.scores)
+
+
+def test_indexes_follow_their_table_through_add_and_files(tmp_path: Path) -> None:
+    store = make_store()
+    store.add(clustered(100, 16), ids=[f"a{i}" for i in range(100)])
+    store.quantize(16, "int8")
+    store.quantize(16, "binary")
+    store.add(clustered(50, 16, seed=1) * 10, ids=[f"b{i}" for i in range(50)])  # recalibrated over 150 rows
+    index = store._tables[16].quantized["int8"]
+    assert index.codes.shape == (150, 16)
+    np.testing.assert_array_equal(index.codes, QuantizedIndex.build("int8", store.table(16).to_numpy()).codes)
+    assert store.memory_info().tables[16].nbytes == 150 * 17 * 4 + 150 * 16 + 128 + 150 * 2
+    store.save(tmp_path / "s")
+    loaded = make_store().load(tmp_path / "s")
+    assert loaded.memory_info().tables == store.memory_info().tables
+    for kind in ("int8", "binary"):
+        np.testing.assert_array_equal(loaded._tables[16].quantized[kind].codes, store._tables[16].quantized[kind].codes)
+    q = clustered(3, 16, seed=4)
+    assert loaded.search(q, quantized="int8").ids == store.search(q, quantized="int8").ids
+    store.add(clustered(10, 16, seed=2), replace=True)
+    assert set(store._tables[16].quantized) == {"int8", "binary"}
+
+
+def test_load_charges_quantized_bytes_before_reading(tmp_path: Path) -> None:
+    store = make_store()
+    store.add(clustered(100, 16))
+    store.quantize(16, "float16")
+    store.save(tmp_path / "s")
+    small = make_store(limit_bytes=100 * 17 * 4 + 100)  # the floats fit, the float16 index does not
+    with pytest.raises(MemoryLimitError):
+        small.load(tmp_path / "s")
+    assert small.dimensions == () and small.memory_info().used_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quantized": "int4"}, "unknown quantization"),
+        ({"quantized": "float16"}, "no float16 index"),
+        ({"quantized": "int8", "rescore": 0}, "rescore"),
+        ({"quantized": "int8", "funnel": [(8, 40)]}, "cannot be combined"),
+        ({"quantized": "int8", "dimension": 8}, "full width"),
+    ],
+)
+def test_bad_quantized_search(kwargs: dict[str, Any], message: str) -> None:
+    store = make_store()
+    store.add(clustered(100, 16))
+    store.quantize(16, "int8")
+    with pytest.raises(InvalidArgumentError, match=message):
+        store.search(clustered(2, 16, seed=1), k=10, **kwargs)
+    with pytest.raises(InvalidArgumentError):
+        store.quantize(16, "int4")  # type: ignore[arg-type]
+    with pytest.raises(et.DimensionError):
+        store.quantize(32, "int8")
