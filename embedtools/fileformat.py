@@ -127,6 +127,9 @@ def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: 
         entry: dict[str, Any] = {"dimension": d, "rows": len(table.ids), "dtype": "float32"}
         if table.quantized:
             entry["quantized"] = [index.kind for index in table.quantized]
+        if table.rotation is not None:
+            tensors[f"{d}d/rotation.matrix"] = np.ascontiguousarray(table.rotation, dtype="<f4")
+            entry["rotation"] = table.rotation_components
         tables.append(entry)
     header = {
         "format": FORMAT_NAME,
@@ -203,6 +206,11 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
         for name in _STRING_FIELDS:
             expected[f"{d}d/{name}.utf8"] = ("U8", None)
             expected[f"{d}d/{name}.offsets"] = ("I64", [n + 1])
+        components = entry.get("rotation", 0)
+        if not isinstance(components, int) or isinstance(components, bool) or not 0 <= components <= d:
+            raise _fail(path, f"bad rotation {components!r}")
+        if components:
+            expected[f"{d}d/rotation.matrix"] = ("F32", [d, d])
         kinds = entry.get("quantized", [])
         if not isinstance(kinds, list) or len(set(map(str, kinds))) != len(kinds) or not set(kinds) <= set(QUANTIZATIONS):
             raise _fail(path, f"bad quantized list {kinds!r}")
@@ -228,7 +236,7 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
 def read_table_shapes(path: str | os.PathLike[str]) -> tuple[TableShape, ...]:
     header = read_header(path)
     return tuple(
-        TableShape(dimension=t["dimension"], rows=t["rows"], quantized=tuple(t.get("quantized", ()))) for t in header["tables"]
+        TableShape(t["dimension"], t["rows"], tuple(t.get("quantized", ())), t.get("rotation", 0)) for t in header["tables"]
     )
 
 
@@ -271,9 +279,18 @@ def read_store(path: str | os.PathLike[str]) -> tuple[StoreRecord, dict[str, Any
             if not _is_json_object(text):
                 raise _fail(p, f"{d}d/metadata row {i} is not a JSON object")
         quantized = tuple(_read_quantized(p, d, kind, arrays) for kind in entry.get("quantized", ()))
+        rotation = arrays.get(f"{d}d/rotation.matrix")
+        if rotation is not None and not _is_orthogonal(rotation):
+            raise _fail(p, f"{d}d/rotation.matrix is not a rotation")
         tables.append(
             TableRecord(
-                vectors=vectors, ids=strings["ids"], labels=strings["labels"], metadata=strings["metadata"], quantized=quantized
+                vectors=vectors,
+                ids=strings["ids"],
+                labels=strings["labels"],
+                metadata=strings["metadata"],
+                quantized=quantized,
+                rotation=rotation,
+                rotation_components=int(entry.get("rotation", 0)),
             )
         )
     return StoreRecord(tables=tuple(tables), config=dict(header["config"])), header
@@ -297,3 +314,10 @@ def _read_quantized(path: Path, d: int, kind: Quantization, arrays: Mapping[str,
     if not (np.isfinite(scale).all() and np.isfinite(offset).all() and (scale > 0).all()):
         raise _fail(path, f"{prefix} has a bad calibration (scale must be finite and positive)")
     return QuantizedIndex(kind, d, codes, scale=scale, offset=offset)
+
+
+def _is_orthogonal(matrix: npt.NDArray[Any]) -> bool:
+    if not np.isfinite(matrix).all():
+        return False
+    product = matrix.astype(np.float64).T @ matrix.astype(np.float64)
+    return bool(np.allclose(product, np.eye(matrix.shape[0]), atol=1e-3))

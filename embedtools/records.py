@@ -22,12 +22,18 @@ class TableShape:
     dimension: int
     rows: int
     quantized: tuple[Quantization, ...] = ()
+    rotation: int = 0
 
     @property
     def nbytes(self) -> int:
-        """float32 vectors, one float32 norm per row, and each quantised index, as the store holds them."""
-        float_bytes = self.rows * (self.dimension + 1) * np.dtype(np.float32).itemsize
-        return float_bytes + sum(QuantizedIndex.nbytes_for(kind, self.rows, self.dimension) for kind in self.quantized)
+        """What the store holds for the table: float32 vectors and one norm per row, each quantised
+        index, and a PCA rotation (its ``d x d`` matrix and the rows rotated onto ``rotation`` axes)."""
+        f32 = np.dtype(np.float32).itemsize
+        total = self.rows * (self.dimension + 1) * f32
+        total += sum(QuantizedIndex.nbytes_for(kind, self.rows, self.dimension) for kind in self.quantized)
+        if self.rotation:
+            total += (self.dimension * self.dimension + self.rows * self.rotation) * f32
+        return total
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class TableRecord:
     labels: tuple[str, ...]
     metadata: tuple[str, ...]
     quantized: tuple[QuantizedIndex, ...] = ()
+    rotation: npt.NDArray[np.float32] | None = None
+    rotation_components: int = 0
 
     @property
     def dimension(self) -> int:

@@ -66,11 +66,27 @@ class _TableState:
     metadata: tuple[str, ...]
     id_index: Mapping[str, int]
     quantized: Mapping[Quantization, QuantizedIndex] = field(default_factory=dict)
+    rotation: _Rotation | None = None
     prefix_norms: dict[int, Any] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
         return len(self.ids)
+
+    def shape(self, dimension: int) -> TableShape:
+        components = self.rotation.components if self.rotation is not None else 0
+        return TableShape(dimension, self.rows, tuple(self.quantized), components)
+
+
+@dataclass(frozen=True)
+class _Rotation:
+    """A PCA rotation of a table: ``matrix`` (host, ``d x d``, principal axes by falling variance)
+    and the rows rotated onto its first ``components`` axes (on the backend), with a norm cache."""
+
+    matrix: npt.NDArray[np.float32]
+    components: int
+    prefix: Any
+    norms: dict[int, Any] = field(default_factory=dict)
 
 
 class Table:
@@ -289,15 +305,16 @@ class EmbeddingStore:
             index[id_] = start + i
         current = self._tables.get(d)
         kinds = tuple(current.quantized) if current is not None else ()
-        table_bytes = TableShape(d, start + n, kinds).nbytes
+        rotation = current.rotation if current is not None else None
+        table_bytes = TableShape(d, start + n, kinds, rotation.components if rotation else 0).nbytes
 
         def build() -> Mapping[int, _TableState]:
             arr, norms = self._to_device(host, "vectors")
             if old is not None:
                 arr = self._backend.concatenate([old.vectors, arr])
                 norms = self._backend.concatenate([old.norms, norms])
-            # quantised indexes follow their table: rebuilt (and recalibrated) over all its rows
-            full = np.asarray(self._backend.to_numpy(arr), dtype=np.float32) if kinds else host
+            # quantised indexes and the rotation follow their table: rebuilt over all its rows
+            full = np.asarray(self._backend.to_numpy(arr), dtype=np.float32) if kinds or rotation else host
             state = _TableState(
                 vectors=arr,
                 norms=norms,
@@ -306,6 +323,7 @@ class EmbeddingStore:
                 metadata=(old.metadata if old else ()) + new_meta,
                 id_index=index,
                 quantized={kind: QuantizedIndex.build(kind, full) for kind in kinds},
+                rotation=self._rotate(full, rotation.matrix, rotation.components) if rotation else None,
             )
             return {d: state}
 
@@ -367,14 +385,52 @@ class EmbeddingStore:
         kind = check_quantization(kind)
         state = self._state(d)
         kinds = tuple(sorted({*state.quantized, kind}))
-        new_bytes = self._charges[d] - TableShape(d, state.rows, tuple(state.quantized)).nbytes
-        new_bytes += TableShape(d, state.rows, kinds).nbytes
+        new_bytes = self._charges[d] - state.shape(d).nbytes + replace(state.shape(d), quantized=kinds).nbytes
 
         def build() -> Mapping[int, _TableState]:
             host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
             return {d: replace(state, quantized={**state.quantized, kind: QuantizedIndex.build(kind, host)})}
 
         self._commit({d: new_bytes}, build)
+
+    def fit_rotation(self, dimension: int, components: int | None = None) -> None:
+        """Fit a PCA rotation on the table of ``dimension`` for funnel search on models not trained
+        with a Matryoshka loss.
+
+        The rotation (principal axes of the rows, by falling variance) is stored with the table, and
+        the rows rotated onto its first ``components`` axes (default: a quarter of the width) are kept
+        beside it. Funnel stages up to ``components`` wide then shortlist in that rotated space
+        (queries are rotated too), where a prefix carries the most variance; the final stage still
+        rescores against the original vectors, so scores stay exact. Everything is charged; fitting
+        again replaces the rotation. The stored vectors themselves are never changed.
+        """
+        d = check_dimension(dimension)
+        state = self._state(d)
+        p = max(d // 4, 1) if components is None else check_positive_int(components, "components", upper=d)
+        new_bytes = self._charges[d] - _rotation_cache_bytes(state) - state.shape(d).nbytes
+        new_bytes += replace(state.shape(d), rotation=p).nbytes
+
+        def build() -> Mapping[int, _TableState]:
+            host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
+            moments = host.T.astype(np.float64) @ host.astype(np.float64)
+            eigenvalues, eigenvectors = np.linalg.eigh(moments)
+            matrix = np.ascontiguousarray(eigenvectors[:, np.argsort(eigenvalues)[::-1]], dtype=np.float32)
+            return {d: replace(state, rotation=self._rotate(host, matrix, p))}
+
+        self._commit({d: new_bytes}, build)
+
+    def drop_rotation(self, dimension: int) -> None:
+        d = check_dimension(dimension)
+        state = self._state(d)
+        if state.rotation is None:
+            raise InvalidArgumentError(f"table {d}d has no rotation")
+        new_bytes = self._charges[d] - _rotation_cache_bytes(state) - state.shape(d).nbytes
+        new_bytes += replace(state.shape(d), rotation=0).nbytes
+        self._commit({d: new_bytes}, lambda: {d: replace(state, rotation=None)})
+
+    def _rotate(self, host: npt.NDArray[np.float32], matrix: npt.NDArray[np.float32], components: int) -> _Rotation:
+        prefix = np.ascontiguousarray(host @ matrix[:, :components], dtype=np.float32)
+        return _Rotation(matrix=matrix, components=components, prefix=self._backend.from_numpy(prefix))
 
     def drop_quantized(self, dimension: int, kind: Quantization) -> None:
         """Remove one quantised index and give its bytes back."""
@@ -413,6 +469,30 @@ class EmbeddingStore:
             state.prefix_norms[dim] = cached
             self._charges[source] += cost
         return cached
+
+    def _stage(
+        self, source: int, state: _TableState, q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
+    ) -> tuple[npt.NDArray[np.float32], Any, Any]:
+        """Queries, corpus and norms for one funnel stage: the table's prefix, or — where the table
+        has a rotation at least ``dim`` wide — its rotated rows, with the queries rotated alike."""
+        rotation = state.rotation
+        if not rotated or rotation is None or dim > rotation.components:
+            corpus, norms = self._view(source, state, dim, metric)
+            return np.ascontiguousarray(q[:, :dim]), corpus, norms
+        stage_q = np.ascontiguousarray(q @ rotation.matrix[:, :dim], dtype=np.float32)
+        corpus = self._backend.slice_last_dim(rotation.prefix, dim)
+        if metric == "dot":
+            return stage_q, corpus, None
+        norms = rotation.norms.get(dim)
+        if norms is None:
+            norms = self._backend.row_norms(corpus)
+            try:
+                self._accountant.reserve(self._owner(source), state.rows * _F32_BYTES)
+            except MemoryLimitError:
+                return stage_q, corpus, norms  # no room to keep them: used for this search only
+            rotation.norms[dim] = norms
+            self._charges[source] += state.rows * _F32_BYTES
+        return stage_q, corpus, norms
 
     def _view(self, source: int, state: _TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
         """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
@@ -468,16 +548,14 @@ class EmbeddingStore:
             scores, indices = rescore_rows(self._backend, q, corpus, norms, shortlist, metric, kk, self._block_bytes)
         else:
             first_dim, first_size = stages[0] if stages else (dim, kk)
-            corpus, norms = self._view(source, state, first_dim, metric)
-            query_array = self._backend.from_numpy(np.ascontiguousarray(q[:, :first_dim]))
+            rotated = state.rotation is not None and bool(stages) and dim == source
+            stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
             scores, indices = self._backend.topk(
-                query_array, corpus, first_size, metric, corpus_norms=norms, max_block_bytes=self._block_bytes
+                self._backend.from_numpy(stage_q), corpus, first_size, metric, corpus_norms=norms, max_block_bytes=self._block_bytes
             )
             for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
-                corpus, norms = self._view(source, state, stage_dim, metric)
-                scores, indices = rescore_rows(
-                    self._backend, np.ascontiguousarray(q[:, :stage_dim]), corpus, norms, indices, metric, size, self._block_bytes
-                )
+                stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)
+                scores, indices = rescore_rows(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
         scores.setflags(write=False)
         indices.setflags(write=False)
         ids = [[state.ids[i] for i in row] for row in indices.tolist()]
@@ -536,6 +614,8 @@ class EmbeddingStore:
                 labels=state.labels,
                 metadata=state.metadata,
                 quantized=tuple(state.quantized[kind] for kind in sorted(state.quantized)),
+                rotation=state.rotation.matrix if state.rotation else None,
+                rotation_components=state.rotation.components if state.rotation else 0,
             )
             for _, state in sorted(self._tables.items())
         )
@@ -586,7 +666,17 @@ class EmbeddingStore:
             metadata=record.metadata,
             id_index=index,
             quantized={q.kind: q for q in record.quantized},
+            rotation=(
+                self._rotate(record.vectors, record.rotation, record.rotation_components)
+                if record.rotation is not None
+                else None
+            ),
         )
+
+
+def _rotation_cache_bytes(state: _TableState) -> int:
+    """Bytes charged for the norms cached on a table's rotation (released with the rotation)."""
+    return len(state.rotation.norms) * state.rows * _F32_BYTES if state.rotation is not None else 0
 
 
 def _check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:

@@ -187,6 +187,7 @@ def small_file(tmp_path: Path) -> Path:
     store.add(clustered(3, 4), ids=["a", "b", "c"], labels=["x", "y", "z"], metadata=[{"k": 1}, {}, {}])
     store.quantize(4, "int8")
     store.quantize(4, "binary")
+    store.fit_rotation(4, components=2)
     path = tmp_path / "small"
     store.save(path)
     return path
@@ -278,6 +279,11 @@ def _bad_int8_scale(header: dict[str, Any], tensors: dict[str, Any]) -> None:
     header["tensors"]["4d/quantized.int8.scale"] = fileformat._digest(tensors["4d/quantized.int8.scale"])
 
 
+def _not_a_rotation(header: dict[str, Any], tensors: dict[str, Any]) -> None:
+    tensors["4d/rotation.matrix"] = np.full((4, 4), 0.5, np.float32)
+    header["tensors"]["4d/rotation.matrix"] = fileformat._digest(tensors["4d/rotation.matrix"])
+
+
 def _unknown_quantization(header: dict[str, Any], tensors: dict[str, Any]) -> None:
     header["tables"][0]["quantized"] = ["int4"]
 
@@ -286,6 +292,8 @@ def _unknown_quantization(header: dict[str, Any], tensors: dict[str, Any]) -> No
     ("change", "error"),
     [
         (_bad_int8_scale, StoreFormatError),
+        (_not_a_rotation, StoreFormatError),
+        (_set("tables", [{"dimension": 4, "rows": 3, "rotation": 9}]), StoreFormatError),
         (_unknown_quantization, StoreFormatError),
         (_set("version", 2), StoreFormatError),
         (_set("format", "other"), StoreFormatError),
