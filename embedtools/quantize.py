@@ -135,5 +135,6 @@ class QuantizedIndex:
             candidates=host_candidates,
             to_host=lambda block: np.ascontiguousarray(block.T),
             l2_distances=no_rescoring,
+            settle_ties=False,  # a shortlist, rescored exactly afterwards: its ties need no settling
         )
         return indices

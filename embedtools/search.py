@@ -96,6 +96,7 @@ def run_topk(
     candidates: Callable[[BlockT, int, npt.NDArray[np.float32]], Candidates],
     to_host: Callable[[BlockT], npt.NDArray[np.float32]],
     l2_distances: Callable[[slice, npt.NDArray[np.int64]], npt.NDArray[np.float32]],
+    settle_ties: bool = True,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The exact top-k driver every backend runs with its own kernels.
 
@@ -112,7 +113,8 @@ def run_topk(
     straddle the cut (a block may have dropped an equal score), and that query alone is redone over
     the whole corpus with a stable sort so lower indices win; elsewhere the top ``k`` are exactly
     determined. For ``l2`` the winners are rescored as true distances by ``l2_distances`` (the
-    ranking expansion loses digits near 0).
+    ranking expansion loses digits near 0). ``settle_ties=False`` skips the redo, for approximate
+    shortlists whose scores tie by nature (Hamming distances) and are rescored anyway.
     """
     scores = np.empty((n_queries, k), dtype=np.float32)
     indices = np.empty((n_queries, k), dtype=np.int64)
@@ -126,7 +128,7 @@ def run_topk(
             rows, vals, cols = candidates(score_block(qs, rs), wanted, running.threshold)
             running.merge(rows, vals, cols + rs.start)
         vals, idx = running.result()
-        if wanted > k:
+        if wanted > k and settle_ties:
             for row in np.flatnonzero(vals[:, k] == vals[:, k - 1]):
                 query = qs.start + int(row)
                 row_scores = to_host(score_block(slice(query, query + 1), slice(0, n_rows)))[0]
