@@ -57,7 +57,8 @@ _F32_BYTES = 4
 
 @dataclass(frozen=True)
 class _TableState:
-    """One table as the store holds it. Immutable except the prefix-norm cache; replaced whole on change."""
+    """One table as the store holds it, replaced whole on change; only its caches (prefix norms,
+    normalised prefixes for funnels) fill in place, each charged when it is kept."""
 
     vectors: Any
     norms: Any
@@ -68,6 +69,7 @@ class _TableState:
     quantized: Mapping[Quantization, QuantizedIndex] = field(default_factory=dict)
     rotation: _Rotation | None = None
     prefix_norms: dict[int, Any] = field(default_factory=dict)
+    unit_prefixes: dict[int, Any] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -454,21 +456,25 @@ class EmbeddingStore:
             raise DimensionError(f"no table of dimension {dim}; stored: {list(self.dimensions) or 'none'}{hint}")
         return wider[0]
 
+    def _cached(self, cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]) -> Any:
+        """``cache[key]``, computed once and kept if the budget has room (charged to the table);
+        otherwise computed for this search only — a search never fails for want of a cache."""
+        value = cache.get(key)
+        if value is None:
+            value = compute()
+            try:
+                self._accountant.reserve(self._owner(source), nbytes)
+            except MemoryLimitError:
+                return value
+            cache[key] = value
+            self._charges[source] += nbytes
+        return value
+
     def _norms(self, source: int, state: _TableState, dim: int, prefix: Any) -> Any:
         """Row norms at ``dim``: stored for the full width, computed once per prefix and cached."""
         if dim == source:
             return state.norms
-        cached = state.prefix_norms.get(dim)
-        if cached is None:
-            cached = self._backend.row_norms(prefix)
-            cost = state.rows * _F32_BYTES
-            try:
-                self._accountant.reserve(self._owner(source), cost)
-            except MemoryLimitError:
-                return cached  # no room to keep it: use it for this search only
-            state.prefix_norms[dim] = cached
-            self._charges[source] += cost
-        return cached
+        return self._cached(state.prefix_norms, dim, source, state.rows * _F32_BYTES, lambda: self._backend.row_norms(prefix))
 
     def _stage(
         self, source: int, state: _TableState, q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
@@ -483,16 +489,19 @@ class EmbeddingStore:
         corpus = self._backend.slice_last_dim(rotation.prefix, dim)
         if metric == "dot":
             return stage_q, corpus, None
-        norms = rotation.norms.get(dim)
-        if norms is None:
-            norms = self._backend.row_norms(corpus)
-            try:
-                self._accountant.reserve(self._owner(source), state.rows * _F32_BYTES)
-            except MemoryLimitError:
-                return stage_q, corpus, norms  # no room to keep them: used for this search only
-            rotation.norms[dim] = norms
-            self._charges[source] += state.rows * _F32_BYTES
+        norms = self._cached(rotation.norms, dim, source, state.rows * _F32_BYTES, lambda: self._backend.row_norms(corpus))
         return stage_q, corpus, norms
+
+    def _unit_prefix(self, source: int, state: _TableState, dim: int) -> Any:
+        """The first ``dim`` columns, normalised, as one contiguous array: a cosine funnel's first
+        stage then ranks by a plain product, without a strided read or a scaling pass per search."""
+        return self._cached(
+            state.unit_prefixes,
+            dim,
+            source,
+            state.rows * dim * _F32_BYTES,
+            lambda: self._backend.normalize(self._backend.slice_last_dim(state.vectors, dim)),
+        )
 
     def _view(self, source: int, state: _TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
         """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
@@ -550,8 +559,12 @@ class EmbeddingStore:
             first_dim, first_size = stages[0] if stages else (dim, kk)
             rotated = state.rotation is not None and bool(stages) and dim == source
             stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
+            first_metric = metric
+            if stages and metric == "cosine" and not (rotated and state.rotation and first_dim <= state.rotation.components):
+                # the shortlist's own scores are discarded: rank by q · (x / |x|) on a cached unit copy
+                corpus, norms, first_metric = self._unit_prefix(source, state, first_dim), None, "dot"
             scores, indices = self._backend.topk(
-                self._backend.from_numpy(stage_q), corpus, first_size, metric, corpus_norms=norms, max_block_bytes=self._block_bytes
+                self._backend.from_numpy(stage_q), corpus, first_size, first_metric, corpus_norms=norms, max_block_bytes=self._block_bytes
             )
             for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
                 stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)

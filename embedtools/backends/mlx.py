@@ -181,11 +181,13 @@ class MlxBackend:
         x = corpus.astype(mx.float32, stream=dev)
         if q.shape[1] != x.shape[1]:
             raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
-        norms = self.row_norms(x) if corpus_norms is None else corpus_norms.astype(mx.float32, stream=dev)
         # The same ranking scores as the NumPy backend (see there); the driver rescores l2 winners.
-        safe = mx.where(norms > 0, norms, mx.ones_like(norms), stream=dev)
-        column_scale = mx.reciprocal(safe, stream=dev) if metric == "cosine" else None
-        column_shift = 0.5 * norms * norms if metric == "l2" else None
+        column_scale = column_shift = None
+        if metric != "dot":
+            norms = self.row_norms(x) if corpus_norms is None else corpus_norms.astype(mx.float32, stream=dev)
+            safe = mx.where(norms > 0, norms, mx.ones_like(norms), stream=dev)
+            column_scale = mx.reciprocal(safe, stream=dev) if metric == "cosine" else None
+            column_shift = 0.5 * norms * norms if metric == "l2" else None
         if metric == "cosine":
             q = self.normalize(q)
         def score_block(qs: slice, rs: slice) -> mx.array:

@@ -155,12 +155,14 @@ class NumpyBackend:
         x = np.asarray(corpus, dtype=F32)
         if q.shape[1] != x.shape[1]:
             raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
-        norms = self.row_norms(x) if corpus_norms is None else np.asarray(corpus_norms, dtype=F32)
         # Per-column terms that turn q·x into the metric's ranking score (larger is better):
         # cosine scales by 1/|x| (queries normalised); l2 ranks by q·x - |x|²/2, since
-        # ||q - x||² = |q|² - 2 (q·x - |x|²/2).
-        column_scale = 1.0 / _safe_divisor(norms) if metric == "cosine" else None
-        column_shift = 0.5 * norms * norms if metric == "l2" else None
+        # ||q - x||² = |q|² - 2 (q·x - |x|²/2). ``dot`` needs no norms at all.
+        column_scale = column_shift = None
+        if metric != "dot":
+            norms = self.row_norms(x) if corpus_norms is None else np.asarray(corpus_norms, dtype=F32)
+            column_scale = 1.0 / _safe_divisor(norms) if metric == "cosine" else None
+            column_shift = 0.5 * norms * norms if metric == "l2" else None
         if metric == "cosine":
             q = self.normalize(q)
 

@@ -194,11 +194,13 @@ class TorchBackend:
         x = corpus.to(torch.float32)
         if q.shape[1] != x.shape[1]:
             raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
-        norms = self.row_norms(x) if corpus_norms is None else corpus_norms.to(torch.float32)
         # The same ranking scores as the NumPy backend: cosine scales columns by 1/|x|, l2 ranks by
-        # q·x - |x|²/2 and the driver rescores the winners as true distances.
-        column_scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)) if metric == "cosine" else None
-        column_shift = 0.5 * norms * norms if metric == "l2" else None
+        # q·x - |x|²/2 and the driver rescores the winners as true distances; dot needs no norms.
+        column_scale = column_shift = None
+        if metric != "dot":
+            norms = self.row_norms(x) if corpus_norms is None else corpus_norms.to(torch.float32)
+            column_scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)) if metric == "cosine" else None
+            column_shift = 0.5 * norms * norms if metric == "l2" else None
         if metric == "cosine":
             q = self.normalize(q)
 
