@@ -404,3 +404,16 @@ def test_funnel_on_a_prefix_dimension_and_small_table() -> None:
     funnel = store.search(corpus[:3], k=5, dimension=8, funnel=[(4, 1000)])
     np.testing.assert_array_equal(funnel.indices, exact.indices)
     assert funnel.source_dimension == 16 and funnel.dimension == 8
+
+
+def test_funnel_caches_are_charged_and_released() -> None:
+    store = make_store()
+    store.add(clustered(100, 16))
+    base = store.memory_info().used_bytes
+    store.search(clustered(2, 16, seed=1), k=5, funnel=[(4, 20)])
+    # cosine shortlists on a cached unit-normalised copy of the 4-d prefix
+    assert store.memory_info().used_bytes == base + 100 * 4 * 4
+    store.search(clustered(2, 16, seed=1), k=5, funnel=[(4, 20)], metric="l2")  # l2 needs the 4-d norms
+    assert store.memory_info().used_bytes == base + 100 * 4 * 4 + 100 * 4
+    store.add(clustered(1, 16, seed=3))  # the table changed: its caches go, and their bytes with them
+    assert store.memory_info().used_bytes == 101 * 17 * 4
