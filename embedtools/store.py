@@ -558,11 +558,13 @@ class EmbeddingStore:
         else:
             first_dim, first_size = stages[0] if stages else (dim, kk)
             rotated = state.rotation is not None and bool(stages) and dim == source
-            stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
             first_metric = metric
             if stages and metric == "cosine" and not (rotated and state.rotation and first_dim <= state.rotation.components):
                 # the shortlist's own scores are discarded: rank by q · (x / |x|) on a cached unit copy
-                corpus, norms, first_metric = self._unit_prefix(source, state, first_dim), None, "dot"
+                stage_q, corpus, norms = np.ascontiguousarray(q[:, :first_dim]), self._unit_prefix(source, state, first_dim), None
+                first_metric = "dot"
+            else:
+                stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
             scores, indices = self._backend.topk(
                 self._backend.from_numpy(stage_q), corpus, first_size, first_metric, corpus_norms=norms, max_block_bytes=self._block_bytes
             )
