@@ -105,7 +105,7 @@ def main() -> None:
             store.search(queries, k=k)  # warm-up (kernels, caches)
             fn = naive(name, device, table, queries, k)
             fn()
-            ours, theirs = interleaved_best(lambda: store.search(queries, k=k), fn, repeat)
+            ours, theirs = interleaved_best(lambda: store.search(queries, k=k), fn, repeat)  # noqa: B023
             ids = store.search(queries, k=k).indices
             if reference is None:
                 reference = ids

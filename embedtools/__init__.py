@@ -26,7 +26,9 @@ from embedtools.errors import (
 )
 from embedtools.hashing import Sha256Hasher, canonical_json, config_hash, param_hash
 from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant, MemoryReport, Metric
-from embedtools.store import EmbeddingStore, MemoryInfo, SearchResult, Table, TableMemory
+from embedtools.results import MemoryInfo, SearchResult, TableMemory
+from embedtools.store import EmbeddingStore
+from embedtools.tables import Table
 
 if TYPE_CHECKING:
     from embedtools.backends.mlx import MlxBackend

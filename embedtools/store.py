@@ -12,7 +12,7 @@ import os
 import secrets
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,8 @@ from embedtools.records import StoreRecord, TableRecord, TableShape
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
 from embedtools.search import check_k, check_metric
 from embedtools.search import rescore as rescore_rows
+from embedtools.results import MemoryInfo, SearchResult, TableMemory
+from embedtools.tables import F32_BYTES, Rotation, Table, TableState, rotation_cache_bytes
 from embedtools.validation import (
     as_float32_matrix,
     as_queries,
@@ -50,136 +52,7 @@ if TYPE_CHECKING:
 
     import numpy.typing as npt
 
-__all__ = ["EmbeddingStore", "MemoryInfo", "SearchResult", "Table", "TableMemory"]
-
-_F32_BYTES = 4
-
-
-@dataclass(frozen=True)
-class _TableState:
-    """One table as the store holds it, replaced whole on change; only its caches (prefix norms,
-    normalised prefixes for funnels) fill in place, each charged when it is kept."""
-
-    vectors: Any
-    norms: Any
-    ids: tuple[str, ...]
-    labels: tuple[str, ...]
-    metadata: tuple[str, ...]
-    id_index: Mapping[str, int]
-    quantized: Mapping[Quantization, QuantizedIndex] = field(default_factory=dict)
-    rotation: _Rotation | None = None
-    prefix_norms: dict[int, Any] = field(default_factory=dict)
-    unit_prefixes: dict[int, Any] = field(default_factory=dict)
-
-    @property
-    def rows(self) -> int:
-        return len(self.ids)
-
-    def shape(self, dimension: int) -> TableShape:
-        components = self.rotation.components if self.rotation is not None else 0
-        return TableShape(dimension, self.rows, tuple(self.quantized), components)
-
-
-@dataclass(frozen=True)
-class _Rotation:
-    """A PCA rotation of a table: ``matrix`` (host, ``d x d``, principal axes by falling variance)
-    and the rows rotated onto its first ``components`` axes (on the backend), with a norm cache."""
-
-    matrix: npt.NDArray[np.float32]
-    components: int
-    prefix: Any
-    norms: dict[int, Any] = field(default_factory=dict)
-
-
-class Table:
-    """A read-only snapshot of one table; later changes to the store do not show through it."""
-
-    __slots__ = ("_backend", "_dimension", "_state")
-
-    def __init__(self, dimension: int, state: _TableState, backend: ArrayBackend[Any]) -> None:
-        self._dimension = dimension
-        self._state = state
-        self._backend = backend
-
-    @property
-    def dimension(self) -> int:
-        return self._dimension
-
-    def __len__(self) -> int:
-        return self._state.rows
-
-    def __repr__(self) -> str:
-        return f"Table(dimension={self._dimension}, rows={len(self)})"
-
-    @property
-    def ids(self) -> tuple[str, ...]:
-        return self._state.ids
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self._state.labels
-
-    @property
-    def metadata(self) -> tuple[dict[str, Any], ...]:
-        """Each row's metadata, decoded afresh: mutating it cannot change the store."""
-        return tuple(json.loads(text) for text in self._state.metadata)
-
-    def index_of(self, id: str) -> int:
-        try:
-            return self._state.id_index[id]
-        except KeyError:
-            raise InvalidArgumentError(f"no row with id {id!r} in table {self._dimension}d") from None
-
-    def to_numpy(self) -> npt.NDArray[np.float32]:
-        """A float32 ``(n, d)`` copy of the vectors, exactly as they were added."""
-        return np.array(self._backend.to_numpy(self._state.vectors), dtype=np.float32, copy=True)
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Top-k rows for each query, best first: ``(q, k)`` arrays (read-only) and the rows' ids.
-
-    Scores are cosine similarities or dot products (descending) or Euclidean distances (``"l2"``,
-    ascending). ``k`` is clipped to the table's rows. ``source_dimension`` is the table searched;
-    it exceeds ``dimension`` when a Matryoshka prefix of a wider table was used.
-    """
-
-    indices: npt.NDArray[np.int64]
-    scores: npt.NDArray[np.float32]
-    ids: list[list[str]]
-    metric: Metric
-    dimension: int
-    source_dimension: int
-
-
-@dataclass(frozen=True)
-class TableMemory:
-    """A table's charge: ``nbytes`` in all, of which ``quantized[kind]`` for each quantised index."""
-
-    dimension: int
-    rows: int
-    dtype: str
-    nbytes: int
-    quantized: Mapping[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MemoryInfo:
-    """The accountant's totals (shared by every store on it) and this store's tables."""
-
-    used_bytes: int
-    limit_bytes: int
-    store_bytes: int
-    tables: Mapping[int, TableMemory]
-
-    @property
-    def available_bytes(self) -> int:
-        return max(self.limit_bytes - self.used_bytes, 0)
-
-    @property
-    def utilization(self) -> float:
-        return self.used_bytes / self.limit_bytes
-
+__all__ = ["EmbeddingStore"]
 
 def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: dict[int, str]) -> None:
     """Finaliser: a store that is garbage-collected gives its bytes back to a shared accountant."""
@@ -210,7 +83,7 @@ class EmbeddingStore:
         self._accountant = accountant
         self._hasher = hasher
         self._block_bytes = check_positive_int(search_block_bytes, "search_block_bytes")
-        self._tables: dict[int, _TableState] = {}
+        self._tables: dict[int, TableState] = {}
         self._config: dict[str, Any] = {}
         self._token = secrets.token_hex(4)
         self._charges: dict[int, int] = {}
@@ -266,7 +139,7 @@ class EmbeddingStore:
         d = check_dimension(dimension)
         return Table(d, self._state(d), self._backend)
 
-    def _state(self, d: int) -> _TableState:
+    def _state(self, d: int) -> TableState:
         try:
             return self._tables[d]
         except KeyError:
@@ -310,14 +183,14 @@ class EmbeddingStore:
         rotation = current.rotation if current is not None else None
         table_bytes = TableShape(d, start + n, kinds, rotation.components if rotation else 0).nbytes
 
-        def build() -> Mapping[int, _TableState]:
+        def build() -> Mapping[int, TableState]:
             arr, norms = self._to_device(host, "vectors")
             if old is not None:
                 arr = self._backend.concatenate([old.vectors, arr])
                 norms = self._backend.concatenate([old.norms, norms])
             # quantised indexes and the rotation follow their table: rebuilt over all its rows
             full = np.asarray(self._backend.to_numpy(arr), dtype=np.float32) if kinds or rotation else host
-            state = _TableState(
+            state = TableState(
                 vectors=arr,
                 norms=norms,
                 ids=(old.ids if old else ()) + new_ids,
@@ -344,7 +217,7 @@ class EmbeddingStore:
             raise InvalidEmbeddingError(f"{what}: the norm of row {row} overflows float32")
         return arr, norms
 
-    def _commit(self, new_bytes: Mapping[int, int], build: Callable[[], Mapping[int, _TableState]]) -> None:
+    def _commit(self, new_bytes: Mapping[int, int], build: Callable[[], Mapping[int, TableState]]) -> None:
         """Reserve growth, build the tables, then swap them in; on any failure undo the reservations."""
         reserved: list[tuple[int, int]] = []
         try:
@@ -389,7 +262,7 @@ class EmbeddingStore:
         kinds = tuple(sorted({*state.quantized, kind}))
         new_bytes = self._charges[d] - state.shape(d).nbytes + replace(state.shape(d), quantized=kinds).nbytes
 
-        def build() -> Mapping[int, _TableState]:
+        def build() -> Mapping[int, TableState]:
             host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
             return {d: replace(state, quantized={**state.quantized, kind: QuantizedIndex.build(kind, host)})}
 
@@ -409,10 +282,10 @@ class EmbeddingStore:
         d = check_dimension(dimension)
         state = self._state(d)
         p = max(d // 4, 1) if components is None else check_positive_int(components, "components", upper=d)
-        new_bytes = self._charges[d] - _rotation_cache_bytes(state) - state.shape(d).nbytes
+        new_bytes = self._charges[d] - rotation_cache_bytes(state) - state.shape(d).nbytes
         new_bytes += replace(state.shape(d), rotation=p).nbytes
 
-        def build() -> Mapping[int, _TableState]:
+        def build() -> Mapping[int, TableState]:
             host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
             moments = host.T.astype(np.float64) @ host.astype(np.float64)
             eigenvalues, eigenvectors = np.linalg.eigh(moments)
@@ -426,13 +299,13 @@ class EmbeddingStore:
         state = self._state(d)
         if state.rotation is None:
             raise InvalidArgumentError(f"table {d}d has no rotation")
-        new_bytes = self._charges[d] - _rotation_cache_bytes(state) - state.shape(d).nbytes
+        new_bytes = self._charges[d] - rotation_cache_bytes(state) - state.shape(d).nbytes
         new_bytes += replace(state.shape(d), rotation=0).nbytes
         self._commit({d: new_bytes}, lambda: {d: replace(state, rotation=None)})
 
-    def _rotate(self, host: npt.NDArray[np.float32], matrix: npt.NDArray[np.float32], components: int) -> _Rotation:
+    def _rotate(self, host: npt.NDArray[np.float32], matrix: npt.NDArray[np.float32], components: int) -> Rotation:
         prefix = np.ascontiguousarray(host @ matrix[:, :components], dtype=np.float32)
-        return _Rotation(matrix=matrix, components=components, prefix=self._backend.from_numpy(prefix))
+        return Rotation(matrix=matrix, components=components, prefix=self._backend.from_numpy(prefix))
 
     def drop_quantized(self, dimension: int, kind: Quantization) -> None:
         """Remove one quantised index and give its bytes back."""
@@ -470,14 +343,14 @@ class EmbeddingStore:
             self._charges[source] += nbytes
         return value
 
-    def _norms(self, source: int, state: _TableState, dim: int, prefix: Any) -> Any:
+    def _norms(self, source: int, state: TableState, dim: int, prefix: Any) -> Any:
         """Row norms at ``dim``: stored for the full width, computed once per prefix and cached."""
         if dim == source:
             return state.norms
-        return self._cached(state.prefix_norms, dim, source, state.rows * _F32_BYTES, lambda: self._backend.row_norms(prefix))
+        return self._cached(state.prefix_norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(prefix))
 
     def _stage(
-        self, source: int, state: _TableState, q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
+        self, source: int, state: TableState, q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
     ) -> tuple[npt.NDArray[np.float32], Any, Any]:
         """Queries, corpus and norms for one funnel stage: the table's prefix, or — where the table
         has a rotation at least ``dim`` wide — its rotated rows, with the queries rotated alike."""
@@ -489,21 +362,21 @@ class EmbeddingStore:
         corpus = self._backend.slice_last_dim(rotation.prefix, dim)
         if metric == "dot":
             return stage_q, corpus, None
-        norms = self._cached(rotation.norms, dim, source, state.rows * _F32_BYTES, lambda: self._backend.row_norms(corpus))
+        norms = self._cached(rotation.norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(corpus))
         return stage_q, corpus, norms
 
-    def _unit_prefix(self, source: int, state: _TableState, dim: int) -> Any:
+    def _unit_prefix(self, source: int, state: TableState, dim: int) -> Any:
         """The first ``dim`` columns, normalised, as one contiguous array: a cosine funnel's first
         stage then ranks by a plain product, without a strided read or a scaling pass per search."""
         return self._cached(
             state.unit_prefixes,
             dim,
             source,
-            state.rows * dim * _F32_BYTES,
+            state.rows * dim * F32_BYTES,
             lambda: self._backend.normalize(self._backend.slice_last_dim(state.vectors, dim)),
         )
 
-    def _view(self, source: int, state: _TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
+    def _view(self, source: int, state: TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
         """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
         corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
         return corpus, None if metric == "dot" else self._norms(source, state, dim, corpus)
@@ -578,7 +451,7 @@ class EmbeddingStore:
 
     def _quantized_index(
         self,
-        state: _TableState,
+        state: TableState,
         source: int,
         dim: int,
         quantized: object,
@@ -655,7 +528,7 @@ class EmbeddingStore:
             shapes = fileformat.read_table_shapes(p)
         loaded: list[StoreRecord] = []
 
-        def build() -> Mapping[int, _TableState]:
+        def build() -> Mapping[int, TableState]:
             record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p)[0]
             if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
                 raise StoreFormatError(f"{p} changed while it was being loaded")
@@ -666,14 +539,14 @@ class EmbeddingStore:
         self._config = dict(loaded[0].config)
         return self
 
-    def _state_from_record(self, record: TableRecord) -> _TableState:
+    def _state_from_record(self, record: TableRecord) -> TableState:
         index: dict[str, int] = {}
         for i, id_ in enumerate(record.ids):
             if id_ in index:
                 raise DuplicateIdError(f"id {id_!r} appears at rows {index[id_]} and {i} of table {record.dimension}d")
             index[id_] = i
         arr, norms = self._to_device(record.vectors, f"table {record.dimension}d")
-        return _TableState(
+        return TableState(
             vectors=arr,
             norms=norms,
             ids=record.ids,
@@ -687,11 +560,6 @@ class EmbeddingStore:
                 else None
             ),
         )
-
-
-def _rotation_cache_bytes(state: _TableState) -> int:
-    """Bytes charged for the norms cached on a table's rotation (released with the rotation)."""
-    return len(state.rotation.norms) * state.rows * _F32_BYTES if state.rotation is not None else 0
 
 
 def _check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
