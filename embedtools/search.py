@@ -167,24 +167,24 @@ def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArr
 
 
 class _Running:
-    """Each query's best ``m`` candidates so far.
+    """Each query's best ``m`` candidates so far, as dense ``(queries, m)`` arrays (``-inf`` empty).
 
-    New candidates are buffered and compacted (one sort by query, value, index) only when the
-    buffer outgrows a few times ``queries x m``: sorting at every block cost more than the GEMM for
-    a shortlist of a few hundred. Thresholds are refreshed at each compaction; between two they are
-    merely lower than they could be, which lets a few more candidates through and changes nothing.
+    New candidates are buffered and folded in only when the buffer outgrows a few times
+    ``queries x m``: grouping them by query is a radix sort on 16-bit query numbers, and keeping the
+    best ``m`` of each row one ``argpartition`` over ``(queries, m + most per query)`` — per block
+    this cost more than the GEMM for shortlists of a few hundred. Thresholds (each row's m-th best)
+    are refreshed at each fold; between two they are merely lower than they could be, which lets a
+    few more candidates through and changes nothing.
     """
 
     def __init__(self, n_queries: int, m: int) -> None:
-        self.n_queries = n_queries
         self.m = m
-        self.rows = np.empty(0, dtype=np.int64)
-        self.vals = np.empty(0, dtype=np.float32)
-        self.cols = np.empty(0, dtype=np.int64)
-        self.pending: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]] = []
+        self.vals = np.full((n_queries, m), -np.inf, dtype=np.float32)
+        self.cols = np.full((n_queries, m), -1, dtype=np.int64)
+        self.pending: list[Candidates] = []
         self.pending_size = 0
         self.limit = max(4 * n_queries * m, 1 << 16)
-        self.threshold = np.full(n_queries, -np.inf, dtype=np.float32)
+        self.threshold = self.vals.min(axis=1)
 
     def merge(self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64]) -> None:
         if rows.size == 0:
@@ -192,42 +192,40 @@ class _Running:
         self.pending.append((rows, vals.astype(np.float32, copy=False), cols))
         self.pending_size += rows.size
         if self.pending_size > self.limit or np.isneginf(self.threshold).any():
-            self._compact()
+            self._fold()
 
-    def _compact(self) -> None:
+    def _fold(self) -> None:
         if not self.pending:
             return
-        rows = np.concatenate([self.rows, *(p[0] for p in self.pending)])
-        vals = np.concatenate([self.vals, *(p[1] for p in self.pending)])
-        cols = np.concatenate([self.cols, *(p[2] for p in self.pending)])
+        rows = np.concatenate([p[0] for p in self.pending])
+        vals = np.concatenate([p[1] for p in self.pending])
+        cols = np.concatenate([p[2] for p in self.pending])
         self.pending, self.pending_size = [], 0
-        order = np.argsort(_row_then_value_desc(rows, vals))
+        n_queries = self.vals.shape[0]
+        key = rows.astype(np.uint16) if n_queries <= 1 << 16 else rows
+        order = np.argsort(key, kind="stable")  # radix sort for 16-bit keys
         rows, vals, cols = rows[order], vals[order], cols[order]
-        starts = np.searchsorted(rows, np.arange(self.n_queries))
-        keep = np.arange(rows.size) - starts[rows] < self.m
-        self.rows, self.vals, self.cols = rows[keep], vals[keep], cols[keep]
-        full = np.flatnonzero(np.bincount(self.rows, minlength=self.n_queries) == self.m)
-        self.threshold[full] = self.vals[np.searchsorted(self.rows, full) + self.m - 1]
+        counts = np.bincount(rows, minlength=n_queries)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(rows.size) - starts[rows]
+        width = int(counts.max())
+        dense_vals = np.full((n_queries, width), -np.inf, dtype=np.float32)
+        dense_cols = np.full((n_queries, width), -1, dtype=np.int64)
+        dense_vals[rows, slot] = vals
+        dense_cols[rows, slot] = cols
+        all_vals = np.hstack([self.vals, dense_vals])
+        all_cols = np.hstack([self.cols, dense_cols])
+        keep = np.argpartition(all_vals, width, axis=1)[:, width:]
+        self.vals = np.take_along_axis(all_vals, keep, axis=1)
+        self.cols = np.take_along_axis(all_cols, keep, axis=1)
+        self.threshold = self.vals.min(axis=1)
 
     def result(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """``(n_queries, m)`` values and indices, best first, equal values by ascending index."""
-        self._compact()
-        if self.rows.size != self.n_queries * self.m:
+        self._fold()
+        if (self.cols < 0).any():
             raise AssertionError("every query must have m candidates by the end of the corpus")  # pragma: no cover
-        return best_first(self.vals.reshape(self.n_queries, self.m), self.cols.reshape(self.n_queries, self.m))
-
-
-def _row_then_value_desc(rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32]) -> npt.NDArray[np.uint64]:
-    """One uint64 sort key: the query row, then the value descending (float32 bits made monotone).
-
-    A single integer argsort is several times faster than ``lexsort`` on two keys; which of two equal
-    values comes first does not matter here (the final order is settled by :func:`best_first`).
-    """
-    bits = np.ascontiguousarray(-vals, dtype=np.float32).view(np.uint32)
-    negative = (bits & np.uint32(0x80000000)) != 0
-    monotone = np.where(negative, ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
-    key: npt.NDArray[np.uint64] = (rows.astype(np.uint64) << np.uint64(32)) | monotone
-    return key
+        return best_first(self.vals, self.cols)
 
 
 def rescore(
