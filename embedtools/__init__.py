@@ -23,6 +23,7 @@ from embedtools.errors import (
     StoreNotEmptyError,
     StoreNotFoundError,
     UnhashableConfigError,
+    UnknownIdError,
 )
 from embedtools.hashing import Sha256Hasher, canonical_json, config_hash, param_hash
 from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant, MemoryReport, Metric
@@ -67,6 +68,7 @@ __all__ = [
     "TableMemory",
     "TorchBackend",
     "UnhashableConfigError",
+    "UnknownIdError",
     "__version__",
     "available_backends",
     "canonical_json",

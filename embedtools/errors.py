@@ -20,6 +20,7 @@ __all__ = [
     "StoreNotEmptyError",
     "StoreNotFoundError",
     "UnhashableConfigError",
+    "UnknownIdError",
 ]
 
 
@@ -41,6 +42,10 @@ class DimensionError(EmbedtoolsError, ValueError):
 
 class DuplicateIdError(EmbedtoolsError, ValueError):
     """An id that is already in the table, or given twice in one call."""
+
+
+class UnknownIdError(EmbedtoolsError, LookupError):
+    """An id that is not in the table asked about."""
 
 
 class StoreFormatError(EmbedtoolsError, ValueError):

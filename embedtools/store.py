@@ -30,6 +30,7 @@ from embedtools.errors import (
     StoreFormatError,
     StoreNotEmptyError,
     StoreNotFoundError,
+    UnknownIdError,
 )
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.records import StoreRecord, TableRecord, TableShape
@@ -248,6 +249,118 @@ class EmbeddingStore:
     def clear(self) -> None:
         for d in self.dimensions:
             self.drop(d)
+
+    def _positions(self, d: int, ids: tuple[str, ...]) -> list[int]:
+        index = self._state(d).id_index
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise UnknownIdError(f"table {d}d has no row with id {missing[0]!r} ({len(missing)} unknown ids)")
+        return [index[i] for i in ids]
+
+    def _rebuilt(
+        self, d: int, state: TableState, vectors: npt.NDArray[np.float32], ids: tuple[str, ...], labels: tuple[str, ...], metadata: tuple[str, ...]
+    ) -> TableState:
+        """The table with new rows: vectors, norms, quantised indexes and rotation computed afresh."""
+        arr, norms = self._to_device(vectors, f"table {d}d")
+        return TableState(
+            vectors=arr,
+            norms=norms,
+            ids=ids,
+            labels=labels,
+            metadata=metadata,
+            id_index={id_: i for i, id_ in enumerate(ids)},
+            quantized={kind: QuantizedIndex.build(kind, vectors) for kind in state.quantized},
+            rotation=self._rotate(vectors, state.rotation.matrix, state.rotation.components) if state.rotation else None,
+        )
+
+    def remove(self, ids: Sequence[str], dimension: int | None = None) -> int:
+        """Remove the rows with these ids from the table of ``dimension``, or from every table that
+        has them (``None``); return how many rows went. Their bytes go back to the budget; a table
+        left without rows is dropped. An id found in no table raises :class:`UnknownIdError`."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
+        wanted = tuple(dict.fromkeys(check_strings(ids, len(ids), "ids")))
+        dims = [check_dimension(dimension)] if dimension is not None else list(self.dimensions)
+        for d in dims:
+            self._state(d)
+        if dimension is not None:
+            self._positions(dims[0], wanted)
+        else:
+            found = {i for d in dims for i in wanted if i in self._tables[d].id_index}
+            missing = [i for i in wanted if i not in found]
+            if missing:
+                raise UnknownIdError(f"no table has a row with id {missing[0]!r} ({len(missing)} unknown ids)")
+        plans = {}
+        for d in dims:
+            state = self._tables[d]
+            gone = {state.id_index[i] for i in wanted if i in state.id_index}
+            if gone:
+                plans[d] = np.array([r for r in range(state.rows) if r not in gone], dtype=np.int64)
+        emptied = [d for d, keep in plans.items() if keep.size == 0]
+        kept = {d: keep for d, keep in plans.items() if keep.size}
+
+        def build() -> Mapping[int, TableState]:
+            out = {}
+            for d, keep in kept.items():
+                state = self._tables[d]
+                host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)[keep]
+                pick = keep.tolist()
+                out[d] = self._rebuilt(
+                    d, state, host, tuple(state.ids[i] for i in pick), tuple(state.labels[i] for i in pick),
+                    tuple(state.metadata[i] for i in pick),
+                )
+            return out
+
+        removed = sum(self._tables[d].rows - keep.size for d, keep in plans.items())
+        self._commit({d: replace(self._tables[d].shape(d), rows=keep.size).nbytes for d, keep in kept.items()}, build)
+        for d in emptied:
+            self.drop(d)
+        return removed
+
+    def update(
+        self,
+        ids: Sequence[str],
+        vectors: object = None,
+        labels: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        dimension: int | None = None,
+    ) -> None:
+        """Replace the vectors, labels and/or metadata of existing rows, found by id, in one table
+        (the vectors' width, or ``dimension``). Rows keep their positions; what is not given is kept."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
+        n = len(ids)
+        keys = check_strings(ids, n, "ids")
+        if len(set(keys)) != n:
+            raise DuplicateIdError("an id is given twice in one update")
+        host = None if vectors is None else as_float32_matrix(vectors)
+        if host is None:
+            if dimension is None:
+                raise InvalidArgumentError("update needs vectors or a dimension to know which table")
+            d = check_dimension(dimension)
+        else:
+            d = host.shape[1] if dimension is None else check_dimension(dimension)
+            if host.shape != (n, d):
+                raise DimensionError(f"vectors have shape {host.shape}; expected ({n}, {d}) for {n} ids in table {d}d")
+        new_labels = None if labels is None else check_strings(labels, n, "labels")
+        new_meta = None if metadata is None else encode_metadata(metadata, n)
+        rows = self._positions(d, keys)
+        state = self._tables[d]
+
+        def build() -> Mapping[int, TableState]:
+            all_rows = np.array(self._backend.to_numpy(state.vectors), dtype=np.float32, copy=True)
+            if host is not None:
+                all_rows[rows] = host
+            labels_out, meta_out = list(state.labels), list(state.metadata)
+            for j, r in enumerate(rows):
+                if new_labels is not None:
+                    labels_out[r] = new_labels[j]
+                if new_meta is not None:
+                    meta_out[r] = new_meta[j]
+            return {d: self._rebuilt(d, state, all_rows, state.ids, tuple(labels_out), tuple(meta_out))}
+
+        self._commit({d: state.shape(d).nbytes}, build)
 
     def quantize(self, dimension: int, kind: Quantization) -> None:
         """Give the table of ``dimension`` a quantised index (``float16``, ``int8`` or ``binary``).

@@ -27,11 +27,23 @@ __all__ = [
 ]
 
 
+def _foreign_to_host(data: object) -> object:
+    """A torch tensor (any device, with or without grad, bfloat16 too) as something NumPy reads;
+    MLX arrays and NumPy-likes pass through (NumPy reads them through the buffer protocol)."""
+    if isinstance(data, np.ndarray) or not callable(getattr(data, "detach", None)):
+        return data
+    tensor = data.detach().cpu()  # type: ignore[attr-defined]
+    if str(tensor.dtype) == "torch.bfloat16":
+        tensor = tensor.float()  # NumPy has no bfloat16; float32 holds every bfloat16 exactly
+    return tensor
+
+
 def _to_host(data: object, what: str) -> npt.NDArray[Any]:
+    """One conversion to host NumPy, whatever the caller holds (NumPy, lists, torch, MLX)."""
     if isinstance(data, (str, bytes)):
         raise InvalidEmbeddingError(f"{what} must be numeric, got {type(data).__name__}")
     try:
-        array = np.asarray(data)
+        array = np.asarray(_foreign_to_host(data))
     except (TypeError, ValueError) as exc:
         raise InvalidEmbeddingError(f"{what} cannot be read as a numeric array: {exc}") from None
     if array.dtype.kind not in "biuf":
