@@ -25,6 +25,7 @@ from embedtools.errors import (
     UnhashableConfigError,
     UnknownIdError,
 )
+from embedtools.filters import Filter, Ids, Label, Meta
 from embedtools.hashing import Sha256Hasher, canonical_json, config_hash, param_hash
 from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant, MemoryReport, Metric
 from embedtools.results import MemoryInfo, SearchResult, TableMemory
@@ -49,10 +50,14 @@ __all__ = [
     "DuplicateIdError",
     "EmbeddingStore",
     "EmbedtoolsError",
+    "Filter",
     "Hasher",
+    "Ids",
     "InvalidArgumentError",
     "InvalidEmbeddingError",
+    "Label",
     "MemoryAccountant",
+    "Meta",
     "MemoryInfo",
     "MemoryLimitError",
     "MemoryReport",

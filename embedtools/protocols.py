@@ -148,6 +148,7 @@ class ArrayBackend(Protocol[ArrayT]):
         metric: Metric,
         *,
         corpus_norms: ArrayT | None = None,
+        row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Exact top-``k`` rows of ``corpus`` for each query, best first, ties to the lower index.
@@ -156,6 +157,8 @@ class ArrayBackend(Protocol[ArrayT]):
         ``(q, min(k, n))``: cosine similarity or dot product (descending), or Euclidean distance
         (ascending) for ``"l2"``. ``corpus_norms`` (from :meth:`row_norms`) saves recomputing them;
         the query × corpus score block never exceeds ``max_block_bytes`` (beyond one query row).
+        ``row_mask`` (host, one bool per corpus row) limits the search to the rows where it is true:
+        the exact top-k among them, ``min(k, matches)`` wide.
         """
         ...
 

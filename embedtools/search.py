@@ -97,6 +97,7 @@ def run_topk(
     to_host: Callable[[BlockT], npt.NDArray[np.float32]],
     l2_distances: Callable[[slice, npt.NDArray[np.int64]], npt.NDArray[np.float32]],
     settle_ties: bool = True,
+    row_mask: npt.NDArray[np.bool_] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The exact top-k driver every backend runs with its own kernels.
 
@@ -115,16 +116,25 @@ def run_topk(
     determined. For ``l2`` the winners are rescored as true distances by ``l2_distances`` (the
     ranking expansion loses digits near 0). ``settle_ties=False`` skips the redo, for approximate
     shortlists whose scores tie by nature (Hamming distances) and are rescored anyway.
+
+    With a ``row_mask`` the backend's ranking scores are ``-inf`` on masked rows; the driver skips
+    blocks with no unmasked row and keeps ``k`` at most the number of unmasked rows.
     """
+    if row_mask is not None:
+        k = min(k, int(np.count_nonzero(row_mask)))
     scores = np.empty((n_queries, k), dtype=np.float32)
     indices = np.empty((n_queries, k), dtype=np.int64)
-    wanted = min(k + 1, n_rows)
+    if k == 0:
+        return scores, indices
+    wanted = min(k + 1, n_rows if row_mask is None else int(np.count_nonzero(row_mask)))
     # l2 also gathers (chunk, k, dim) winners to rescore: bound that block as well.
     query_step, row_step = plan_blocks(n_queries, max(n_rows, k * dim) if metric == "l2" else n_rows, max_block_bytes)
     row_step = min(row_step, n_rows)
     for qs in _chunks(n_queries, query_step):
         running = _Running(qs.stop - qs.start, wanted)
         for rs in _chunks(n_rows, row_step):
+            if row_mask is not None and not row_mask[rs].any():
+                continue
             rows, vals, cols = candidates(score_block(qs, rs), wanted, running.threshold)
             running.merge(rows, vals, cols + rs.start)
         vals, idx = running.result()

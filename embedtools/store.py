@@ -34,6 +34,7 @@ from embedtools.errors import (
 )
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.records import StoreRecord, TableRecord, TableShape
+from embedtools.filters import Filter
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
 from embedtools.search import check_k, check_metric
 from embedtools.search import rescore as rescore_rows
@@ -53,7 +54,11 @@ if TYPE_CHECKING:
 
     import numpy.typing as npt
 
-__all__ = ["EmbeddingStore"]
+__all__ = ["GATHER_FRACTION", "EmbeddingStore"]
+
+#: A filter matching at most this share of a table's rows is searched by gathering those rows
+#: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
+GATHER_FRACTION = 0.3
 
 def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: dict[int, str]) -> None:
     """Finaliser: a store that is garbage-collected gives its bytes back to a shared accountant."""
@@ -504,6 +509,7 @@ class EmbeddingStore:
         funnel: Sequence[tuple[int, int]] = (),
         quantized: Quantization | None = None,
         rescore: int = 4,
+        where: Filter | None = None,
     ) -> SearchResult:
         """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
 
@@ -519,6 +525,11 @@ class EmbeddingStore:
         ``quantized="int8"`` (or ``"float16"``, ``"binary"``; see :meth:`quantize`) shortlists the
         ``k * rescore`` best rows by the quantised index, then rescores them exactly against the
         float32 table: scores are exact, recall depends on ``rescore``.
+
+        ``where=Label("a") & Meta("year").between(2020, None)`` (see :mod:`embedtools.filters`)
+        searches only the rows that match: exact top-k among them, fewer than ``k`` columns when
+        fewer match (none: an empty result). A selective filter gathers its rows and searches only
+        those; a broad one masks the others inside the blocked kernel.
         """
         metric = check_metric(metric)
         k = check_k(k)
@@ -531,11 +542,12 @@ class EmbeddingStore:
         source = self._source_dimension(dim, exact=dimension is None)
         state = self._tables[source]
         index = self._quantized_index(state, source, dim, quantized, rescore, stages)
-        kk = min(k, state.rows)
+        mask = self._filter_mask(state, where, index)
+        kk = min(k, state.rows if mask is None else int(np.count_nonzero(mask)))
         q = np.ascontiguousarray(q[:, :dim])
-        if q.shape[0] == 0:
-            scores = np.empty((0, kk), dtype=np.float32)
-            indices = np.empty((0, kk), dtype=np.int64)
+        if q.shape[0] == 0 or kk == 0:
+            scores = np.empty((q.shape[0], kk), dtype=np.float32)
+            indices = np.empty((q.shape[0], kk), dtype=np.int64)
         elif index is not None:
             corpus, norms = self._view(source, state, dim, metric)
             host_norms = np.asarray(self._backend.to_numpy(state.norms), dtype=np.float32)
@@ -551,9 +563,7 @@ class EmbeddingStore:
                 first_metric = "dot"
             else:
                 stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
-            scores, indices = self._backend.topk(
-                self._backend.from_numpy(stage_q), corpus, first_size, first_metric, corpus_norms=norms, max_block_bytes=self._block_bytes
-            )
+            scores, indices = self._masked_topk(stage_q, corpus, norms, first_size, first_metric, mask)
             for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
                 stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)
                 scores, indices = rescore_rows(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
@@ -561,6 +571,36 @@ class EmbeddingStore:
         indices.setflags(write=False)
         ids = [[state.ids[i] for i in row] for row in indices.tolist()]
         return SearchResult(indices=indices, scores=scores, ids=ids, metric=metric, dimension=dim, source_dimension=source)
+
+    def _masked_topk(
+        self, q: npt.NDArray[np.float32], corpus: Any, norms: Any, k: int, metric: Metric, mask: npt.NDArray[np.bool_] | None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """The backend's top-k, restricted to ``mask``'s rows: a selective mask (at most
+        :data:`GATHER_FRACTION` of the rows) gathers them and searches only those; a broad one is
+        applied inside the blocked kernel, where masked rows never enter the selection."""
+        queries = self._backend.from_numpy(q)
+        if mask is None or mask.all():
+            return self._backend.topk(queries, corpus, k, metric, corpus_norms=norms, max_block_bytes=self._block_bytes)
+        rows = np.flatnonzero(mask)
+        if rows.size > GATHER_FRACTION * mask.size:
+            return self._backend.topk(
+                queries, corpus, k, metric, corpus_norms=norms, row_mask=mask, max_block_bytes=self._block_bytes
+            )
+        subset = self._backend.take_rows(corpus, rows)
+        subset_norms = None if norms is None else self._backend.take_rows(norms, rows)
+        scores, local = self._backend.topk(
+            queries, subset, k, metric, corpus_norms=subset_norms, max_block_bytes=self._block_bytes
+        )
+        return scores, rows[local]
+
+    def _filter_mask(self, state: TableState, where: object, index: QuantizedIndex | None) -> npt.NDArray[np.bool_] | None:
+        if where is None:
+            return None
+        if not isinstance(where, Filter):
+            raise InvalidArgumentError(f"where takes a filter from embedtools.filters, not {type(where).__name__}")
+        if index is not None:
+            raise InvalidArgumentError("filters and quantized search cannot be combined yet")
+        return where.mask(state.row_source)
 
     def _quantized_index(
         self,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedtools.errors import InvalidArgumentError
+from embedtools.filters import RowSource
 from embedtools.protocols import ArrayBackend
 from embedtools.quantize import Quantization, QuantizedIndex
 from embedtools.records import TableShape
@@ -41,6 +43,11 @@ class TableState:
     @property
     def rows(self) -> int:
         return len(self.ids)
+
+    @cached_property
+    def row_source(self) -> RowSource:
+        """What filters read (metadata parsed on first use, column by column), kept with the state."""
+        return RowSource(self.ids, self.labels, self.metadata)
 
     def shape(self, dimension: int) -> TableShape:
         components = self.rotation.components if self.rotation is not None else 0

@@ -172,6 +172,7 @@ class MlxBackend:
         metric: Metric,
         *,
         corpus_norms: mx.array | None = None,
+        row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         metric = check_metric(metric)
@@ -188,8 +189,14 @@ class MlxBackend:
             safe = mx.where(norms > 0, norms, mx.ones_like(norms), stream=dev)
             column_scale = mx.reciprocal(safe, stream=dev) if metric == "cosine" else None
             column_shift = 0.5 * norms * norms if metric == "l2" else None
+        if row_mask is not None:  # masked rows rank at -inf: shifted down by +inf
+            if row_mask.shape != (x.shape[0],):
+                raise DimensionError(f"row_mask has shape {row_mask.shape}, the corpus {x.shape[0]} rows")
+            penalty = mx.array(np.where(row_mask, 0.0, np.inf).astype(np.float32))
+            column_shift = penalty if column_shift is None else mx.add(column_shift, penalty, stream=dev)
         if metric == "cosine":
             q = self.normalize(q)
+
         def score_block(qs: slice, rs: slice) -> mx.array:
             block = mx.matmul(q[qs], x[rs].T, stream=dev)
             if column_scale is not None:
@@ -227,6 +234,7 @@ class MlxBackend:
             candidates=candidates,
             to_host=_host_f32,
             l2_distances=l2_distances,
+            row_mask=row_mask,
         )
 
 

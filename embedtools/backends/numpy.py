@@ -147,6 +147,7 @@ class NumpyBackend:
         metric: Metric,
         *,
         corpus_norms: npt.NDArray[Any] | None = None,
+        row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         metric = check_metric(metric)
@@ -163,6 +164,9 @@ class NumpyBackend:
             norms = self.row_norms(x) if corpus_norms is None else np.asarray(corpus_norms, dtype=F32)
             column_scale = 1.0 / _safe_divisor(norms) if metric == "cosine" else None
             column_shift = 0.5 * norms * norms if metric == "l2" else None
+        if row_mask is not None:  # masked rows rank at -inf: shifted down by +inf
+            penalty = np.where(_row_mask(row_mask, x.shape[0]), F32(0), F32(np.inf))
+            column_shift = penalty if column_shift is None else column_shift + penalty
         if metric == "cosine":
             q = self.normalize(q)
 
@@ -191,9 +195,17 @@ class NumpyBackend:
             candidates=host_candidates,
             to_host=lambda block: np.ascontiguousarray(block.T),
             l2_distances=l2_distances,
+            row_mask=row_mask,
         )
 
 
 def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Norms with zeros replaced by one, so zero vectors divide to zero instead of NaN."""
     return np.where(norms > 0, norms, F32(1.0))
+
+
+def _row_mask(row_mask: npt.NDArray[np.bool_], n: int) -> npt.NDArray[np.bool_]:
+    mask = np.asarray(row_mask, dtype=bool)
+    if mask.shape != (n,):
+        raise DimensionError(f"row_mask has shape {mask.shape}, the corpus {n} rows")
+    return mask

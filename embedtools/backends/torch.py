@@ -186,6 +186,7 @@ class TorchBackend:
         metric: Metric,
         *,
         corpus_norms: torch.Tensor | None = None,
+        row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         metric = check_metric(metric)
@@ -201,6 +202,12 @@ class TorchBackend:
             norms = self.row_norms(x) if corpus_norms is None else corpus_norms.to(torch.float32)
             column_scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)) if metric == "cosine" else None
             column_shift = 0.5 * norms * norms if metric == "l2" else None
+        if row_mask is not None:  # masked rows rank at -inf: shifted down by +inf
+            if row_mask.shape != (x.shape[0],):
+                raise DimensionError(f"row_mask has shape {row_mask.shape}, the corpus {x.shape[0]} rows")
+            keep = torch.from_numpy(np.ascontiguousarray(row_mask, dtype=bool)).to(self._device)
+            penalty = torch.where(keep, 0.0, float("inf")).to(torch.float32)
+            column_shift = penalty if column_shift is None else column_shift + penalty
         if metric == "cosine":
             q = self.normalize(q)
 
@@ -229,6 +236,7 @@ class TorchBackend:
             candidates=_candidates,
             to_host=lambda block: _host_f32(block.T),
             l2_distances=l2_distances,
+            row_mask=row_mask,
         )
 
 

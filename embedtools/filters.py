@@ -1,0 +1,203 @@
+"""Typed, composable row filters for search: by label, by metadata value, by id.
+
+    from embedtools.filters import Label, Meta, Ids
+    store.search(q, k=10, where=Label("news") & Meta("year").between(2020, 2024) & ~Ids("a", "b"))
+    store.search(q, k=10, where=Meta("lang").isin("en", "de") | Meta("score").eq(1))
+
+A filter is evaluated once per search into a boolean row mask over the searched table; the search
+is then exact among the rows that match (see ``EmbeddingStore.search``). There is no string
+language to parse or inject into: filters are plain frozen objects that type-check.
+
+Rows without a metadata key never match a condition on it (and match its negation); a key that no
+row of the table has is refused with :class:`InvalidArgumentError` — it is almost always a typo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedtools.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["And", "Filter", "Ids", "Label", "Meta", "MetaCondition", "Not", "Or", "RowSource"]
+
+_MISSING = object()
+
+
+class RowSource:
+    """What filters read from a table: ids, labels and metadata columns, parsed once and cached."""
+
+    def __init__(self, ids: tuple[str, ...], labels: tuple[str, ...], metadata: tuple[str, ...]) -> None:
+        self.ids = ids
+        self.labels = labels
+        self._metadata = metadata
+        self._rows: list[dict[str, Any]] | None = None
+        self._columns: dict[str, list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def column(self, key: str) -> list[Any]:
+        """Each row's value for ``key`` (a sentinel where the row lacks it)."""
+        if key not in self._columns:
+            if self._rows is None:
+                self._rows = [json.loads(text) for text in self._metadata]
+            values = [row.get(key, _MISSING) for row in self._rows]
+            if all(v is _MISSING for v in values):
+                raise InvalidArgumentError(f"no row has metadata key {key!r}")
+            self._columns[key] = values
+        return self._columns[key]
+
+
+class Filter(ABC):
+    """A condition on rows; combine with ``&``, ``|`` and ``~``."""
+
+    @abstractmethod
+    def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
+        """One bool per row: whether the row matches."""
+
+    def __and__(self, other: Filter) -> Filter:
+        return And(self, _check(other))
+
+    def __or__(self, other: Filter) -> Filter:
+        return Or(self, _check(other))
+
+    def __invert__(self) -> Filter:
+        return Not(self)
+
+
+def _check(other: object) -> Filter:
+    if not isinstance(other, Filter):
+        raise InvalidArgumentError(f"filters combine with filters, not {type(other).__name__}")
+    return other
+
+
+@dataclass(frozen=True)
+class And(Filter):
+    left: Filter
+    right: Filter
+
+    def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
+        return self.left.mask(rows) & self.right.mask(rows)
+
+
+@dataclass(frozen=True)
+class Or(Filter):
+    left: Filter
+    right: Filter
+
+    def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
+        return self.left.mask(rows) | self.right.mask(rows)
+
+
+@dataclass(frozen=True)
+class Not(Filter):
+    inner: Filter
+
+    def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
+        return ~self.inner.mask(rows)
+
+
+def _strings(values: Iterable[object], what: str) -> frozenset[str]:
+    out = frozenset(values)
+    if not out or not all(isinstance(v, str) for v in out):
+        raise InvalidArgumentError(f"{what} takes one or more str values")
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, init=False)
+class Label(Filter):
+    """Rows whose label is one of ``labels``."""
+
+    labels: frozenset[str]
+
+    def __init__(self, *labels: str) -> None:
+        object.__setattr__(self, "labels", _strings(labels, "Label"))
+
+    def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
+        return np.fromiter((label in self.labels for label in rows.labels), dtype=bool, count=len(rows))
+
+
+@dataclass(frozen=True, init=False)
+class Ids(Filter):
+    """Rows whose id is one of ``ids`` (ids not in the table simply match nothing)."""
+
+    ids: frozenset[str]
+
+    def __init__(self, *ids: str) -> None:
+        object.__setattr__(self, "ids", _strings(ids, "Ids"))
+
+    def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
+        return np.fromiter((id_ in self.ids for id_ in rows.ids), dtype=bool, count=len(rows))
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True)
+class MetaCondition(Filter):
+    """``key`` equal to one of ``values`` (``values``), or within ``[low, high]`` (numbers)."""
+
+    key: str
+    values: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
+        column = rows.column(self.key)
+        if self.values is not None:
+            wanted = self.values
+            return np.fromiter((_equal_any(v, wanted) for v in column), dtype=bool, count=len(column))
+        low = -math.inf if self.low is None else self.low
+        high = math.inf if self.high is None else self.high
+        return np.fromiter((_is_number(v) and low <= v <= high for v in column), dtype=bool, count=len(column))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _equal_any(value: object, wanted: tuple[Any, ...]) -> bool:
+    """JSON equality: numbers by value (1 == 1.0), anything else only within its own type (true is not 1)."""
+    if value is _MISSING:
+        return False
+    return any((_is_number(value) and _is_number(w)) or type(value) is type(w) for w in wanted if value == w)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Conditions on one metadata key: ``Meta("year").eq(2024)``, ``.isin(a, b)``, ``.between(lo, hi)``."""
+
+    key: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str):
+            raise InvalidArgumentError(f"a metadata key is a str, not {type(self.key).__name__}")
+
+    def eq(self, value: object) -> MetaCondition:
+        return self.isin(value)
+
+    def isin(self, *values: object) -> MetaCondition:
+        if not values or not all(isinstance(v, _JSON_SCALARS) for v in values):
+            raise InvalidArgumentError("Meta(...).isin takes one or more JSON scalars (str, number, bool, None)")
+        return MetaCondition(self.key, values=tuple(values))
+
+    def between(self, low: float | None = None, high: float | None = None) -> MetaCondition:
+        """Numbers in ``[low, high]``; either bound may be left open (``None``)."""
+        for bound in (low, high):
+            if bound is not None and not (_is_number(bound) and math.isfinite(bound)):
+                raise InvalidArgumentError(f"range bounds are finite numbers or None, got {bound!r}")
+        if low is None and high is None:
+            raise InvalidArgumentError("between needs at least one bound")
+        if low is not None and high is not None and low > high:
+            raise InvalidArgumentError(f"empty range [{low}, {high}]")
+        return MetaCondition(self.key, low=low, high=high)
