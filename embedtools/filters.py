@@ -31,31 +31,80 @@ if TYPE_CHECKING:
 __all__ = ["And", "Filter", "Ids", "Label", "Meta", "MetaCondition", "Not", "Or", "RowSource"]
 
 _MISSING = object()
+_JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 class RowSource:
-    """What filters read from a table: ids, labels and metadata columns, parsed once and cached."""
+    """What filters read from a table, encoded once per key so a filter is a few vectorised passes.
+
+    Each metadata key (and the labels) becomes categorical codes (one int per row; equal JSON
+    values share a code, ``true`` and ``1`` do not) and, for ranges, a float column (NaN where the
+    row lacks the key or holds no number). Both are built on first use and kept with the table.
+    """
 
     def __init__(self, ids: tuple[str, ...], labels: tuple[str, ...], metadata: tuple[str, ...]) -> None:
         self.ids = ids
         self.labels = labels
         self._metadata = metadata
         self._rows: list[dict[str, Any]] | None = None
-        self._columns: dict[str, list[Any]] = {}
+        self._codes: dict[str | None, tuple[npt.NDArray[np.int64], dict[tuple[str, Any], int]]] = {}
+        self._numbers: dict[str, npt.NDArray[np.float64]] = {}
+        self._id_positions: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def column(self, key: str) -> list[Any]:
-        """Each row's value for ``key`` (a sentinel where the row lacks it)."""
-        if key not in self._columns:
-            if self._rows is None:
-                self._rows = [json.loads(text) for text in self._metadata]
-            values = [row.get(key, _MISSING) for row in self._rows]
-            if all(v is _MISSING for v in values):
-                raise InvalidArgumentError(f"no row has metadata key {key!r}")
-            self._columns[key] = values
-        return self._columns[key]
+    def _column(self, key: str) -> list[Any]:
+        if self._rows is None:
+            self._rows = [json.loads(text) for text in self._metadata]
+        values = [row.get(key, _MISSING) for row in self._rows]
+        if all(v is _MISSING for v in values):
+            raise InvalidArgumentError(f"no row has metadata key {key!r}")
+        return values
+
+    def codes(self, key: str | None) -> tuple[npt.NDArray[np.int64], dict[tuple[str, Any], int]]:
+        """Categorical codes of a metadata key's values (``None``: the labels); -1 marks no value."""
+        if key not in self._codes:
+            values: list[Any] = list(self.labels) if key is None else self._column(key)
+            table: dict[tuple[str, Any], int] = {}
+            codes = np.fromiter((_code(v, table) for v in values), dtype=np.int64, count=len(values))
+            self._codes[key] = (codes, table)
+        return self._codes[key]
+
+    def numbers(self, key: str) -> npt.NDArray[np.float64]:
+        if key not in self._numbers:
+            column = self._column(key)
+            self._numbers[key] = np.fromiter(
+                (float(v) if _is_number(v) else math.nan for v in column), dtype=np.float64, count=len(column)
+            )
+        return self._numbers[key]
+
+    def positions(self, ids: frozenset[str]) -> npt.NDArray[np.int64]:
+        if self._id_positions is None:
+            self._id_positions = {id_: i for i, id_ in enumerate(self.ids)}
+        found = [self._id_positions[i] for i in ids if i in self._id_positions]
+        return np.array(found, dtype=np.int64)
+
+    def matching(self, key: str | None, wanted: Iterable[object]) -> npt.NDArray[np.bool_]:
+        codes, table = self.codes(key)
+        wanted_codes = [table[k] for w in wanted if (k := _identity(w)) is not None and k in table]
+        return np.isin(codes, wanted_codes)
+
+
+def _identity(value: object) -> tuple[str, Any] | None:
+    """A JSON value's identity for equality: numbers by value (1 == 1.0), others within their type."""
+    if value is _MISSING or not isinstance(value, _JSON_SCALARS):
+        return None
+    if _is_number(value):
+        return ("number", float(value))  # type: ignore[arg-type]
+    return (type(value).__name__, value)
+
+
+def _code(value: object, table: dict[tuple[str, Any], int]) -> int:
+    identity = _identity(value)
+    if identity is None:
+        return -1
+    return table.setdefault(identity, len(table))
 
 
 class Filter(ABC):
@@ -124,7 +173,7 @@ class Label(Filter):
         object.__setattr__(self, "labels", _strings(labels, "Label"))
 
     def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
-        return np.fromiter((label in self.labels for label in rows.labels), dtype=bool, count=len(rows))
+        return rows.matching(None, self.labels)
 
 
 @dataclass(frozen=True, init=False)
@@ -137,10 +186,9 @@ class Ids(Filter):
         object.__setattr__(self, "ids", _strings(ids, "Ids"))
 
     def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
-        return np.fromiter((id_ in self.ids for id_ in rows.ids), dtype=bool, count=len(rows))
-
-
-_JSON_SCALARS = (str, int, float, bool, type(None))
+        out = np.zeros(len(rows), dtype=bool)
+        out[rows.positions(self.ids)] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -153,24 +201,17 @@ class MetaCondition(Filter):
     high: float | None = None
 
     def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
-        column = rows.column(self.key)
         if self.values is not None:
-            wanted = self.values
-            return np.fromiter((_equal_any(v, wanted) for v in column), dtype=bool, count=len(column))
+            return rows.matching(self.key, self.values)
+        numbers = rows.numbers(self.key)
         low = -math.inf if self.low is None else self.low
         high = math.inf if self.high is None else self.high
-        return np.fromiter((_is_number(v) and low <= v <= high for v in column), dtype=bool, count=len(column))
+        with np.errstate(invalid="ignore"):
+            return (numbers >= low) & (numbers <= high)  # NaN (no number) compares false
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _equal_any(value: object, wanted: tuple[Any, ...]) -> bool:
-    """JSON equality: numbers by value (1 == 1.0), anything else only within its own type (true is not 1)."""
-    if value is _MISSING:
-        return False
-    return any((_is_number(value) and _is_number(w)) or type(value) is type(w) for w in wanted if value == w)
 
 
 @dataclass(frozen=True)
