@@ -1,20 +1,23 @@
-"""``embedtools`` / ``python -m embedtools``: ``demo`` (the main job) and ``info``.
+"""``embedtools`` / ``python -m embedtools``: ``demo`` (the main job), ``info``, ``inspect``, ``convert``.
 
-Bad input ends with one line on stderr and exit code 2, never a traceback.
+Bad input ends with one line on stderr and exit code 2 (``inspect``: 1 for a bad file), never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from embedtools.errors import EmbedtoolsError
+from embedtools.errors import EmbedtoolsError, StoreFormatError, StoreNotFoundError
 
 __all__ = ["main"]
 
@@ -87,6 +90,46 @@ def info(backend: str, device: str | None) -> None:
     print(describe(backend, device))
 
 
+def inspect_file(path: Path) -> None:
+    """Print what a store file (or a seed folder) holds, after verifying every checksum."""
+    from embedtools import fileformat, seed_format
+
+    if path.is_dir():
+        if not seed_format.is_seed_folder(path):
+            raise StoreNotFoundError(f"{path} is a folder without metadata.json (not a seed store)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record = seed_format.read_seed_store(path)
+        print(f"{path}: embedding_tools 0.1.2 folder (seed format)")
+        for warning in caught:
+            print(f"  note: {warning.message}")
+        tables: list[tuple[int, int, list[str], int]] = [(t.dimension, len(t.ids), [], 0) for t in record.tables]
+    else:
+        record, header = fileformat.read_store(path)
+        print(f"{path}: {header['library']}, format {header['format']} v{header['version']}, all checksums verified")
+        print(f"  config {json.dumps(header['config'])} (hash {header['config_hash']})")
+        tables = [(t["dimension"], t["rows"], t.get("quantized", []), t.get("rotation", 0)) for t in header["tables"]]
+    for d, rows, quantized, rotation in tables:
+        extras = [f"quantized: {', '.join(quantized)}"] if quantized else []
+        extras += [f"PCA rotation, {rotation} axes"] if rotation else []
+        print(f"  table {d}d: {rows} rows, float32" + (f" ({'; '.join(extras)})" if extras else ""))
+
+
+def convert(source: Path, target: Path, max_memory_gb: float) -> None:
+    """Read a seed folder (or an embedtools file) and write it as an embedtools file."""
+    from embedtools.container import Container
+
+    container = Container()
+    container.config.from_dict({"backend": "numpy", "max_memory_gb": max_memory_gb})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = container.store().load(source)
+    for warning in caught:
+        print(f"note: {warning.message}")
+    store.save(target)
+    print(f"wrote {target}: " + ", ".join(f"{d}d x {len(store.table(d))} rows" for d in store.dimensions))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="embedtools", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,12 +140,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     info_parser = commands.add_parser("info", help="backends and devices usable here, what auto picks and why")
     info_parser.add_argument("--backend", default="auto")
     info_parser.add_argument("--device", default=None)
+    inspect_parser = commands.add_parser("inspect", help="verify a store file and list its tables (exit 1 if bad)")
+    inspect_parser.add_argument("file", type=Path)
+    convert_parser = commands.add_parser("convert", help="an embedding_tools 0.1.2 folder to an embedtools file")
+    convert_parser.add_argument("seed_dir", type=Path)
+    convert_parser.add_argument("file", type=Path)
+    convert_parser.add_argument("--max-memory-gb", type=float, default=8.0)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             demo(args.rows, args.dim, args.backend)
-        else:
+        elif args.command == "info":
             info(args.backend, args.device)
+        elif args.command == "inspect":
+            inspect_file(args.file)
+        else:
+            convert(args.seed_dir, args.file, args.max_memory_gb)
+    except (StoreFormatError, StoreNotFoundError) as exc:
+        print(f"embedtools: error: {exc}", file=sys.stderr)
+        return 1 if args.command == "inspect" else 2
     except EmbedtoolsError as exc:
         print(f"embedtools: error: {exc}", file=sys.stderr)
         return 2

@@ -48,3 +48,38 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).with_name("embedtools")
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "demo" in out.stdout and "info" in out.stdout
+
+
+FIXTURE = ROOT / "tests" / "fixtures" / "seed_store_0_1_2"
+
+
+def test_convert_then_inspect(tmp_path: Path) -> None:
+    target = tmp_path / "converted.safetensors"
+    out = run("convert", str(FIXTURE), str(target))
+    assert out.returncode == 0, out.stderr
+    assert "wrote" in out.stdout and "sliced_from" in out.stdout
+    out = run("inspect", str(target))
+    assert out.returncode == 0, out.stderr
+    assert "all checksums verified" in out.stdout and "table 8d: 6 rows, float32" in out.stdout
+    out = run("inspect", str(FIXTURE))
+    assert out.returncode == 0 and "seed format" in out.stdout
+
+
+def test_inspect_a_corrupt_file_exits_1_with_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "s"
+    assert run("convert", str(FIXTURE), str(target)).returncode == 0
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x40
+    target.write_bytes(bytes(data))
+    for path in (target, tmp_path / "missing", tmp_path):
+        out = run("inspect", str(path))
+        assert out.returncode == 1, out
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith("embedtools: error:") and "Traceback" not in out.stderr
+
+
+def test_convert_refuses_bad_input_without_writing(tmp_path: Path) -> None:
+    out = run("convert", str(tmp_path), str(tmp_path / "out"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    out = run("convert", str(FIXTURE), str(tmp_path / "out"), "--max-memory-gb", "0.0000001")
+    assert out.returncode == 2 and "asks for" in out.stderr
+    assert not (tmp_path / "out").exists()
