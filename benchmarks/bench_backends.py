@@ -12,28 +12,15 @@ two timed alternately so that drifting load on a shared machine hits both alike.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 import embedtools as et
-from benchmarks.common import blas_kernel, clustered, queries_near
+from benchmarks.common import blas_kernel, clustered, interleaved_best, problem_arguments, queries_near
 from embedtools.backends import available_backends, devices
-
-
-def interleaved_best(a: Callable[[], Any], b: Callable[[], Any], repeat: int) -> tuple[float, float]:
-    """Best-of-``repeat`` of each, alternating a and b so drifting load on a shared machine hits both."""
-    best = [float("inf"), float("inf")]
-    for _ in range(repeat):
-        for i, fn in enumerate((a, b)):
-            started = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - started)
-    return best[0], best[1]
 
 
 def naive(name: str, device: str, table: np.ndarray, queries: np.ndarray, k: int) -> Callable[[], Any]:
@@ -80,11 +67,7 @@ def naive(name: str, device: str, table: np.ndarray, queries: np.ndarray, k: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = problem_arguments(__doc__)
     parser.add_argument("--only", default=None, help="one backend name")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}; BLAS: {blas_kernel()}")
@@ -105,7 +88,8 @@ def main() -> None:
             store.search(queries, k=k)  # warm-up (kernels, caches)
             fn = naive(name, device, table, queries, k)
             fn()
-            ours, theirs = interleaved_best(lambda: store.search(queries, k=k), fn, repeat)  # noqa: B023
+            timed = interleaved_best({"store": lambda: store.search(queries, k=k), "naive": fn}, repeat)  # noqa: B023
+            ours, theirs = timed["store"], timed["naive"]
             ids = store.search(queries, k=k).indices
             if reference is None:
                 reference = ids

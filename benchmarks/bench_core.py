@@ -13,29 +13,16 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 import embedtools as et
-from benchmarks.common import blas_kernel, clustered, queries_near
+from benchmarks.common import best_of, blas_kernel, clustered, problem_arguments, queries_near
 
 F32 = npt.NDArray[np.float32]
-
-
-def best_of(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def import_seconds(code: str, repeat: int) -> float:
@@ -63,11 +50,7 @@ def seed_loop(queries: F32, table: F32, k: int) -> list[npt.NDArray[np.int64]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = problem_arguments(__doc__)
     args = parser.parse_args()
 
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, embedtools {et.__version__}")

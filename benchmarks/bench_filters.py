@@ -6,34 +6,16 @@ the unfiltered search in the same run (interleaved best of N), 100 cosine querie
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 import embedtools as et
-from benchmarks.common import blas_kernel, clustered, queries_near
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
+from benchmarks.common import blas_kernel, clustered, interleaved_best, problem_arguments, queries_near
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = problem_arguments(__doc__)
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}; BLAS: {blas_kernel()}")
     table = clustered(args.rows, args.dim, seed=0)
@@ -46,7 +28,7 @@ def main() -> None:
     ninety = et.Meta("bucket").between(10, None)
     for where in (one, ninety):
         store.search(queries, k=10, where=where)  # parses the metadata column once, as any first filter does
-    best = interleaved(
+    best = interleaved_best(
         {
             "unfiltered": lambda: store.search(queries, k=10),
             "keeps 1%": lambda: store.search(queries, k=10, where=one),

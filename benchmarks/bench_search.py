@@ -23,33 +23,21 @@ Every figure is printed beside its reference from the same run, as a ratio:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 import embedtools as et
-from benchmarks.common import blas_kernel, clustered, matryoshka_like, queries_near
+from benchmarks.common import best_of, blas_kernel, clustered, matryoshka_like, problem_arguments, queries_near
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 K = 10
-
-
-def best_of(fn: Callable[[], Any], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def sgemm_rate(repeat: int) -> float:
@@ -281,11 +269,7 @@ def section_big(rows: int, dim: int, n_queries: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = problem_arguments(__doc__)
     parser.add_argument("--big", action="store_true")
     parser.add_argument("--no-real", action="store_true", help="skip the real-embeddings sections")
     parser.add_argument("--big-only", action="store_true", help="only the 1,000,000-row section")

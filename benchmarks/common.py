@@ -2,8 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
+
+
+def problem_arguments(description: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every benchmark shares: the problem's size and how often to time it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5)
+    return parser
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> float:
+    """The fastest of ``repeat`` timed calls: the least disturbed reading on a shared machine."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def interleaved_best(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """Best of ``repeat`` for each, taking turns so drifting load on a shared machine hits all alike."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
 
 
 def clustered(rows: int, dim: int, seed: int, clusters: int = 1000) -> npt.NDArray[np.float32]:
