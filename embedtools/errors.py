@@ -16,6 +16,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidEmbeddingError",
     "MemoryLimitError",
+    "ReadOnlyStoreError",
     "StoreFormatError",
     "StoreNotEmptyError",
     "StoreNotFoundError",
@@ -58,6 +59,10 @@ class StoreNotFoundError(EmbedtoolsError, FileNotFoundError):
 
 class StoreNotEmptyError(EmbedtoolsError, RuntimeError):
     """``load`` was called on a store that already holds tables; it only fills empty stores."""
+
+
+class ReadOnlyStoreError(EmbedtoolsError, PermissionError):
+    """A change to a store whose tables are memory-mapped from a file; ``materialize()`` it first."""
 
 
 class UnhashableConfigError(EmbedtoolsError, TypeError):

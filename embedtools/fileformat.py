@@ -233,6 +233,23 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
             raise _fail(path, f"tensor {name} is {got_dtype}{list(got_shape)}, expected {dtype}{shape or '[m]'}")
 
 
+def _map_tensors(path: Path, names: set[str]) -> dict[str, npt.NDArray[Any]]:
+    """Read-only ``numpy.memmap`` views of float32 tensors, at the offsets safetensors' header gives."""
+    if not names:
+        return {}
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        entries = json.loads(handle.read(size))
+    out: dict[str, npt.NDArray[Any]] = {}
+    for name in names:
+        start, end = entries[name]["data_offsets"]
+        shape = tuple(entries[name]["shape"])
+        if end - start != int(np.prod(shape)) * 4:
+            raise _fail(path, f"tensor {name} has {end - start} bytes for shape {shape}")
+        out[name] = np.memmap(path, dtype="<f4", mode="r", offset=8 + size + start, shape=shape)
+    return out
+
+
 def read_table_shapes(path: str | os.PathLike[str]) -> tuple[TableShape, ...]:
     header = read_header(path)
     return tuple(
@@ -250,18 +267,26 @@ def _decode_strings(path: Path, name: str, data: npt.NDArray[Any], offsets: npt.
         raise _fail(path, f"{name}: invalid UTF-8") from None
 
 
-def read_store(path: str | os.PathLike[str]) -> tuple[StoreRecord, dict[str, Any]]:
-    """Every table of an embedtools file, each tensor checked against its SHA-256; and the header."""
+def read_store(path: str | os.PathLike[str], *, mmap: bool = False) -> tuple[StoreRecord, dict[str, Any]]:
+    """Every table of an embedtools file, each tensor checked against its SHA-256; and the header.
+
+    ``mmap=True`` maps the vector tensors read-only from the file instead of reading them into
+    memory (their checksums are still verified, by streaming through the mapping once).
+    """
     from safetensors import safe_open
 
     p = Path(path)
     header = read_header(p)
     digests: dict[str, str] = header["tensors"]
     arrays: dict[str, npt.NDArray[Any]] = {}
+    mapped = {name for name in digests if name.endswith("/vectors")} if mmap else set()
     try:
         with safe_open(str(p), framework="np") as handle:
-            for name in sorted(digests):
+            for name in sorted(set(digests) - mapped):
                 arrays[name] = handle.get_tensor(name)
+        arrays.update(_map_tensors(p, mapped))
+    except StoreFormatError:
+        raise
     except Exception as exc:
         raise _fail(p, f"unreadable tensor data ({type(exc).__name__}: {exc})") from None
     for name, array in arrays.items():
@@ -274,7 +299,9 @@ def read_store(path: str | os.PathLike[str]) -> tuple[StoreRecord, dict[str, Any
             field: _decode_strings(p, f"{d}d/{field}", arrays[f"{d}d/{field}.utf8"], arrays[f"{d}d/{field}.offsets"])
             for field in _STRING_FIELDS
         }
-        vectors = np.ascontiguousarray(arrays[f"{d}d/vectors"], dtype=np.float32)
+        vectors = arrays[f"{d}d/vectors"]
+        if not isinstance(vectors, np.memmap):
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         for i, text in enumerate(strings["metadata"]):
             if not _is_json_object(text):
                 raise _fail(p, f"{d}d/metadata row {i} is not a JSON object")

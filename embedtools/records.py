@@ -23,13 +23,15 @@ class TableShape:
     rows: int
     quantized: tuple[Quantization, ...] = ()
     rotation: int = 0
+    mapped: bool = False
 
     @property
     def nbytes(self) -> int:
-        """What the store holds for the table: float32 vectors and one norm per row, each quantised
-        index, and a PCA rotation (its ``d x d`` matrix and the rows rotated onto ``rotation`` axes)."""
+        """What the store holds in memory for the table: float32 vectors (unless memory-mapped from
+        the file) and one norm per row, each quantised index, and a PCA rotation (its ``d x d``
+        matrix and the rows rotated onto ``rotation`` axes)."""
         f32 = np.dtype(np.float32).itemsize
-        total = self.rows * (self.dimension + 1) * f32
+        total = self.rows * ((0 if self.mapped else self.dimension) + 1) * f32
         total += sum(QuantizedIndex.nbytes_for(kind, self.rows, self.dimension) for kind in self.quantized)
         if self.rotation:
             total += (self.dimension * self.dimension + self.rows * self.rotation) * f32

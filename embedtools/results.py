@@ -35,13 +35,15 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class TableMemory:
-    """A table's charge: ``nbytes`` in all, of which ``quantized[kind]`` for each quantised index."""
+    """A table's charge: ``nbytes`` in all, of which ``quantized[kind]`` for each quantised index;
+    ``mapped`` tables' vectors live in their file and are not charged."""
 
     dimension: int
     rows: int
     dtype: str
     nbytes: int
     quantized: Mapping[str, int] = field(default_factory=dict)
+    mapped: bool = False
 
 
 @dataclass(frozen=True)

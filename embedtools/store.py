@@ -27,6 +27,7 @@ from embedtools.errors import (
     InvalidArgumentError,
     InvalidEmbeddingError,
     MemoryLimitError,
+    ReadOnlyStoreError,
     StoreFormatError,
     StoreNotEmptyError,
     StoreNotFoundError,
@@ -94,6 +95,7 @@ class EmbeddingStore:
         self._token = secrets.token_hex(4)
         self._charges: dict[int, int] = {}
         self._owners: dict[int, str] = {}
+        self._mapped_from: Path | None = None
         weakref.finalize(self, _release_all, accountant, self._charges, self._owners)
 
     # ------------------------------------------------------------------ collaborators and config
@@ -171,6 +173,7 @@ class EmbeddingStore:
         ``"1"``, ...); omitted labels are ``""`` and metadata ``{}``. ``replace=True`` swaps the whole
         table for these rows (the seed's ``add_embeddings``), charging only the size difference.
         """
+        self._check_writable()
         host = as_float32_matrix(vectors)
         n, d = host.shape
         old = None if replace else self._tables.get(d)
@@ -213,7 +216,8 @@ class EmbeddingStore:
 
     def _to_device(self, host: npt.NDArray[np.float32], what: str) -> tuple[Any, Any]:
         """The backend's copy of validated host vectors and their row norms (computed once, here)."""
-        if not np.isfinite(host).all():
+        step = max(1, (1 << 24) // max(host.shape[1], 1))  # chunks, so a mapped table is not read whole
+        if not all(np.isfinite(host[i : i + step]).all() for i in range(0, host.shape[0], step)):
             raise InvalidEmbeddingError(f"{what} contain NaN or infinite values")
         arr = self._backend.from_numpy(host)
         norms = self._backend.row_norms(arr)
@@ -282,6 +286,7 @@ class EmbeddingStore:
         """Remove the rows with these ids from the table of ``dimension``, or from every table that
         has them (``None``); return how many rows went. Their bytes go back to the budget; a table
         left without rows is dropped. An id found in no table raises :class:`UnknownIdError`."""
+        self._check_writable()
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
             raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
         wanted = tuple(dict.fromkeys(check_strings(ids, len(ids), "ids")))
@@ -333,6 +338,7 @@ class EmbeddingStore:
     ) -> None:
         """Replace the vectors, labels and/or metadata of existing rows, found by id, in one table
         (the vectors' width, or ``dimension``). Rows keep their positions; what is not given is kept."""
+        self._check_writable()
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
             raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
         n = len(ids)
@@ -374,6 +380,7 @@ class EmbeddingStore:
         adds, saves and loads; ``search(..., quantized=kind)`` then shortlists with it.
         Quantising again recalibrates.
         """
+        self._check_writable()
         d = check_dimension(dimension)
         kind = check_quantization(kind)
         state = self._state(d)
@@ -397,6 +404,7 @@ class EmbeddingStore:
         rescores against the original vectors, so scores stay exact. Everything is charged; fitting
         again replaces the rotation. The stored vectors themselves are never changed.
         """
+        self._check_writable()
         d = check_dimension(dimension)
         state = self._state(d)
         p = max(d // 4, 1) if components is None else check_positive_int(components, "components", upper=d)
@@ -413,6 +421,7 @@ class EmbeddingStore:
         self._commit({d: new_bytes}, build)
 
     def drop_rotation(self, dimension: int) -> None:
+        self._check_writable()
         d = check_dimension(dimension)
         state = self._state(d)
         if state.rotation is None:
@@ -427,6 +436,7 @@ class EmbeddingStore:
 
     def drop_quantized(self, dimension: int, kind: Quantization) -> None:
         """Remove one quantised index and give its bytes back."""
+        self._check_writable()
         d = check_dimension(dimension)
         kind = check_quantization(kind)
         state = self._state(d)
@@ -634,6 +644,7 @@ class EmbeddingStore:
                 dtype="float32",
                 nbytes=self._charges[d],
                 quantized={kind: index.nbytes for kind, index in self._tables[d].quantized.items()},
+                mapped=self._mapped_from is not None,
             )
             for d in self.dimensions
         }
@@ -662,27 +673,37 @@ class EmbeddingStore:
         )
         fileformat.write_store(path, StoreRecord(tables=tables, config=self._config), self.config_hash)
 
-    def load(self, path: str | os.PathLike[str]) -> Self:
+    def load(self, path: str | os.PathLike[str], *, mmap: bool = False) -> Self:
         """Fill this empty store from an embedtools file or a seed ``save_to_disk`` folder; return it.
 
         The memory budget is charged from the file's header before any vector is read; if anything
         fails (budget, checksum, format) the store is left empty and nothing stays reserved.
+
+        ``mmap=True`` (NumPy backend, embedtools files) maps the tables read-only from the file
+        instead of reading them into memory: a table larger than RAM is searched block by block at
+        disk speed, the budget charges only what is resident (norms, ids, indexes), and the store is
+        read-only (:class:`ReadOnlyStoreError`) until :meth:`materialize` copies it into memory.
+        Torch and MLX keep tables in their own (device) memory and refuse ``mmap``.
         """
         if self._tables:
             raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
         p = Path(path)
         if not p.exists():
             raise StoreNotFoundError(f"no store at {p}")
+        if mmap and self._backend.name != "numpy":
+            raise InvalidArgumentError(f"mmap=True needs the numpy backend; {self._backend.name} copies tables to its device")
         if p.is_dir():
+            if mmap:
+                raise InvalidArgumentError("mmap=True reads embedtools files; convert a seed folder first")
             if not seed_format.is_seed_folder(p):
                 raise StoreNotFoundError(f"{p} is a folder without metadata.json (not a seed store)")
             shapes: tuple[TableShape, ...] = seed_format.read_seed_shapes(p)
         else:
-            shapes = fileformat.read_table_shapes(p)
+            shapes = tuple(replace(shape, mapped=mmap) for shape in fileformat.read_table_shapes(p))
         loaded: list[StoreRecord] = []
 
         def build() -> Mapping[int, TableState]:
-            record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p)[0]
+            record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p, mmap=mmap)[0]
             if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
                 raise StoreFormatError(f"{p} changed while it was being loaded")
             loaded.append(record)
@@ -690,7 +711,35 @@ class EmbeddingStore:
 
         self._commit({s.dimension: s.nbytes for s in shapes}, build)
         self._config = dict(loaded[0].config)
+        self._mapped_from = p if mmap and shapes else None
         return self
+
+    @property
+    def mapped_from(self) -> Path | None:
+        """The file this store's tables are memory-mapped from (read-only until materialised)."""
+        return self._mapped_from
+
+    def materialize(self) -> None:
+        """Copy memory-mapped tables into memory (charging them) and make the store writable."""
+        if self._mapped_from is None:
+            return
+        new_bytes = {d: self._charges[d] + state.rows * d * F32_BYTES for d, state in self._tables.items()}
+
+        def build() -> Mapping[int, TableState]:
+            return {
+                d: replace(state, vectors=self._backend.from_numpy(np.array(state.vectors, dtype=np.float32)))
+                for d, state in self._tables.items()
+            }
+
+        self._commit(new_bytes, build)
+        self._mapped_from = None
+
+    def _check_writable(self) -> None:
+        if self._mapped_from is not None:
+            raise ReadOnlyStoreError(
+                f"this store's tables are memory-mapped from {self._mapped_from} and read-only; "
+                "call store.materialize() to copy them into memory first"
+            )
 
     def _state_from_record(self, record: TableRecord) -> TableState:
         index: dict[str, int] = {}
