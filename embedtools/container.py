@@ -15,6 +15,7 @@ from embedtools.backends import make_backend, resolve
 from embedtools.budget import ByteBudget
 from embedtools.errors import InvalidArgumentError
 from embedtools.hashing import DEFAULT_HASH_LENGTH, Sha256Hasher
+from embedtools.progress import check_progress
 from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant
 from embedtools.store import EmbeddingStore
 from embedtools.validation import check_positive_int
@@ -26,6 +27,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "device": None,
     "max_memory_gb": 8.0,
     "hash_length": DEFAULT_HASH_LENGTH,
+    "progress": "auto",
 }
 
 
@@ -57,6 +59,10 @@ def _hasher(hash_length: object) -> Hasher:
     return Sha256Hasher(check_positive_int(hash_length, "hash_length", upper=64))
 
 
+def _store(backend: ArrayBackend[Any], accountant: MemoryAccountant, hasher: Hasher, progress: object) -> EmbeddingStore:
+    return EmbeddingStore(backend, accountant, hasher, progress=check_progress(progress))
+
+
 class Container(containers.DeclarativeContainer):
     """``Container().store()`` gives a store wired from ``config``.
 
@@ -74,5 +80,5 @@ class Container(containers.DeclarativeContainer):
     )
     hasher: providers.Provider[Hasher] = providers.Singleton(_hasher, hash_length=config.hash_length)
     store: providers.Provider[EmbeddingStore] = providers.Factory(
-        EmbeddingStore, backend=backend, accountant=accountant, hasher=hasher
+        _store, backend=backend, accountant=accountant, hasher=hasher, progress=config.progress
     )

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from embedtools.errors import (
     StoreNotFoundError,
     UnknownIdError,
 )
+from embedtools.progress import check_progress, progress_bar, shows
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.records import StoreRecord, TableRecord, TableShape
 from embedtools.filters import Filter
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = ["GATHER_FRACTION", "EmbeddingStore"]
+
+#: Queries per step of a search large enough to show progress (a bar shows only on a terminal).
+_PROGRESS_QUERIES = 256
 
 #: A filter matching at most this share of a table's rows is searched by gathering those rows
 #: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
@@ -85,6 +89,7 @@ class EmbeddingStore:
         hasher: Hasher,
         *,
         search_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        progress: bool | None = None,
     ) -> None:
         self._backend = backend
         self._accountant = accountant
@@ -96,6 +101,7 @@ class EmbeddingStore:
         self._charges: dict[int, int] = {}
         self._owners: dict[int, str] = {}
         self._mapped_from: Path | None = None
+        self._progress = check_progress(progress)
         weakref.finalize(self, _release_all, accountant, self._charges, self._owners)
 
     # ------------------------------------------------------------------ collaborators and config
@@ -555,10 +561,31 @@ class EmbeddingStore:
         mask = self._filter_mask(state, where, index)
         kk = min(k, state.rows if mask is None else int(np.count_nonzero(mask)))
         q = np.ascontiguousarray(q[:, :dim])
+        plan = _SearchPlan(source, state, dim, kk, metric, stages, index, mask, rescore)
         if q.shape[0] == 0 or kk == 0:
             scores = np.empty((q.shape[0], kk), dtype=np.float32)
             indices = np.empty((q.shape[0], kk), dtype=np.int64)
-        elif index is not None:
+        else:
+            # only a search that will draw a bar is cut into steps (each reads the table once more)
+            step = max(_PROGRESS_QUERIES, -(-q.shape[0] // 20))
+            split = shows(self._progress) and q.shape[0] > step
+            chunks = [slice(i, i + step) for i in range(0, q.shape[0], step)] if split else [slice(None)]
+            parts = []
+            with progress_bar(self._progress if len(chunks) > 1 else False, q.shape[0], "search", "queries") as bar:
+                for chunk in chunks:
+                    parts.append(self._run_plan(plan, q[chunk]))
+                    bar.update(len(parts[-1][1]))
+            scores = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+            indices = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        scores.setflags(write=False)
+        indices.setflags(write=False)
+        ids = [[state.ids[i] for i in row] for row in indices.tolist()]
+        return SearchResult(indices=indices, scores=scores, ids=ids, metric=metric, dimension=dim, source_dimension=source)
+
+    def _run_plan(self, plan: _SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """One batch of validated host queries through the planned search (exact, funnel or quantised)."""
+        source, state, dim, kk, metric, stages, index, mask, rescore = plan
+        if index is not None:
             corpus, norms = self._view(source, state, dim, metric)
             host_norms = np.asarray(self._backend.to_numpy(state.norms), dtype=np.float32)
             shortlist = index.shortlist(q, kk * rescore, metric, host_norms, self._block_bytes)
@@ -577,10 +604,7 @@ class EmbeddingStore:
             for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
                 stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)
                 scores, indices = rescore_rows(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
-        scores.setflags(write=False)
-        indices.setflags(write=False)
-        ids = [[state.ids[i] for i in row] for row in indices.tolist()]
-        return SearchResult(indices=indices, scores=scores, ids=ids, metric=metric, dimension=dim, source_dimension=source)
+        return scores, indices
 
     def _masked_topk(
         self, q: npt.NDArray[np.float32], corpus: Any, norms: Any, k: int, metric: Metric, mask: npt.NDArray[np.bool_] | None
@@ -659,19 +683,23 @@ class EmbeddingStore:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the store to one file, atomically: the old file survives any failure or crash."""
-        tables = tuple(
-            TableRecord(
-                vectors=np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32),
-                ids=state.ids,
-                labels=state.labels,
-                metadata=state.metadata,
-                quantized=tuple(state.quantized[kind] for kind in sorted(state.quantized)),
-                rotation=state.rotation.matrix if state.rotation else None,
-                rotation_components=state.rotation.components if state.rotation else 0,
-            )
-            for _, state in sorted(self._tables.items())
-        )
-        fileformat.write_store(path, StoreRecord(tables=tables, config=self._config), self.config_hash)
+        with progress_bar(self._progress, len(self._tables) + 1, f"save {Path(path).name}", "steps") as bar:
+            tables = []
+            for _, state in sorted(self._tables.items()):
+                tables.append(
+                    TableRecord(
+                        vectors=np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32),
+                        ids=state.ids,
+                        labels=state.labels,
+                        metadata=state.metadata,
+                        quantized=tuple(state.quantized[kind] for kind in sorted(state.quantized)),
+                        rotation=state.rotation.matrix if state.rotation else None,
+                        rotation_components=state.rotation.components if state.rotation else 0,
+                    )
+                )
+                bar.update()
+            fileformat.write_store(path, StoreRecord(tables=tuple(tables), config=self._config), self.config_hash)
+            bar.update()
 
     def load(self, path: str | os.PathLike[str], *, mmap: bool = False) -> Self:
         """Fill this empty store from an embedtools file or a seed ``save_to_disk`` folder; return it.
@@ -703,11 +731,17 @@ class EmbeddingStore:
         loaded: list[StoreRecord] = []
 
         def build() -> Mapping[int, TableState]:
-            record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p, mmap=mmap)[0]
-            if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
-                raise StoreFormatError(f"{p} changed while it was being loaded")
-            loaded.append(record)
-            return {table.dimension: self._state_from_record(table) for table in record.tables}
+            with progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
+                record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p, mmap=mmap)[0]
+                bar.update()
+                if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
+                    raise StoreFormatError(f"{p} changed while it was being loaded")
+                loaded.append(record)
+                states = {}
+                for table in record.tables:
+                    states[table.dimension] = self._state_from_record(table)
+                    bar.update()
+            return states
 
         self._commit({s.dimension: s.nbytes for s in shapes}, build)
         self._config = dict(loaded[0].config)
@@ -782,3 +816,17 @@ def _check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
         if size < k or (i and size > stages[i - 1][1]):
             raise InvalidArgumentError(f"funnel shortlists must be >= k={k} and must not grow: {stages}")
     return stages
+
+
+class _SearchPlan(NamedTuple):
+    """What a validated search runs on: the table, the width, and the strategy."""
+
+    source: int
+    state: TableState
+    dim: int
+    k: int
+    metric: Metric
+    stages: list[tuple[int, int]]
+    quantized: QuantizedIndex | None
+    mask: npt.NDArray[np.bool_] | None
+    rescore: int

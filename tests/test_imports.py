@@ -21,7 +21,7 @@ def test_import_loads_no_heavy_library() -> None:
     loaded = json.loads(
         run(
             "import sys, json, embedtools; "
-            "print(json.dumps([m for m in ('torch', 'mlx', 'jax', 'dependency_injector', 'safetensors') if m in sys.modules]))"
+            "print(json.dumps([m for m in ('torch', 'mlx', 'jax', 'dependency_injector', 'safetensors', 'tqdm') if m in sys.modules]))"
         )
     )
     assert loaded == []

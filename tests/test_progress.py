@@ -1,0 +1,61 @@
+"""Progress bars: drawn when asked (or on a terminal), silent otherwise, never changing results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import embedtools as et
+from embedtools import ByteBudget, EmbeddingStore, InvalidArgumentError, Sha256Hasher
+from tests.helpers import clustered
+
+
+def make_store(progress: bool | None) -> EmbeddingStore:
+    store = EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher(), progress=progress)
+    store.add(clustered(2000, 16))
+    store.add(clustered(100, 8, seed=1))
+    return store
+
+
+def test_bars_are_drawn_when_forced_and_results_do_not_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queries = clustered(1200, 16, seed=2)
+    quiet = make_store(False).search(queries, k=5)
+    capsys.readouterr()
+    loud = make_store(True)
+    result = loud.search(queries, k=5)
+    assert "search" in capsys.readouterr().err
+    np.testing.assert_array_equal(result.indices, quiet.indices)
+    np.testing.assert_array_equal(result.scores, quiet.scores)
+    loud.save(tmp_path / "s")
+    assert "save s" in capsys.readouterr().err
+    EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher(), progress=True).load(tmp_path / "s")
+    assert "load s" in capsys.readouterr().err
+
+
+def test_auto_is_silent_off_a_terminal_and_does_not_split_work(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make_store(None)
+    calls: list[int] = []
+    original = store._run_plan
+
+    def counting(plan: Any, q: np.ndarray) -> Any:
+        calls.append(len(q))
+        return original(plan, q)
+
+    monkeypatch.setattr(store, "_run_plan", counting)
+    store.search(clustered(1200, 16, seed=2), k=5)
+    assert calls == [1200]  # one step: pytest's stderr is not a terminal
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_setting_through_the_container() -> None:
+    for value, expected in (("auto", None), (True, True), (False, False), (None, None)):
+        c = et.Container()
+        c.config.progress.from_value(value)
+        assert c.store()._progress is expected
+    c = et.Container()
+    c.config.progress.from_value("yes")
+    with pytest.raises(InvalidArgumentError):
+        c.store()
