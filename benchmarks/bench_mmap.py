@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import embedtools as et
-from benchmarks.common import blas_kernel, clustered, problem_arguments, queries_near
+from benchmarks.common import blas_kernel, clustered, problem_arguments
 
 CHILD = """
 import json, os, sys, time
