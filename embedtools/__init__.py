@@ -31,6 +31,7 @@ from embedtools.hashing import Sha256Hasher, canonical_json, config_hash, param_
 from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant, MemoryReport, Metric
 from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.store import EmbeddingStore
+from embedtools.study import StudyRow, StudyTable, study
 from embedtools.tables import Table
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ __all__ = [
     "ReadOnlyStoreError",
     "SearchResult",
     "Sha256Hasher",
+    "StudyRow",
+    "StudyTable",
     "StoreFormatError",
     "StoreNotEmptyError",
     "StoreNotFoundError",
@@ -83,6 +86,7 @@ __all__ = [
     "describe",
     "make_backend",
     "param_hash",
+    "study",
 ]
 
 

@@ -1,4 +1,5 @@
-"""``embedtools`` / ``python -m embedtools``: ``demo`` (the main job), ``info``, ``inspect``, ``convert``.
+"""``embedtools`` / ``python -m embedtools``: ``demo`` (the main job), ``info``, ``inspect``, ``convert``,
+``study``.
 
 Bad input ends with one line on stderr and exit code 2 (``inspect``: 1 for a bad file), never a
 traceback.
@@ -14,10 +15,11 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from embedtools.errors import EmbedtoolsError, StoreFormatError, StoreNotFoundError
+from embedtools.errors import EmbedtoolsError, InvalidEmbeddingError, StoreFormatError, StoreNotFoundError
 
 __all__ = ["main"]
 
@@ -130,6 +132,39 @@ def convert(source: Path, target: Path, max_memory_gb: float) -> None:
     print(f"wrote {target}: " + ", ".join(f"{d}d x {len(store.table(d))} rows" for d in store.dimensions))
 
 
+def run_study(vectors: Path, queries: Path, out: Path, k: int, dimensions: list[int] | None) -> None:
+    """The truncation study from files: ``.npy`` arrays of vectors and of queries (or a store file)."""
+    from embedtools.container import Container
+    from embedtools.study import study
+
+    container = Container()
+    container.config.from_dict({"backend": "numpy", "max_memory_gb": 64.0})
+    store = container.store()
+    if vectors.suffix == ".npy":
+        store.add(_load_npy(vectors))
+    else:
+        store.load(vectors)
+    table = study(store, _load_npy(queries), k=k, dimensions=dimensions)
+    if not out.is_dir():
+        raise StoreNotFoundError(f"output folder {out} does not exist")
+    (out / "study.md").write_text(table.to_markdown() + "\n", encoding="utf-8")
+    print(table.to_markdown())
+    try:
+        print(f"\nwrote {out / 'study.md'} and {table.plot(out / 'study.png')}")
+    except EmbedtoolsError as exc:  # matplotlib missing: the table still stands
+        print(f"\nwrote {out / 'study.md'}; no plot: {exc}")
+
+
+def _load_npy(path: Path) -> np.ndarray[Any, Any]:
+    try:
+        out: np.ndarray[Any, Any] = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"no file {path}") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidEmbeddingError(f"{path} is not a readable .npy array: {exc}") from None
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="embedtools", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert_parser.add_argument("seed_dir", type=Path)
     convert_parser.add_argument("file", type=Path)
     convert_parser.add_argument("--max-memory-gb", type=float, default=8.0)
+    study_parser = commands.add_parser("study", help="recall@k of prefixes, funnels and quantised indexes; table and plot")
+    study_parser.add_argument("vectors", type=Path, help=".npy (rows, d) float array, or an embedtools store file")
+    study_parser.add_argument("queries", type=Path, help=".npy (queries, d) float array")
+    study_parser.add_argument("--out", type=Path, default=Path("."), help="folder for study.md and study.png")
+    study_parser.add_argument("--k", type=int, default=10)
+    study_parser.add_argument("--dimensions", type=int, nargs="*", default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -154,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             info(args.backend, args.device)
         elif args.command == "inspect":
             inspect_file(args.file)
+        elif args.command == "study":
+            run_study(args.vectors, args.queries, args.out, args.k, args.dimensions)
         else:
             convert(args.seed_dir, args.file, args.max_memory_gb)
     except (StoreFormatError, StoreNotFoundError) as exc:
