@@ -29,7 +29,10 @@ __all__ = [
 
 def _foreign_to_host(data: object) -> object:
     """A torch tensor (any device, with or without grad, bfloat16 too) as something NumPy reads;
-    MLX arrays and NumPy-likes pass through (NumPy reads them through the buffer protocol)."""
+    MLX arrays and NumPy-likes pass through (NumPy reads them through the buffer protocol). A list
+    of arrays (sentence-transformers' ``encode`` without ``convert_to_*``) is stacked row by row."""
+    if isinstance(data, (list, tuple)) and data and all(hasattr(item, "__dlpack__") for item in data):
+        return np.stack([np.asarray(_foreign_to_host(item)) for item in data])
     if isinstance(data, np.ndarray) or not callable(getattr(data, "detach", None)):
         return data
     tensor = data.detach().cpu()  # type: ignore[attr-defined]

@@ -148,3 +148,7 @@ def test_add_and_search_take_torch_and_mlx_arrays(pair: tuple[str, str]) -> None
     np.testing.assert_array_equal(store.table(4).to_numpy(), host[:, :4])
     assert store.search(torch.from_numpy(host[3]), k=1).indices.tolist() == [[3]]
     assert store.search(mx.array(host[:2, :4]), k=1).indices.tolist() == [[0], [1]]
+    # sentence-transformers' encode without convert_to_*: a list of 1-D tensors (or arrays)
+    store.add([torch.from_numpy(row) for row in clustered(3, 8, seed=7)])
+    np.testing.assert_array_equal(store.table(8).to_numpy()[-3:], clustered(3, 8, seed=7))
+    assert store.search([mx.array(host[5, :4])], k=1).indices.tolist() == [[5]]
