@@ -43,7 +43,7 @@ def shows(setting: bool | None) -> bool:
 @contextmanager
 def progress_bar(setting: bool | None, total: int, desc: str, unit: str = "it") -> Iterator[Bar]:
     """A bar of ``total`` steps, or a silent stand-in when progress is off here."""
-    if not shows(setting) or total <= 1:
+    if not shows(setting) or total < 1:
         yield _Silent()
         return
     from tqdm import tqdm  # imported only when a bar is really shown

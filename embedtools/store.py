@@ -60,6 +60,8 @@ __all__ = ["GATHER_FRACTION", "EmbeddingStore"]
 
 #: Queries per step of a search large enough to show progress (a bar shows only on a terminal).
 _PROGRESS_QUERIES = 256
+#: Rows from which an add shows a (one-step) bar while the table is built.
+_PROGRESS_ROWS = 100_000
 
 #: A filter matching at most this share of a table's rows is searched by gathering those rows
 #: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
@@ -217,7 +219,8 @@ class EmbeddingStore:
             )
             return {d: state}
 
-        self._commit({d: table_bytes}, build)
+        with progress_bar(self._progress if n >= _PROGRESS_ROWS else False, 1, f"add {n} x {d}", "tables"):
+            self._commit({d: table_bytes}, build)
         return new_ids
 
     def _to_device(self, host: npt.NDArray[np.float32], what: str) -> tuple[Any, Any]:

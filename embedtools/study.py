@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedtools.errors import InvalidArgumentError
+from embedtools.progress import Bar, progress_bar
 from embedtools.protocols import Metric
 from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
 from embedtools.validation import as_queries, check_positive_int
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from embedtools.store import EmbeddingStore
 
 __all__ = ["StudyRow", "StudyTable", "study"]
@@ -122,12 +125,14 @@ def study(
     funnel_shortlist: int = 100,
     metric: Metric = "cosine",
     repeat: int = 3,
+    progress: bool | None = None,
 ) -> StudyTable:
     """Measure every prefix dimension (plain and as a funnel), and each quantised index, on ``store``.
 
     ``dimension`` is the table studied (default: the widest); ``dimensions`` the prefixes (default:
     halvings of the width down to 16). Quantised indexes the table lacks are built for the study and
-    dropped after it (they are charged while they exist); the store is otherwise unchanged.
+    dropped after it (they are charged while they exist); the store is otherwise unchanged, but for
+    the caches its searches keep. ``progress`` as for the store (a bar on a terminal).
     """
     q = as_queries(queries)
     full = max(store.dimensions) if dimension is None and store.dimensions else dimension
@@ -146,17 +151,36 @@ def study(
         if any(d > full for d in dims):
             raise InvalidArgumentError(f"study dimensions must be at most {full}")
     q = q[:, :full]
+    with progress_bar(progress, 2 * len(dims) + len(quantizations), "study", "settings") as bar:
+        return _measure(store, q, full, dims, k, metric, quantizations, rescore, funnel_shortlist, repeat, bar)
+
+
+def _measure(
+    store: EmbeddingStore,
+    q: npt.NDArray[np.float32],
+    full: int,
+    dims: list[int],
+    k: int,
+    metric: Metric,
+    quantizations: Sequence[Quantization],
+    rescore: int,
+    funnel_shortlist: int,
+    repeat: int,
+    bar: Bar,
+) -> StudyTable:
     truth, exact_time = _timed(lambda: store.search(q, k=k, metric=metric).indices, repeat)
     rows: list[StudyRow] = []
     per_query = 1e3 / max(q.shape[0], 1)
     for d in dims:
         found, t = (truth, exact_time) if d == full else _timed(lambda: store.search(q, k=k, dimension=d, metric=metric).indices, repeat)  # noqa: B023
         rows.append(StudyRow("prefix", d, f"{d}-d exact", _recall(found, truth), t * per_query, d * 4))
+        bar.update()
     for d in dims:
         if d < full:
             funnel = [(d, max(funnel_shortlist, k))]
             found, t = _timed(lambda: store.search(q, k=k, metric=metric, funnel=funnel).indices, repeat)  # noqa: B023
             rows.append(StudyRow("funnel", d, f"{d}-d x{funnel[0][1]} -> {full}-d", _recall(found, truth), t * per_query, d * 4))
+        bar.update()
     for kind in quantizations:
         built_here = kind not in store._tables[full].quantized
         if built_here:
@@ -169,4 +193,5 @@ def study(
         n = len(store.table(full))
         nbytes = QuantizedIndex.nbytes_for(kind, n, full) / n  # calibration spread over the rows
         rows.append(StudyRow(kind, full, f"{kind}, rescore x{rescore}", _recall(found, truth), t * per_query, nbytes))
+        bar.update()
     return StudyTable(rows=tuple(rows), full_dimension=full, k=k, metric=metric)

@@ -59,3 +59,13 @@ def test_progress_setting_through_the_container() -> None:
     c.config.progress.from_value("yes")
     with pytest.raises(InvalidArgumentError):
         c.store()
+
+
+def test_long_adds_and_studies_draw_bars(capsys: pytest.CaptureFixture[str]) -> None:
+    store = EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher(), progress=True)
+    store.add(clustered(100_000, 4))
+    assert "add 100000 x 4" in capsys.readouterr().err
+    store.add(clustered(10, 4, seed=1))  # a short add draws nothing
+    assert capsys.readouterr().err == ""
+    et.study(store, clustered(20, 4, seed=2), k=3, dimensions=[4, 2], quantizations=["int8"], progress=True)
+    assert "study" in capsys.readouterr().err
