@@ -180,7 +180,7 @@ def section_quantized(name: str, table: F32, queries: F32, repeat: int) -> None:
     print(f"\n== quantised shortlists + exact rescoring, {name}: {table.shape[0]:,} x {table.shape[1]}, "
           f"{queries.shape[0]} queries (exact search {exact * 1e3:.1f} ms) ==")
     print(f"{'index':<10}{'bytes/row':>10}{'smaller':>9}{'rescore':>9}{'time':>11}{'vs exact':>10}{'recall@10':>11}")
-    for kind in ("float16", "int8", "binary"):
+    for kind in ("float16", "bfloat16", "int8", "binary"):
         store.quantize(table.shape[1], kind)
         index_bytes = store.memory_info().tables[table.shape[1]].quantized[kind]
         per_row = index_bytes / table.shape[0]

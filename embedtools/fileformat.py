@@ -218,6 +218,8 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
             prefix = f"{d}d/quantized.{kind}"
             if kind == "float16":
                 expected[f"{prefix}.codes"] = ("F16", [n, d])
+            elif kind == "bfloat16":
+                expected[f"{prefix}.codes"] = ("U16", [n, d])
             elif kind == "binary":
                 expected[f"{prefix}.codes"] = ("U8", [n, (d + 7) // 8])
             else:
@@ -334,7 +336,8 @@ def _read_quantized(path: Path, d: int, kind: Quantization, arrays: Mapping[str,
     prefix = f"{d}d/quantized.{kind}"
     codes = arrays[f"{prefix}.codes"]
     if kind != "int8":
-        if kind == "float16" and not np.isfinite(codes).all():
+        values = (codes.astype(np.uint32) << np.uint32(16)).view(np.float32) if kind == "bfloat16" else codes
+        if kind in ("float16", "bfloat16") and not np.isfinite(values).all():
             raise _fail(path, f"{prefix} holds NaN or infinite values")
         return QuantizedIndex(kind, d, codes)
     scale, offset = arrays[f"{prefix}.scale"], arrays[f"{prefix}.offset"]

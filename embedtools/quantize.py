@@ -9,6 +9,8 @@ BLAS): a first step that makes their memory and recall measurable; moving them o
 devices is left for later.
 
 * ``float16``: half the bytes; ranks by ``q · x16`` (cosine by the table's float32 norms).
+* ``bfloat16``: half the bytes, float32's range with 8 bits of mantissa; kept as raw 16-bit words
+  (NumPy has no bfloat16 dtype), rounded to nearest even exactly as torch and MLX round.
 * ``int8``: a quarter; per-dimension calibration ``x ≈ offset + scale · code`` from the table's
   own min/max (stored with the index), ranked by ``(q ⊙ scale) · code + q · offset``.
 * ``binary``: 1/32; the sign bit of each value, ranked by Hamming distance between the query's and
@@ -33,8 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["QUANTIZATIONS", "Quantization", "QuantizedIndex", "check_quantization"]
 
-Quantization = Literal["float16", "int8", "binary"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("float16", "int8", "binary")
+Quantization = Literal["float16", "bfloat16", "int8", "binary"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("float16", "bfloat16", "int8", "binary")
 
 F32 = np.float32
 
@@ -59,7 +61,7 @@ class QuantizedIndex:
     @staticmethod
     def nbytes_for(kind: Quantization, rows: int, dimension: int) -> int:
         """Bytes an index of this kind takes, known before it is built (for the budget)."""
-        if kind == "float16":
+        if kind in ("float16", "bfloat16"):
             return rows * dimension * 2
         if kind == "int8":
             return rows * dimension + 2 * dimension * 4
@@ -75,6 +77,8 @@ class QuantizedIndex:
         d = vectors.shape[1]
         if kind == "float16":
             return cls(kind, d, vectors.astype(np.float16))
+        if kind == "bfloat16":
+            return cls(kind, d, _to_bfloat16_bits(vectors))
         if kind == "binary":
             return cls(kind, d, np.packbits(vectors > 0, axis=1))
         low = vectors.min(axis=0)
@@ -87,6 +91,8 @@ class QuantizedIndex:
         """Float32 values of a block of rows as this index represents them."""
         if self.kind == "float16":
             return self.codes[rows].astype(F32)
+        if self.kind == "bfloat16":
+            return (np.asarray(self.codes[rows], dtype=np.uint32) << np.uint32(16)).view(F32)
         if self.kind == "binary":
             signs = np.unpackbits(np.asarray(self.codes[rows], dtype=np.uint8), axis=1, count=self.dimension).astype(F32)
             return 2 * signs - 1
@@ -138,3 +144,12 @@ class QuantizedIndex:
             settle_ties=False,  # a shortlist, rescored exactly afterwards: its ties need no settling
         )
         return indices
+
+
+def _to_bfloat16_bits(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]:
+    """bfloat16 as its 16 raw bits (NumPy has no bfloat16 dtype): float32's top half, rounded to
+    nearest even — the same values torch's and MLX's bfloat16 hold."""
+    bits = np.ascontiguousarray(vectors, dtype=F32).view(np.uint32)
+    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    out: npt.NDArray[np.uint16] = ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+    return out

@@ -78,14 +78,16 @@ class StudyTable:
         except ImportError:
             raise InvalidArgumentError("plot needs matplotlib: pip install 'embedtools[plot]'") from None
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        quantized_kinds = [k for k in dict.fromkeys(r.kind for r in self.rows) if k not in ("prefix", "funnel")]
         for kind in dict.fromkeys(r.kind for r in self.rows):
+            number = quantized_kinds.index(kind) if kind in quantized_kinds else 0
             rows = [r for r in self.rows if r.kind == kind]
             marker = "o-" if kind == "prefix" else "s--" if kind == "funnel" else "^"
             left.plot([r.dimension for r in rows], [r.recall for r in rows], marker, label=kind)
             right.plot([r.bytes_per_row for r in rows], [r.recall for r in rows], marker, label=kind)
             if kind not in ("prefix", "funnel"):
-                for r in rows:
-                    right.annotate(r.setting, (r.bytes_per_row, r.recall), fontsize=7, xytext=(3, -9), textcoords="offset points")
+                for r in rows:  # labels stepped down, so indexes of equal size and recall stay legible
+                    right.annotate(r.setting, (r.bytes_per_row, r.recall), fontsize=7, xytext=(4, -4 - 9 * number), textcoords="offset points")
         left.set(xlabel="dimension (prefix / funnel shortlist dimension)", ylabel=f"recall@{self.k}", title="recall vs dimension")
         right.set(xlabel="bytes per row read", xscale="log", title="recall vs bytes per row")
         for axis in (left, right):

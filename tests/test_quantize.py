@@ -25,7 +25,7 @@ def recall(found: Any, truth: Any) -> float:
 
 def test_indexes_take_the_bytes_they_claim() -> None:
     x = clustered(1000, 100)
-    for kind, ratio in (("float16", 2), ("int8", 4), ("binary", 32)):
+    for kind, ratio in (("float16", 2), ("bfloat16", 2), ("int8", 4), ("binary", 32)):
         index = QuantizedIndex.build(kind, x)  # type: ignore[arg-type]
         assert index.nbytes == QuantizedIndex.nbytes_for(kind, 1000, 100)  # type: ignore[arg-type]
         assert x.nbytes / index.codes.nbytes == pytest.approx(ratio, rel=0.05)
@@ -68,7 +68,9 @@ def test_quantize_over_budget_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=IDS)
-@pytest.mark.parametrize(("kind", "rescore", "floor"), [("float16", 2, 1.0), ("int8", 4, 0.97), ("binary", 20, 0.9)])
+@pytest.mark.parametrize(
+    ("kind", "rescore", "floor"), [("float16", 2, 1.0), ("bfloat16", 2, 1.0), ("int8", 4, 0.97), ("binary", 20, 0.9)]
+)
 def test_quantized_search_returns_exact_scores_with_high_recall(pair: tuple[str, str], kind: Any, rescore: int, floor: float) -> None:
     corpus = matryoshka_like(3000, 96, seed=5)
     queries = corpus[np.random.default_rng(6).integers(0, 3000, 40)] + 0.05 * np.random.default_rng(7).standard_normal((40, 96)).astype(np.float32)
@@ -144,3 +146,20 @@ def test_bad_quantized_search(kwargs: dict[str, Any], message: str) -> None:
         store.quantize(16, "int4")  # type: ignore[arg-type]
     with pytest.raises(et.DimensionError):
         store.quantize(32, "int8")
+
+
+def test_bfloat16_rounds_as_torch_does() -> None:
+    torch = pytest.importorskip("torch")
+    x = clustered(300, 40, seed=8) * 37.0
+    decoded = QuantizedIndex.build("bfloat16", x).decoded(slice(0, 300))
+    np.testing.assert_array_equal(decoded, torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+
+
+def test_bfloat16_index_round_trips(tmp_path: Path) -> None:
+    store = make_store()
+    store.add(clustered(50, 12))
+    store.quantize(12, "bfloat16")
+    store.save(tmp_path / "s")
+    loaded = make_store().load(tmp_path / "s")
+    np.testing.assert_array_equal(loaded._tables[12].quantized["bfloat16"].codes, store._tables[12].quantized["bfloat16"].codes)
+    assert loaded.memory_info().tables[12].quantized == {"bfloat16": 50 * 12 * 2}

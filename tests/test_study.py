@@ -31,7 +31,7 @@ def test_study_measures_every_setting_and_leaves_the_store_unchanged() -> None:
     # what stays is the charged caches searches keep: prefix norms and unit prefixes at 32 and 16
     assert store.memory_info().used_bytes == before.used_bytes + 1500 * 4 * 2 + 1500 * (32 + 16) * 4
     kinds = [r.kind for r in table.rows]
-    assert kinds == ["prefix"] * 3 + ["funnel"] * 2 + ["float16", "int8", "binary"]
+    assert kinds == ["prefix"] * 3 + ["funnel"] * 2 + ["float16", "bfloat16", "int8", "binary"]
     assert [r.dimension for r in table.rows[:3]] == [64, 32, 16]
     full = table.rows[0]
     assert full.recall == 1.0 and full.bytes_per_row == 256
@@ -40,7 +40,7 @@ def test_study_measures_every_setting_and_leaves_the_store_unchanged() -> None:
     funnel_32 = table.rows[3]
     assert funnel_32.recall >= table.rows[1].recall  # rescoring a shortlist only helps
     by_kind = {r.kind: r for r in table.rows}
-    assert by_kind["binary"].bytes_per_row == 8 and by_kind["float16"].bytes_per_row == 128
+    assert by_kind["binary"].bytes_per_row == 8 and by_kind["float16"].bytes_per_row == by_kind["bfloat16"].bytes_per_row == 128
     markdown = table.to_markdown()
     assert markdown.splitlines()[0] == "recall@5 against exact 64-d cosine search"
     assert markdown.count("\n| ") == len(table.rows) + 2  # header, rule, one line per row
