@@ -33,14 +33,14 @@ from embedtools.errors import (
     StoreNotFoundError,
     UnknownIdError,
 )
+from embedtools.filters import Filter
 from embedtools.progress import check_progress, progress_bar, shows
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
-from embedtools.records import StoreRecord, TableRecord, TableShape
-from embedtools.filters import Filter
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
+from embedtools.records import StoreRecord, TableRecord, TableShape
+from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.search import check_k, check_metric
 from embedtools.search import rescore as rescore_rows
-from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.tables import F32_BYTES, Rotation, Table, TableState, rotation_cache_bytes
 from embedtools.validation import (
     as_float32_matrix,

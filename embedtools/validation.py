@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedtools.errors import InvalidArgumentError, InvalidEmbeddingError
+from embedtools.errors import DimensionError, InvalidArgumentError, InvalidEmbeddingError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -22,6 +22,7 @@ __all__ = [
     "as_queries",
     "check_dimension",
     "check_positive_int",
+    "check_prefix",
     "check_strings",
     "encode_metadata",
 ]
@@ -95,6 +96,13 @@ def check_positive_int(value: object, what: str, *, upper: int | None = None) ->
     if upper is not None and value > upper:
         raise InvalidArgumentError(f"{what} must be at most {upper}, got {value!r}")
     return int(value)
+
+
+def check_prefix(dim: int, width: int) -> int:
+    """A Matryoshka prefix width ``1..width`` (every backend's ``slice_last_dim`` checks the same)."""
+    if not 1 <= dim <= width:
+        raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
+    return dim
 
 
 def check_dimension(dimension: object) -> int:

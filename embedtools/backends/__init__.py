@@ -12,8 +12,8 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from embedtools.errors import BackendUnavailableError, InvalidArgumentError

@@ -17,6 +17,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
 from embedtools.search import Candidates, check_k, check_metric, run_topk
+from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -156,10 +157,7 @@ class MlxBackend:
         return mx.stack(list(arrays), axis=axis, stream=self._device)
 
     def slice_last_dim(self, array: mx.array, dim: int) -> mx.array:
-        width = array.shape[-1]
-        if not 1 <= dim <= width:
-            raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
-        return array[..., :dim]
+        return array[..., : check_prefix(dim, array.shape[-1])]
 
     def take_rows(self, array: mx.array, indices: npt.NDArray[np.int64]) -> mx.array:
         return mx.take(array, mx.array(np.ascontiguousarray(indices, dtype=np.int64)), axis=0, stream=self._device)

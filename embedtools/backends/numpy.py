@@ -11,6 +11,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
 from embedtools.search import check_k, check_metric, host_candidates, run_topk
+from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -130,10 +131,7 @@ class NumpyBackend:
         return np.stack(list(arrays), axis=axis)
 
     def slice_last_dim(self, array: npt.NDArray[Any], dim: int) -> npt.NDArray[Any]:
-        width = array.shape[-1]
-        if not 1 <= dim <= width:
-            raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
-        return array[..., :dim]
+        return array[..., : check_prefix(dim, array.shape[-1])]
 
     def take_rows(self, array: npt.NDArray[Any], indices: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
         out: npt.NDArray[Any] = np.asarray(array)[np.asarray(indices, dtype=np.int64)]

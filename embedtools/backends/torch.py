@@ -16,6 +16,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
 from embedtools.search import Candidates, check_k, check_metric, run_topk
+from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -169,10 +170,7 @@ class TorchBackend:
         return torch.stack(list(arrays), dim=axis)
 
     def slice_last_dim(self, array: torch.Tensor, dim: int) -> torch.Tensor:
-        width = array.shape[-1]
-        if not 1 <= dim <= width:
-            raise DimensionError(f"prefix dimension must be in 1..{width}, got {dim}")
-        return array[..., :dim]
+        return array[..., : check_prefix(dim, array.shape[-1])]
 
     def take_rows(self, array: torch.Tensor, indices: npt.NDArray[np.int64]) -> torch.Tensor:
         return array[torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(array.device)]
