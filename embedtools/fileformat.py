@@ -332,18 +332,20 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-def _read_quantized(path: Path, d: int, kind: Quantization, arrays: Mapping[str, npt.NDArray[Any]]) -> QuantizedIndex:
+def _read_quantized(
+    path: Path, d: int, kind: Quantization, arrays: Mapping[str, npt.NDArray[Any]]
+) -> QuantizedIndex[npt.NDArray[Any]]:
     prefix = f"{d}d/quantized.{kind}"
     codes = arrays[f"{prefix}.codes"]
     if kind != "int8":
         values = (codes.astype(np.uint32) << np.uint32(16)).view(np.float32) if kind == "bfloat16" else codes
         if kind in ("float16", "bfloat16") and not np.isfinite(values).all():
             raise _fail(path, f"{prefix} holds NaN or infinite values")
-        return QuantizedIndex(kind, d, codes)
+        return QuantizedIndex(kind, d, codes.shape[0], codes)
     scale, offset = arrays[f"{prefix}.scale"], arrays[f"{prefix}.offset"]
     if not (np.isfinite(scale).all() and np.isfinite(offset).all() and (scale > 0).all()):
         raise _fail(path, f"{prefix} has a bad calibration (scale must be finite and positive)")
-    return QuantizedIndex(kind, d, codes, scale=scale, offset=offset)
+    return QuantizedIndex(kind, d, codes.shape[0], codes, scale=scale, offset=offset)
 
 
 def _is_orthogonal(matrix: npt.NDArray[Any]) -> bool:

@@ -7,7 +7,7 @@ fake) must write, so nothing goes in that the store does not call or that a user
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
@@ -26,6 +26,8 @@ __all__ = [
     "MemoryAccountant",
     "MemoryReport",
     "Metric",
+    "QUANTIZATIONS",
+    "Quantization",
 ]
 
 ArrayT = TypeVar("ArrayT")
@@ -33,7 +35,10 @@ ArrayT = TypeVar("ArrayT")
 Metric = Literal["cosine", "dot", "l2"]
 METRICS: tuple[Metric, ...] = ("cosine", "dot", "l2")
 
-DTypeName = Literal["float16", "float32", "float64", "int8", "uint8", "int32", "int64", "bool"]
+DTypeName = Literal["float16", "float32", "float64", "int8", "uint8", "uint16", "int32", "int64", "bool"]
+
+Quantization = Literal["float16", "bfloat16", "int8", "binary"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("float16", "bfloat16", "int8", "binary")
 
 #: Largest query × corpus score block a top-k computes at once (bytes); a batch whose full score
 #: matrix would be larger is processed in query chunks.
@@ -47,7 +52,7 @@ class ArrayBackend(Protocol[ArrayT]):
     ``dot`` is ``matmul``, ``get_shape``/``get_dtype``/``get_memory_usage`` are ``shape``/``dtype``/
     ``nbytes``) and drops ``save``/``load``: file I/O belongs to the store's format, and the seed's
     pickle fallback executed code from files. It adds ``row_norms``, ``to_list``, ``convert``,
-    ``free_bytes``, ``take_rows`` and ``topk``.
+    ``free_bytes``, ``take_rows``, ``dequantize`` and ``topk``.
     """
 
     @property
@@ -136,6 +141,26 @@ class ArrayBackend(Protocol[ArrayT]):
         """Rows of ``array`` at host ``indices`` (any shape): ``indices.shape + array.shape[1:]``."""
         ...
 
+    def dequantize(
+        self,
+        codes: ArrayT,
+        kind: Quantization,
+        *,
+        width: int,
+        scale: ArrayT | None = None,
+        offset: ArrayT | None = None,
+    ) -> ArrayT:
+        """The float32 values quantised ``codes`` stand for; the last axis is decoded, any leading shape.
+
+        ``float16`` codes are cast. ``bfloat16`` codes are raw 16-bit words (``uint16``: the top half
+        of a float32, as NumPy must hold them). ``int8`` codes map to ``offset + scale * code`` per
+        dimension (``scale``/``offset`` are ``(width,)`` float32). ``binary`` codes are sign bits
+        packed eight to a byte, most significant first (``numpy.packbits``), decoded to ±1 over the
+        first ``width`` bits. Lives on the backend so quantised tables are decoded on the device
+        they live on, one block of rows at a time (see ``topk``'s ``decode``).
+        """
+        ...
+
     def free_bytes(self) -> int | None:
         """Free memory on this backend's device where the library reports it (CUDA, Metal); else ``None``."""
         ...
@@ -150,6 +175,7 @@ class ArrayBackend(Protocol[ArrayT]):
         corpus_norms: ArrayT | None = None,
         row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        decode: Callable[[ArrayT], ArrayT] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Exact top-``k`` rows of ``corpus`` for each query, best first, ties to the lower index.
 
@@ -159,6 +185,12 @@ class ArrayBackend(Protocol[ArrayT]):
         the query × corpus score block never exceeds ``max_block_bytes`` (beyond one query row).
         ``row_mask`` (host, one bool per corpus row) limits the search to the rows where it is true:
         the exact top-k among them, ``min(k, matches)`` wide.
+
+        ``decode`` (e.g. ``functools.partial(backend.dequantize, kind="int8", ...)``) says ``corpus``
+        holds codes: each block of rows is decoded just before its product, so a quantised table is
+        searched where it lives and never decoded whole. Its scores are approximations by nature, so
+        ties at the cut are not settled, and ``cosine``/``l2`` need ``corpus_norms`` (of the original
+        rows).
         """
         ...
 

@@ -1,42 +1,42 @@
-"""Quantised companions of a table: float16, int8 (scalar, calibrated per dimension) and binary.
+"""Quantised companions of a table: float16, bfloat16, int8 (scalar, calibrated per dimension), binary.
 
 A quantised index holds a table's vectors in fewer bytes and ranks rows approximately; the store
 takes a shortlist of ``k × rescore`` rows from it and rescores those exactly against the float32
 table (sentence-transformers' ``rescore_multiplier`` idea), so returned scores are always exact.
 
-The indexes live in host memory as NumPy arrays whatever the backend (their kernels are NumPy's
-BLAS): a first step that makes their memory and recall measurable; moving them onto torch/MLX
-devices is left for later.
+Codes are computed once on the host, with NumPy, so that every backend holds bit-identical codes
+(a file saved from CUDA loads on a Mac with the same ranking), then live on the backend's device
+beside their table. Searching them is the backend's own blocked ``topk`` with a ``decode`` step per
+block of rows (``ArrayBackend.dequantize``): on a GPU the codes never leave it.
 
 * ``float16``: half the bytes; ranks by ``q · x16`` (cosine by the table's float32 norms).
 * ``bfloat16``: half the bytes, float32's range with 8 bits of mantissa; kept as raw 16-bit words
-  (NumPy has no bfloat16 dtype), rounded to nearest even exactly as torch and MLX round.
+  (NumPy has no bfloat16 dtype), rounded to nearest even exactly as torch and MLX round, and
+  decoded by torch and MLX through their own bfloat16 type.
 * ``int8``: a quarter; per-dimension calibration ``x ≈ offset + scale · code`` from the table's
-  own min/max (stored with the index), ranked by ``(q ⊙ scale) · code + q · offset``.
+  own min/max (stored with the index).
 * ``binary``: 1/32; the sign bit of each value, ranked by Hamming distance between the query's and
-  the row's sign bits. Hamming is computed as ``(d − (±1 · ±1)) / 2`` through a float GEMM over
-  unpacked blocks: on these machines BLAS on unpacked bits is faster than NumPy's popcount over
-  ``queries × rows × d/8`` bytes, and it gives the same integers.
+  the row's sign bits. Hamming is ranked as ``±1 · ±1 = d − 2·hamming`` through a GEMM over decoded
+  blocks: BLAS (or a GPU) on unpacked bits is faster than popcount over ``queries × rows × d/8``
+  bytes on these machines, and it gives the same integers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Generic
 
 import numpy as np
 
-from embedtools.errors import InvalidArgumentError
-from embedtools.protocols import Metric
-from embedtools.search import host_candidates, run_topk
+from embedtools.errors import DimensionError, InvalidArgumentError
+from embedtools.protocols import QUANTIZATIONS, ArrayBackend, ArrayT, Metric, Quantization
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = ["QUANTIZATIONS", "Quantization", "QuantizedIndex", "check_quantization"]
-
-Quantization = Literal["float16", "bfloat16", "int8", "binary"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("float16", "bfloat16", "int8", "binary")
 
 F32 = np.float32
 
@@ -48,15 +48,32 @@ def check_quantization(kind: object) -> Quantization:
     raise InvalidArgumentError(f"unknown quantization {kind!r}; expected one of {', '.join(QUANTIZATIONS)}")
 
 
+def check_codes(kind: object, code_width: int, width: int, scale: object, offset: object) -> Quantization:
+    """The checked kind for ``dequantize``: codes as wide as ``width`` needs (binary: a bit per
+    dimension, in whole bytes), and a calibration for int8 only."""
+    checked = check_quantization(kind)
+    expected = (width + 7) // 8 if checked == "binary" else width
+    if code_width != expected:
+        raise DimensionError(f"{checked} codes of width {width} are {expected} wide, got {code_width}")
+    if (checked == "int8") != (scale is not None and offset is not None):
+        raise InvalidArgumentError(f"{checked} codes take {'a scale and an offset' if checked == 'int8' else 'no calibration'}")
+    return checked
+
+
 @dataclass(frozen=True)
-class QuantizedIndex:
-    """One quantised copy of a table (host arrays); ``scale``/``offset`` are int8's calibration."""
+class QuantizedIndex(Generic[ArrayT]):
+    """One quantised copy of a ``rows × dimension`` table, as arrays of one library.
+
+    ``QuantizedIndex[numpy array]`` is how an index is built, saved and loaded; the store keeps
+    ``to_backend``'s copy on its device. ``scale``/``offset`` are int8's calibration.
+    """
 
     kind: Quantization
     dimension: int
-    codes: npt.NDArray[np.generic]
-    scale: npt.NDArray[np.float32] | None = None
-    offset: npt.NDArray[np.float32] | None = None
+    rows: int
+    codes: ArrayT
+    scale: ArrayT | None = None
+    offset: ArrayT | None = None
 
     @staticmethod
     def nbytes_for(kind: Quantization, rows: int, dimension: int) -> int:
@@ -69,81 +86,61 @@ class QuantizedIndex:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(a.nbytes for a in (self.scale, self.offset) if a is not None)
-        return int(self.codes.nbytes) + extra
+        return self.nbytes_for(self.kind, self.rows, self.dimension)
 
-    @classmethod
-    def build(cls, kind: Quantization, vectors: npt.NDArray[np.float32]) -> QuantizedIndex:
-        d = vectors.shape[1]
+    @staticmethod
+    def build(kind: Quantization, vectors: npt.NDArray[np.float32]) -> QuantizedIndex[npt.NDArray[Any]]:
+        """The index of host float32 ``vectors`` (int8 is calibrated on them)."""
+        n, d = vectors.shape
         if kind == "float16":
-            return cls(kind, d, vectors.astype(np.float16))
+            return QuantizedIndex(kind, d, n, vectors.astype(np.float16))
         if kind == "bfloat16":
-            return cls(kind, d, _to_bfloat16_bits(vectors))
+            return QuantizedIndex(kind, d, n, _to_bfloat16_bits(vectors))
         if kind == "binary":
-            return cls(kind, d, np.packbits(vectors > 0, axis=1))
-        low = vectors.min(axis=0)
-        span = vectors.max(axis=0) - low
+            return QuantizedIndex(kind, d, n, np.packbits(vectors > 0, axis=1))
+        low = vectors.min(axis=0) if n else np.zeros(d, dtype=F32)
+        span = vectors.max(axis=0) - low if n else np.zeros(d, dtype=F32)
         scale = np.where(span > 0, span / 255.0, 1.0).astype(F32)
         codes = np.clip(np.rint((vectors - low) / scale) - 128, -128, 127).astype(np.int8)
-        return cls(kind, d, codes, scale=scale, offset=(low + 128 * scale).astype(F32))
+        return QuantizedIndex(kind, d, n, codes, scale=scale, offset=(low + 128 * scale).astype(F32))
 
-    def decoded(self, rows: slice) -> npt.NDArray[np.float32]:
-        """Float32 values of a block of rows as this index represents them."""
-        if self.kind == "float16":
-            return self.codes[rows].astype(F32)
-        if self.kind == "bfloat16":
-            return (np.asarray(self.codes[rows], dtype=np.uint32) << np.uint32(16)).view(F32)
-        if self.kind == "binary":
-            signs = np.unpackbits(np.asarray(self.codes[rows], dtype=np.uint8), axis=1, count=self.dimension).astype(F32)
-            return 2 * signs - 1
-        assert self.scale is not None and self.offset is not None
-        return self.codes[rows].astype(F32) * self.scale + self.offset
-
-    def shortlist(
-        self,
-        queries: npt.NDArray[np.float32],
-        size: int,
-        metric: Metric,
-        norms: npt.NDArray[np.float32],
-        max_block_bytes: int,
-    ) -> npt.NDArray[np.int64]:
-        """The ``size`` best rows per query by this index's approximate scores."""
-        n = self.codes.shape[0]
-        if self.kind == "binary":
-            # Hamming ranking: larger ±1 agreement is a smaller Hamming distance, whatever the metric.
-            q = np.where(queries > 0, 1.0, -1.0).astype(F32)
-            column_scale = column_shift = None
-        else:
-            q = queries
-            safe = np.where(norms > 0, norms, 1).astype(F32)
-            column_scale = 1 / safe if metric == "cosine" else None
-            column_shift = 0.5 * norms * norms if metric == "l2" else None
-
-        def score_block(qs: slice, rs: slice) -> npt.NDArray[np.float32]:
-            block: npt.NDArray[np.float32] = self.decoded(rs) @ q[qs].T
-            if column_scale is not None:
-                block *= column_scale[rs, None]
-            if column_shift is not None:
-                block -= column_shift[rs, None]
-            return block
-
-        def no_rescoring(qs: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-            return np.zeros(idx.shape, dtype=F32)  # pragma: no cover - the ranking metric is never l2 here
-
-        _, indices = run_topk(
-            q.shape[0],
-            n,
+    def to_backend(self, backend: ArrayBackend[Any]) -> QuantizedIndex[Any]:
+        """This (host) index on ``backend``'s device, same codes."""
+        codes = np.asarray(self.codes)
+        return QuantizedIndex(
+            self.kind,
             self.dimension,
-            min(size, n),
-            "dot",
-            max_block_bytes,
-            score_block=score_block,
-            candidates=host_candidates,
-            to_host=lambda block: np.ascontiguousarray(block.T),
-            l2_distances=no_rescoring,
-            settle_ties=False,  # a shortlist, rescored exactly afterwards: its ties need no settling
+            self.rows,
+            backend.from_numpy(codes, dtype=str(codes.dtype)),  # type: ignore[arg-type]
+            scale=None if self.scale is None else backend.from_numpy(np.asarray(self.scale)),
+            offset=None if self.offset is None else backend.from_numpy(np.asarray(self.offset)),
         )
-        return indices
+
+    def to_host(self, backend: ArrayBackend[ArrayT]) -> QuantizedIndex[npt.NDArray[Any]]:
+        """This (``backend``'s) index as host arrays, to save."""
+        return QuantizedIndex(
+            self.kind,
+            self.dimension,
+            self.rows,
+            backend.to_numpy(self.codes),
+            scale=None if self.scale is None else backend.to_numpy(self.scale),
+            offset=None if self.offset is None else backend.to_numpy(self.offset),
+        )
+
+    def decoder(self, backend: ArrayBackend[ArrayT]) -> Callable[[ArrayT], ArrayT]:
+        """Decodes a block of this index's codes on ``backend`` (``topk``'s ``decode``)."""
+        return partial(backend.dequantize, kind=self.kind, width=self.dimension, scale=self.scale, offset=self.offset)
+
+    def ranking(self, queries: npt.NDArray[np.float32], metric: Metric) -> tuple[npt.NDArray[np.float32], Metric]:
+        """The queries and metric this index ranks a shortlist by.
+
+        Binary ranks by Hamming distance whatever the metric: the queries' own sign bits as ±1,
+        scored by ``dot`` against the rows' ±1 (more agreement, smaller distance). The others rank
+        by the search's own metric on decoded values.
+        """
+        if self.kind == "binary":
+            return np.where(queries > 0, F32(1), F32(-1)), "dot"
+        return queries, metric
 
 
 def _to_bfloat16_bits(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]:

@@ -46,7 +46,7 @@ class TableRecord:
     ids: tuple[str, ...]
     labels: tuple[str, ...]
     metadata: tuple[str, ...]
-    quantized: tuple[QuantizedIndex, ...] = ()
+    quantized: tuple[QuantizedIndex[npt.NDArray[Any]], ...] = ()
     rotation: npt.NDArray[np.float32] | None = None
     rotation_components: int = 0
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from embedtools.errors import InvalidArgumentError
+from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import METRICS, ArrayBackend, ArrayT, Metric
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "best_first",
     "check_k",
     "check_metric",
+    "check_topk_inputs",
     "host_candidates",
     "plan_blocks",
     "rescore",
@@ -50,6 +51,15 @@ def check_metric(metric: object) -> Metric:
         if metric == known:
             return known
     raise InvalidArgumentError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+
+def check_topk_inputs(query_width: int, row_width: int, metric: Metric, corpus_norms: object, decode: object) -> None:
+    """What every backend's ``topk`` refuses alike: widths that differ, and a coded corpus without
+    the norms that ``cosine``/``l2`` would otherwise compute by decoding it whole."""
+    if query_width != row_width:
+        raise DimensionError(f"queries have width {query_width}, corpus rows {row_width}")
+    if decode is not None and metric != "dot" and corpus_norms is None:
+        raise InvalidArgumentError(f"a decoded corpus needs corpus_norms for {metric!r} (the original rows' norms)")
 
 
 #: Corpus rows scored per block: small enough that a block of scores for a batch of queries stays

@@ -13,6 +13,7 @@ import secrets
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -214,7 +215,7 @@ class EmbeddingStore:
                 labels=(old.labels if old else ()) + new_labels,
                 metadata=(old.metadata if old else ()) + new_meta,
                 id_index=index,
-                quantized={kind: QuantizedIndex.build(kind, full) for kind in kinds},
+                quantized={kind: self._quantized(kind, full) for kind in kinds},
                 rotation=self._rotate(full, rotation.matrix, rotation.components) if rotation else None,
             )
             return {d: state}
@@ -287,7 +288,7 @@ class EmbeddingStore:
             labels=labels,
             metadata=metadata,
             id_index={id_: i for i, id_ in enumerate(ids)},
-            quantized={kind: QuantizedIndex.build(kind, vectors) for kind in state.quantized},
+            quantized={kind: self._quantized(kind, vectors) for kind in state.quantized},
             rotation=self._rotate(vectors, state.rotation.matrix, state.rotation.components) if state.rotation else None,
         )
 
@@ -398,9 +399,13 @@ class EmbeddingStore:
 
         def build() -> Mapping[int, TableState]:
             host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
-            return {d: replace(state, quantized={**state.quantized, kind: QuantizedIndex.build(kind, host)})}
+            return {d: replace(state, quantized={**state.quantized, kind: self._quantized(kind, host)})}
 
         self._commit({d: new_bytes}, build)
+
+    def _quantized(self, kind: Quantization, host: npt.NDArray[np.float32]) -> QuantizedIndex[Any]:
+        """An index built on the host (the same codes on every backend), kept on the backend's device."""
+        return QuantizedIndex.build(kind, host).to_backend(self._backend)
 
     def fit_rotation(self, dimension: int, components: int | None = None) -> None:
         """Fit a PCA rotation on the table of ``dimension`` for funnel search on models not trained
@@ -561,7 +566,7 @@ class EmbeddingStore:
         source = self._source_dimension(dim, exact=dimension is None)
         state = self._tables[source]
         index = self._quantized_index(state, source, dim, quantized, rescore, stages)
-        mask = self._filter_mask(state, where, index)
+        mask = self._filter_mask(state, where)
         kk = min(k, state.rows if mask is None else int(np.count_nonzero(mask)))
         q = np.ascontiguousarray(q[:, :dim])
         plan = _SearchPlan(source, state, dim, kk, metric, stages, index, mask, rescore)
@@ -589,9 +594,11 @@ class EmbeddingStore:
         """One batch of validated host queries through the planned search (exact, funnel or quantised)."""
         source, state, dim, kk, metric, stages, index, mask, rescore = plan
         if index is not None:
+            rank_q, rank_metric = index.ranking(q, metric)
+            rank_norms = None if rank_metric == "dot" else state.norms
+            decode = index.decoder(self._backend)
+            _, shortlist = self._masked_topk(rank_q, index.codes, rank_norms, kk * rescore, rank_metric, mask, decode)
             corpus, norms = self._view(source, state, dim, metric)
-            host_norms = np.asarray(self._backend.to_numpy(state.norms), dtype=np.float32)
-            shortlist = index.shortlist(q, kk * rescore, metric, host_norms, self._block_bytes)
             scores, indices = rescore_rows(self._backend, q, corpus, norms, shortlist, metric, kk, self._block_bytes)
         else:
             first_dim, first_size = stages[0] if stages else (dim, kk)
@@ -610,33 +617,35 @@ class EmbeddingStore:
         return scores, indices
 
     def _masked_topk(
-        self, q: npt.NDArray[np.float32], corpus: Any, norms: Any, k: int, metric: Metric, mask: npt.NDArray[np.bool_] | None
+        self,
+        q: npt.NDArray[np.float32],
+        corpus: Any,
+        norms: Any,
+        k: int,
+        metric: Metric,
+        mask: npt.NDArray[np.bool_] | None,
+        decode: Callable[[Any], Any] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """The backend's top-k, restricted to ``mask``'s rows: a selective mask (at most
         :data:`GATHER_FRACTION` of the rows) gathers them and searches only those; a broad one is
-        applied inside the blocked kernel, where masked rows never enter the selection."""
+        applied inside the blocked kernel, where masked rows never enter the selection. ``decode``:
+        ``corpus`` is a quantised index's codes."""
         queries = self._backend.from_numpy(q)
+        search = partial(self._backend.topk, queries, k=k, metric=metric, max_block_bytes=self._block_bytes, decode=decode)
         if mask is None or mask.all():
-            return self._backend.topk(queries, corpus, k, metric, corpus_norms=norms, max_block_bytes=self._block_bytes)
+            return search(corpus, corpus_norms=norms)
         rows = np.flatnonzero(mask)
         if rows.size > GATHER_FRACTION * mask.size:
-            return self._backend.topk(
-                queries, corpus, k, metric, corpus_norms=norms, row_mask=mask, max_block_bytes=self._block_bytes
-            )
-        subset = self._backend.take_rows(corpus, rows)
+            return search(corpus, corpus_norms=norms, row_mask=mask)
         subset_norms = None if norms is None else self._backend.take_rows(norms, rows)
-        scores, local = self._backend.topk(
-            queries, subset, k, metric, corpus_norms=subset_norms, max_block_bytes=self._block_bytes
-        )
+        scores, local = search(self._backend.take_rows(corpus, rows), corpus_norms=subset_norms)
         return scores, rows[local]
 
-    def _filter_mask(self, state: TableState, where: object, index: QuantizedIndex | None) -> npt.NDArray[np.bool_] | None:
+    def _filter_mask(self, state: TableState, where: object) -> npt.NDArray[np.bool_] | None:
         if where is None:
             return None
         if not isinstance(where, Filter):
             raise InvalidArgumentError(f"where takes a filter from embedtools.filters, not {type(where).__name__}")
-        if index is not None:
-            raise InvalidArgumentError("filters and quantized search cannot be combined yet")
         return where.mask(state.row_source)
 
     def _quantized_index(
@@ -647,7 +656,7 @@ class EmbeddingStore:
         quantized: object,
         rescore: object,
         stages: Sequence[tuple[int, int]],
-    ) -> QuantizedIndex | None:
+    ) -> QuantizedIndex[Any] | None:
         if quantized is None:
             return None
         kind = check_quantization(quantized)
@@ -695,7 +704,7 @@ class EmbeddingStore:
                         ids=state.ids,
                         labels=state.labels,
                         metadata=state.metadata,
-                        quantized=tuple(state.quantized[kind] for kind in sorted(state.quantized)),
+                        quantized=tuple(state.quantized[kind].to_host(self._backend) for kind in sorted(state.quantized)),
                         rotation=state.rotation.matrix if state.rotation else None,
                         rotation_components=state.rotation.components if state.rotation else 0,
                     )
@@ -792,7 +801,7 @@ class EmbeddingStore:
             labels=record.labels,
             metadata=record.metadata,
             id_index=index,
-            quantized={q.kind: q for q in record.quantized},
+            quantized={q.kind: q.to_backend(self._backend) for q in record.quantized},
             rotation=(
                 self._rotate(record.vectors, record.rotation, record.rotation_components)
                 if record.rotation is not None
@@ -830,6 +839,6 @@ class _SearchPlan(NamedTuple):
     k: int
     metric: Metric
     stages: list[tuple[int, int]]
-    quantized: QuantizedIndex | None
+    quantized: QuantizedIndex[Any] | None
     mask: npt.NDArray[np.bool_] | None
     rescore: int

@@ -35,7 +35,8 @@ class TableState:
     labels: tuple[str, ...]
     metadata: tuple[str, ...]
     id_index: Mapping[str, int]
-    quantized: Mapping[Quantization, QuantizedIndex] = field(default_factory=dict)
+    quantized: Mapping[Quantization, QuantizedIndex[Any]] = field(default_factory=dict)
+    """Quantised indexes on the backend's device, beside the vectors."""
     rotation: Rotation | None = None
     prefix_norms: dict[int, Any] = field(default_factory=dict)
     unit_prefixes: dict[int, Any] = field(default_factory=dict)

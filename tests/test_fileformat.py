@@ -25,8 +25,8 @@ from embedtools import (
     StoreFormatError,
     StoreNotEmptyError,
     StoreNotFoundError,
+    fileformat,
 )
-from embedtools import fileformat
 from tests.helpers import clustered
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -132,7 +132,7 @@ def test_bad_filters_are_refused(build: Any, message: str) -> None:
     [
         (Meta("colour").eq("red"), {}, "no row has metadata key 'colour'"),
         ("lang == en", {}, "where takes a filter"),
-        (Label("news"), {"quantized": "int8"}, "cannot be combined"),
+        (Label("news"), {"quantized": "binary"}, "no binary index"),
     ],
 )
 def test_bad_filtered_searches_change_nothing(where: Any, kwargs: dict[str, Any], message: str) -> None:

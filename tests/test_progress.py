@@ -28,7 +28,8 @@ def test_bars_are_drawn_when_forced_and_results_do_not_change(tmp_path: Path, ca
     result = loud.search(queries, k=5)
     assert "search" in capsys.readouterr().err
     np.testing.assert_array_equal(result.indices, quiet.indices)
-    np.testing.assert_array_equal(result.scores, quiet.scores)
+    # a query batch cut into steps goes through BLAS in other shapes: the same scores up to rounding
+    np.testing.assert_allclose(result.scores, quiet.scores, rtol=1e-6)
     loud.save(tmp_path / "s")
     assert "save s" in capsys.readouterr().err
     EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher(), progress=True).load(tmp_path / "s")

@@ -10,7 +10,7 @@ import pytest
 
 import embedtools as et
 from embedtools import ByteBudget, EmbeddingStore, InvalidArgumentError, MemoryLimitError, Sha256Hasher
-from embedtools.quantize import QuantizedIndex
+from embedtools.quantize import QUANTIZATIONS, QuantizedIndex
 from tests.conformance.backends import IDS, PAIRS
 from tests.helpers import assert_exact_topk, clustered, matryoshka_like, reference_scores
 
@@ -36,7 +36,7 @@ def test_int8_calibration_round_trips_within_half_a_step() -> None:
     x[:, 5] = 2.5  # a constant column
     index = QuantizedIndex.build("int8", x)
     assert index.scale is not None
-    err = np.abs(index.decoded(slice(0, 500)) - x)
+    err = np.abs(index.decoder(et.NumpyBackend())(index.codes) - x)
     assert (err <= index.scale / 2 + 1e-6).all()
 
 
@@ -151,7 +151,7 @@ def test_bad_quantized_search(kwargs: dict[str, Any], message: str) -> None:
 def test_bfloat16_rounds_as_torch_does() -> None:
     torch = pytest.importorskip("torch")
     x = clustered(300, 40, seed=8) * 37.0
-    decoded = QuantizedIndex.build("bfloat16", x).decoded(slice(0, 300))
+    decoded = QuantizedIndex.build("bfloat16", x).decoder(et.NumpyBackend())(np.asarray(QuantizedIndex.build("bfloat16", x).codes))
     np.testing.assert_array_equal(decoded, torch.from_numpy(x).to(torch.bfloat16).float().numpy())
 
 
@@ -163,3 +163,47 @@ def test_bfloat16_index_round_trips(tmp_path: Path) -> None:
     loaded = make_store().load(tmp_path / "s")
     np.testing.assert_array_equal(loaded._tables[12].quantized["bfloat16"].codes, store._tables[12].quantized["bfloat16"].codes)
     assert loaded.memory_info().tables[12].quantized == {"bfloat16": 50 * 12 * 2}
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=IDS)
+def test_indexes_live_on_the_backend_with_the_same_codes_everywhere(pair: tuple[str, str], tmp_path: Path) -> None:
+    corpus = clustered(300, 20, seed=2)
+    reference = make_store()
+    reference.add(corpus)
+    store = make_store(pair)
+    store.add(corpus)
+    for kind in QUANTIZATIONS:
+        reference.quantize(20, kind)
+        store.quantize(20, kind)
+        index = store._tables[20].quantized[kind]
+        assert type(index.codes) is type(store.backend.from_numpy(np.zeros(1)))  # the backend's own arrays
+        np.testing.assert_array_equal(store.backend.to_numpy(index.codes), reference._tables[20].quantized[kind].codes)
+    store.save(tmp_path / "s")
+    on_numpy = make_store().load(tmp_path / "s")
+    again = make_store(pair).load(tmp_path / "s")
+    q = clustered(4, 20, seed=3)
+    for kind in QUANTIZATIONS:
+        codes = on_numpy._tables[20].quantized[kind].codes
+        np.testing.assert_array_equal(codes, reference._tables[20].quantized[kind].codes)
+        # the same codes rank alike; ties in approximate scores may fall either way across libraries
+        assert again.search(q, quantized=kind, rescore=2).ids == store.search(q, quantized=kind, rescore=2).ids
+        full = on_numpy.search(q, quantized=kind, rescore=30)  # rescoring every row: exact everywhere
+        assert full.ids == store.search(q, quantized=kind, rescore=30).ids == reference.search(q).ids
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=IDS)
+@pytest.mark.parametrize("share", [0.1, 0.6])  # a selective filter gathers its rows, a broad one masks the others
+def test_filtered_quantized_search_is_exact_with_full_rescoring(pair: tuple[str, str], share: float) -> None:
+    corpus = clustered(500, 16, seed=4)
+    labels = ["in" if i < share * 500 else "out" for i in np.random.default_rng(5).permutation(500)]
+    store = make_store(pair)
+    store.add(corpus, labels=labels)
+    store.quantize(16, "binary")
+    queries = clustered(6, 16, seed=6)
+    keep = np.array([label == "in" for label in labels])
+    for metric in ("cosine", "l2"):
+        result = store.search(queries, k=5, metric=metric, quantized="binary", rescore=100, where=et.Label("in"))
+        assert keep[result.indices].all()
+        exact = store.search(queries, k=5, metric=metric, where=et.Label("in"))
+        np.testing.assert_array_equal(result.indices, exact.indices)
+        np.testing.assert_allclose(result.scores, exact.scores, rtol=1e-5, atol=1e-6)

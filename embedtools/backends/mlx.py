@@ -7,7 +7,7 @@ MLX's process-wide default device is never changed. Imported only when an MLX ba
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -15,8 +15,9 @@ import numpy as np
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
-from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
-from embedtools.search import Candidates, check_k, check_metric, run_topk
+from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
+from embedtools.quantize import check_codes
+from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -162,6 +163,30 @@ class MlxBackend:
     def take_rows(self, array: mx.array, indices: npt.NDArray[np.int64]) -> mx.array:
         return mx.take(array, mx.array(np.ascontiguousarray(indices, dtype=np.int64)), axis=0, stream=self._device)
 
+    def dequantize(
+        self,
+        codes: mx.array,
+        kind: Quantization,
+        *,
+        width: int,
+        scale: mx.array | None = None,
+        offset: mx.array | None = None,
+    ) -> mx.array:
+        kind = check_codes(kind, int(codes.shape[-1]), width, scale, offset)
+        dev = self._device
+        if kind == "float16":
+            return codes.astype(mx.float32, stream=dev)
+        if kind == "bfloat16":
+            return codes.view(mx.bfloat16, stream=dev).astype(mx.float32, stream=dev)  # MLX's own bfloat16
+        if kind == "binary":
+            shifts = mx.array([7, 6, 5, 4, 3, 2, 1, 0], dtype=mx.uint8)
+            packed = mx.expand_dims(codes.astype(mx.uint8, stream=dev), -1, stream=dev)
+            bits = mx.bitwise_and(mx.right_shift(packed, shifts, stream=dev), 1, stream=dev)
+            signs = bits.reshape(*codes.shape[:-1], 8 * codes.shape[-1])[..., :width].astype(mx.float32, stream=dev)
+            return mx.subtract(mx.multiply(signs, 2, stream=dev), 1, stream=dev)
+        assert scale is not None and offset is not None
+        return mx.add(mx.multiply(codes.astype(mx.float32, stream=dev), scale, stream=dev), offset, stream=dev)
+
     def topk(
         self,
         queries: mx.array,
@@ -172,14 +197,19 @@ class MlxBackend:
         corpus_norms: mx.array | None = None,
         row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        decode: Callable[[mx.array], mx.array] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         metric = check_metric(metric)
         k = check_k(k)
         dev = self._device
         q = _as_2d(queries).astype(mx.float32, stream=dev)
-        x = corpus.astype(mx.float32, stream=dev)
-        if q.shape[1] != x.shape[1]:
-            raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
+        x = corpus.astype(mx.float32, stream=dev) if decode is None else corpus
+
+        def rows_of(codes: mx.array) -> mx.array:
+            return codes if decode is None else decode(codes)
+
+        width = int(rows_of(x[:1]).shape[1])
+        check_topk_inputs(int(q.shape[1]), width, metric, corpus_norms, decode)
         # The same ranking scores as the NumPy backend (see there); the driver rescores l2 winners.
         column_scale = column_shift = None
         if metric != "dot":
@@ -196,7 +226,7 @@ class MlxBackend:
             q = self.normalize(q)
 
         def score_block(qs: slice, rs: slice) -> mx.array:
-            block = mx.matmul(q[qs], x[rs].T, stream=dev)
+            block = mx.matmul(q[qs], rows_of(x[rs]).T, stream=dev)
             if column_scale is not None:
                 block = mx.multiply(block, column_scale[rs], stream=dev)
             if column_shift is not None:
@@ -217,14 +247,14 @@ class MlxBackend:
             return rows, vals.reshape(-1), cols.reshape(-1)
 
         def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-            rows = x[mx.array(idx)]
+            rows = rows_of(x[mx.array(idx)])
             diff = mx.subtract(rows, mx.expand_dims(q[chunk], 1, stream=dev), stream=dev)
             return _host_f32(mx.sqrt(mx.sum(diff * diff, axis=2, stream=dev), stream=dev))
 
         return run_topk(
             q.shape[0],
             x.shape[0],
-            x.shape[1],
+            width,
             min(k, x.shape[0]),
             metric,
             max_block_bytes,
@@ -232,6 +262,7 @@ class MlxBackend:
             candidates=candidates,
             to_host=_host_f32,
             l2_distances=l2_distances,
+            settle_ties=decode is None,
             row_mask=row_mask,
         )
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import DimensionError, InvalidArgumentError
-from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
-from embedtools.search import check_k, check_metric, host_candidates, run_topk
+from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
+from embedtools.quantize import check_codes
+from embedtools.search import check_k, check_metric, check_topk_inputs, host_candidates, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -137,6 +138,32 @@ class NumpyBackend:
         out: npt.NDArray[Any] = np.asarray(array)[np.asarray(indices, dtype=np.int64)]
         return out
 
+    def dequantize(
+        self,
+        codes: npt.NDArray[Any],
+        kind: Quantization,
+        *,
+        width: int,
+        scale: npt.NDArray[Any] | None = None,
+        offset: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        c = np.asarray(codes)
+        kind = check_codes(kind, c.shape[-1], width, scale, offset)
+        if kind == "float16":
+            out = c.astype(F32)
+        elif kind == "bfloat16":
+            out = (c.astype(np.uint32) << np.uint32(16)).view(F32)
+        elif kind == "binary":
+            out = np.unpackbits(c.astype(np.uint8, copy=False), axis=-1, count=width).astype(F32)
+            out *= 2
+            out -= 1
+        else:
+            assert scale is not None and offset is not None
+            out = c.astype(F32)
+            out *= scale
+            out += offset
+        return out
+
     def topk(
         self,
         queries: npt.NDArray[Any],
@@ -147,13 +174,18 @@ class NumpyBackend:
         corpus_norms: npt.NDArray[Any] | None = None,
         row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        decode: Callable[[npt.NDArray[Any]], npt.NDArray[Any]] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         metric = check_metric(metric)
         k = check_k(k)
         q = np.atleast_2d(np.asarray(queries, dtype=F32))
-        x = np.asarray(corpus, dtype=F32)
-        if q.shape[1] != x.shape[1]:
-            raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
+        x = np.asarray(corpus, dtype=F32) if decode is None else np.asarray(corpus)
+
+        def rows_of(codes: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return codes if decode is None else decode(codes)
+
+        width = rows_of(x[:1]).shape[1]
+        check_topk_inputs(q.shape[1], width, metric, corpus_norms, decode)
         # Per-column terms that turn q·x into the metric's ranking score (larger is better):
         # cosine scales by 1/|x| (queries normalised); l2 ranks by q·x - |x|²/2, since
         # ||q - x||² = |q|² - 2 (q·x - |x|²/2). ``dot`` needs no norms at all.
@@ -170,7 +202,7 @@ class NumpyBackend:
 
         # Blocks are (rows, queries): OpenBLAS ran this GEMM shape ~7% faster than (queries, rows).
         def score_block(qs: slice, rs: slice) -> npt.NDArray[np.float32]:
-            block: npt.NDArray[np.float32] = x[rs] @ q[qs].T
+            block: npt.NDArray[np.float32] = rows_of(x[rs]) @ q[qs].T
             if column_scale is not None:
                 block *= column_scale[rs, None]
             if column_shift is not None:
@@ -178,14 +210,14 @@ class NumpyBackend:
             return block
 
         def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-            diff = x[idx] - q[chunk, None, :]
+            diff = rows_of(x[idx]) - q[chunk, None, :]
             out: npt.NDArray[np.float32] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff), dtype=F32)
             return out
 
         return run_topk(
             q.shape[0],
             x.shape[0],
-            x.shape[1],
+            width,
             min(k, x.shape[0]),
             metric,
             max_block_bytes,
@@ -193,6 +225,7 @@ class NumpyBackend:
             candidates=host_candidates,
             to_host=lambda block: np.ascontiguousarray(block.T),
             l2_distances=l2_distances,
+            settle_ties=decode is None,
             row_mask=row_mask,
         )
 

@@ -5,7 +5,7 @@ Imported only when a Torch backend is built (``make_backend("torch")``), never b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,8 +14,9 @@ import torch.utils.dlpack
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
-from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric
-from embedtools.search import Candidates, check_k, check_metric, run_topk
+from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
+from embedtools.quantize import check_codes
+from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -176,6 +177,29 @@ class TorchBackend:
         return array[torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(array.device)]
 
     @torch.no_grad()
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        kind: Quantization,
+        *,
+        width: int,
+        scale: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kind = check_codes(kind, int(codes.shape[-1]), width, scale, offset)
+        if kind == "float16":
+            return codes.to(torch.float32)
+        if kind == "bfloat16":
+            return codes.view(torch.bfloat16).to(torch.float32)  # the raw words are torch's own bfloat16
+        if kind == "binary":
+            shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=codes.device)
+            bits = (codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1
+            signs = bits.reshape(*codes.shape[:-1], 8 * codes.shape[-1])[..., :width].to(torch.float32)
+            return signs.mul_(2).sub_(1)
+        assert scale is not None and offset is not None
+        return codes.to(torch.float32).mul_(scale).add_(offset)
+
+    @torch.no_grad()
     def topk(
         self,
         queries: torch.Tensor,
@@ -186,13 +210,18 @@ class TorchBackend:
         corpus_norms: torch.Tensor | None = None,
         row_mask: npt.NDArray[np.bool_] | None = None,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         metric = check_metric(metric)
         k = check_k(k)
         q = _as_2d(queries).to(device=self._device, dtype=torch.float32)
-        x = corpus.to(torch.float32)
-        if q.shape[1] != x.shape[1]:
-            raise DimensionError(f"queries have width {q.shape[1]}, corpus rows {x.shape[1]}")
+        x = corpus.to(torch.float32) if decode is None else corpus
+
+        def rows_of(codes: torch.Tensor) -> torch.Tensor:
+            return codes if decode is None else decode(codes)
+
+        width = int(rows_of(x[:1]).shape[1])
+        check_topk_inputs(int(q.shape[1]), width, metric, corpus_norms, decode)
         # The same ranking scores as the NumPy backend: cosine scales columns by 1/|x|, l2 ranks by
         # q·x - |x|²/2 and the driver rescores the winners as true distances; dot needs no norms.
         column_scale = column_shift = None
@@ -212,7 +241,7 @@ class TorchBackend:
         # Blocks are laid out (rows, queries): MKL's GEMM and torch.topk along dim 0 ran ~1.3x
         # faster that way on a 2-core AVX-512 CPU than the (queries, rows) layout.
         def score_block(qs: slice, rs: slice) -> torch.Tensor:
-            block = x[rs] @ q[qs].T
+            block = rows_of(x[rs]) @ q[qs].T
             if column_scale is not None:
                 block.mul_(column_scale[rs].unsqueeze(1))
             if column_shift is not None:
@@ -220,13 +249,13 @@ class TorchBackend:
             return block
 
         def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-            rows = x[torch.from_numpy(idx).to(self._device)]
+            rows = rows_of(x[torch.from_numpy(idx).to(self._device)])
             return _host_f32(torch.linalg.vector_norm(rows - q[chunk].unsqueeze(1), dim=2))
 
         return run_topk(
             q.shape[0],
             x.shape[0],
-            x.shape[1],
+            width,
             min(k, x.shape[0]),
             metric,
             max_block_bytes,
@@ -234,6 +263,7 @@ class TorchBackend:
             candidates=_candidates,
             to_host=lambda block: _host_f32(block.T),
             l2_distances=l2_distances,
+            settle_ties=decode is None,
             row_mask=row_mask,
         )
 

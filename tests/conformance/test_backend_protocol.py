@@ -9,8 +9,10 @@ import pytest
 
 import embedtools as et
 from embedtools import ArrayBackend, DimensionError, InvalidArgumentError, Metric
+from embedtools.quantize import QuantizedIndex
 from tests.conformance.backends import IDS, PAIRS
 from tests.helpers import assert_exact_topk, clustered
+
 
 @pytest.fixture(params=PAIRS, ids=IDS)
 def backend(request: pytest.FixtureRequest) -> ArrayBackend[Any]:
@@ -197,3 +199,61 @@ def test_take_rows(backend: ArrayBackend[Any]) -> None:
     np.testing.assert_array_equal(backend.to_numpy(picked), host[[[4, 0], [1, 1]]])
     norms = backend.row_norms(a)
     np.testing.assert_allclose(backend.to_numpy(backend.take_rows(norms, np.array([3, 2], np.int64))), np.linalg.norm(host[[3, 2]], axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "int8", "binary"])
+def test_dequantize_matches_the_host_reference_for_any_leading_shape(backend: ArrayBackend[Any], kind: Any) -> None:
+    x = clustered(24, 13, seed=9) * 5.0  # 13: binary rows end in a part-filled byte
+    host = QuantizedIndex.build(kind, x)
+    if kind == "float16":
+        reference = x.astype(np.float16).astype(np.float32)
+    elif kind == "bfloat16":
+        reference = (np.asarray(host.codes, np.uint32) << np.uint32(16)).view(np.float32)
+    elif kind == "binary":
+        reference = np.where(x > 0, 1.0, -1.0).astype(np.float32)
+    else:
+        assert host.scale is not None and host.offset is not None
+        reference = np.asarray(host.codes, np.float32) * host.scale + host.offset
+    index = host.to_backend(backend)
+    decoded = backend.to_numpy(index.decoder(backend)(index.codes))
+    assert decoded.dtype == np.float32
+    np.testing.assert_allclose(decoded, reference, rtol=1e-6)
+    picked = backend.take_rows(index.codes, np.array([[3, 0], [5, 5]], dtype=np.int64))
+    np.testing.assert_allclose(backend.to_numpy(index.decoder(backend)(picked)), reference[[[3, 0], [5, 5]]], rtol=1e-6)
+
+
+def test_dequantize_refuses_codes_it_cannot_read(backend: ArrayBackend[Any]) -> None:
+    codes = backend.from_numpy(np.zeros((4, 2), np.uint8), dtype="uint8")
+    scale = backend.from_numpy(np.ones(16, np.float32))
+    with pytest.raises(DimensionError):
+        backend.dequantize(codes, "binary", width=17)  # 17 bits need 3 bytes a row
+    with pytest.raises(InvalidArgumentError):
+        backend.dequantize(codes, "binary", width=16, scale=scale, offset=scale)
+    with pytest.raises(InvalidArgumentError):
+        backend.dequantize(backend.zeros((4, 16), dtype="int8"), "int8", width=16)
+    with pytest.raises(InvalidArgumentError):
+        backend.dequantize(codes, "int4", width=16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("kind", ["float16", "int8", "binary"])
+def test_topk_over_codes_ranks_their_decoded_values(backend: ArrayBackend[Any], kind: Any, metric: Metric) -> None:
+    x = clustered(700, 24, seed=11)
+    q = clustered(9, 24, seed=12)
+    index = QuantizedIndex.build(kind, x).to_backend(backend)
+    decoded = backend.to_numpy(index.decoder(backend)(index.codes))
+    norms = backend.row_norms(backend.from_numpy(x))
+    # scores as the kernel ranks them: decoded rows, the original rows' norms
+    raw = q.astype(np.float64) @ decoded.T.astype(np.float64)
+    x_norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    ranking = {"dot": raw, "cosine": raw / x_norms, "l2": raw - 0.5 * x_norms**2}[metric]
+    _, found = backend.topk(
+        backend.from_numpy(q), index.codes, 20, metric, corpus_norms=norms, decode=index.decoder(backend), max_block_bytes=4096
+    )
+    chosen = np.take_along_axis(ranking, found, axis=1)
+    cut = np.sort(ranking, axis=1)[:, ::-1][:, 19:20]
+    assert (chosen >= cut - 1e-4 * np.abs(cut)).all()  # the 20 best by decoded values, ties aside
+    assert all(len(set(row)) == 20 for row in found.tolist())
+    if metric != "dot":
+        with pytest.raises(InvalidArgumentError, match="corpus_norms"):
+            backend.topk(backend.from_numpy(q), index.codes, 5, metric, decode=index.decoder(backend))
