@@ -93,9 +93,14 @@ class QuantizedIndex(Generic[ArrayT]):
         """The index of host float32 ``vectors`` (int8 is calibrated on them)."""
         n, d = vectors.shape
         if kind == "float16":
-            return QuantizedIndex(kind, d, n, vectors.astype(np.float16))
+            with np.errstate(over="ignore"):
+                halves = vectors.astype(np.float16)
+            _check_in_range(kind, halves, np.isfinite(halves), vectors)
+            return QuantizedIndex(kind, d, n, halves)
         if kind == "bfloat16":
-            return QuantizedIndex(kind, d, n, _to_bfloat16_bits(vectors))
+            words = _to_bfloat16_bits(vectors)
+            _check_in_range(kind, words, (words & np.uint16(0x7F80)) != 0x7F80, vectors)
+            return QuantizedIndex(kind, d, n, words)
         if kind == "binary":
             return QuantizedIndex(kind, d, n, np.packbits(vectors > 0, axis=1))
         low = vectors.min(axis=0) if n else np.zeros(d, dtype=F32)
@@ -141,6 +146,17 @@ class QuantizedIndex(Generic[ArrayT]):
         if self.kind == "binary":
             return np.where(queries > 0, F32(1), F32(-1)), "dot"
         return queries, metric
+
+
+def _check_in_range(kind: Quantization, codes: npt.NDArray[Any], finite: npt.NDArray[np.bool_], vectors: npt.NDArray[np.float32]) -> None:
+    """Refuse values a 16-bit float cannot hold: they would become inf, rank as NaN, and make a file
+    that the format's own checks refuse to load."""
+    if not finite.all():
+        row, col = (int(i) for i in np.argwhere(~finite)[0])
+        raise InvalidArgumentError(
+            f"{kind} cannot hold {float(vectors[row, col]):g} (row {row}, column {col}): the table has values beyond "
+            f"{kind}'s range; use {'bfloat16 or int8' if kind == 'float16' else 'int8'}"
+        )
 
 
 def _to_bfloat16_bits(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]:

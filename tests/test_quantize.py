@@ -10,7 +10,7 @@ import pytest
 
 import embedtools as et
 from embedtools import ByteBudget, EmbeddingStore, InvalidArgumentError, MemoryLimitError, Sha256Hasher
-from embedtools.quantize import QUANTIZATIONS, QuantizedIndex
+from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
 from tests.conformance.backends import IDS, PAIRS
 from tests.helpers import assert_exact_topk, clustered, matryoshka_like, reference_scores
 
@@ -207,3 +207,28 @@ def test_filtered_quantized_search_is_exact_with_full_rescoring(pair: tuple[str,
         exact = store.search(queries, k=5, metric=metric, where=et.Label("in"))
         np.testing.assert_array_equal(result.indices, exact.indices)
         np.testing.assert_allclose(result.scores, exact.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_values_beyond_a_16_bit_float_are_refused_and_change_nothing() -> None:
+    kind: Quantization = "float16"
+    big = 1e5
+    store = make_store()
+    store.add(clustered(50, 8))
+    store.quantize(8, kind)
+    charged = store.memory_info().used_bytes
+    huge = clustered(2, 8, seed=1)
+    huge[1, 3] = big
+    with pytest.raises(InvalidArgumentError, match=f"{kind} cannot hold"):
+        store.add(huge)  # the index is rebuilt with the table: nothing half-added
+    assert len(store) == 50 and store.memory_info().used_bytes == charged
+    other = make_store()
+    other.add(huge)
+    with pytest.raises(InvalidArgumentError, match="beyond"):
+        other.quantize(8, kind)
+    assert other.memory_info().tables[8].quantized == {}
+    other.quantize(8, "int8")  # int8 calibrates to any finite range
+    assert other.search(huge, k=1, quantized="int8", rescore=2).indices.tolist() == [[0], [1]]
+    # bfloat16 overflows only past 3.39e38 (rounded up), beyond what a store accepts; built directly:
+    with pytest.raises(InvalidArgumentError, match="bfloat16 cannot hold"):
+        QuantizedIndex.build("bfloat16", np.array([[1.0, 3.4e38]], dtype=np.float32))
+    assert QuantizedIndex.build("bfloat16", np.array([[1.0, 3.38e38]], dtype=np.float32)).rows == 1
