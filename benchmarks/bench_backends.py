@@ -8,6 +8,10 @@ NumPy ``Qn @ Xn.T`` + ``argpartition`` + sort of the k; torch ``torch.topk(Qn @ 
 ``argpartition`` + ``take_along_axis`` + sort of the k (MLX has no top-k with indices), evaluated.
 The figure is the naive form's best-of-N time divided by the store's (> 1: the store is faster), the
 two timed alternately so that drifting load on a shared machine hits both alike.
+
+``--quantized`` adds, per backend and device, quantised search (int8 rescore 4, binary rescore 10)
+against that backend's exact search: the codes live on the backend's device and are decoded there
+block by block, so this is the figure to read on a GPU machine.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import embedtools as et
 from benchmarks.common import blas_kernel, clustered, interleaved_best, problem_arguments, queries_near
 from embedtools.backends import available_backends, devices
+from embedtools.quantize import Quantization
 
 
 def naive(name: str, device: str, table: np.ndarray, queries: np.ndarray, k: int) -> Callable[[], Any]:
@@ -69,6 +74,7 @@ def naive(name: str, device: str, table: np.ndarray, queries: np.ndarray, k: int
 def main() -> None:
     parser = problem_arguments(__doc__)
     parser.add_argument("--only", default=None, help="one backend name")
+    parser.add_argument("--quantized", action="store_true", help="also time quantised search on each backend")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}; BLAS: {blas_kernel()}")
     table = clustered(args.rows, args.dim, seed=0)
@@ -95,6 +101,33 @@ def main() -> None:
                 reference = ids
             agree = float(np.mean(ids == reference))
             print(f"{name + '-' + device:<14}{ours * 1e3:>11.1f} ms{theirs * 1e3:>9.1f} ms{theirs / ours:>12.2f}x  {agree:.4f}")
+            if args.quantized:
+                quantized(store, queries, k, repeat)
+
+
+def quantized(store: et.EmbeddingStore, queries: np.ndarray, k: int, repeat: int) -> None:
+    """Quantised search on this store's backend beside its exact search, interleaved."""
+    d = queries.shape[1]
+    exact = store.search(queries, k=k).indices
+    settings: tuple[tuple[Quantization, int], ...] = (("int8", 4), ("binary", 10))
+    for kind, rescore in settings:
+        store.quantize(d, kind)
+        store.search(queries, k=k, quantized=kind, rescore=rescore)  # warm-up
+        timed = interleaved_best(
+            {
+                "exact": lambda: store.search(queries, k=k),
+                "quantized": lambda: store.search(queries, k=k, quantized=kind, rescore=rescore),  # noqa: B023
+            },
+            repeat,
+        )
+        found = store.search(queries, k=k, quantized=kind, rescore=rescore).indices
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist(), strict=True)])
+        size = store.memory_info().tables[d].quantized[kind]
+        print(
+            f"  {kind:<7} rescore {rescore:<3} {timed['quantized'] * 1e3:>9.1f} ms vs exact {timed['exact'] * 1e3:.1f} ms "
+            f"= {timed['exact'] / timed['quantized']:.2f}x; recall@{k} {recall:.4f}; index {size / 2**20:.1f} MiB"
+        )
+        store.drop_quantized(d, kind)
 
 
 if __name__ == "__main__":
