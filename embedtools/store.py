@@ -384,11 +384,13 @@ class EmbeddingStore:
         self._commit({d: state.shape(d).nbytes}, build)
 
     def quantize(self, dimension: int, kind: Quantization) -> None:
-        """Give the table of ``dimension`` a quantised index (``float16``, ``int8`` or ``binary``).
+        """Give the table of ``dimension`` a quantised index (``float16``, ``bfloat16``, ``int8`` or
+        ``binary``), kept on the backend's device beside the table.
 
         The index is charged to the budget (its real bytes) and kept with the table through later
         adds, saves and loads; ``search(..., quantized=kind)`` then shortlists with it.
-        Quantising again recalibrates.
+        Quantising again recalibrates. A 16-bit float index refuses tables with values beyond its
+        range (and later adds of such values).
         """
         self._check_writable()
         d = check_dimension(dimension)
@@ -546,9 +548,10 @@ class EmbeddingStore:
         ``dimension`` down to ``k``. Returned scores are ``dimension``-wide scores; results are exact
         for the shortlist, so recall depends on how much the prefixes carry.
 
-        ``quantized="int8"`` (or ``"float16"``, ``"binary"``; see :meth:`quantize`) shortlists the
-        ``k * rescore`` best rows by the quantised index, then rescores them exactly against the
-        float32 table: scores are exact, recall depends on ``rescore``.
+        ``quantized="int8"`` (or ``"float16"``, ``"bfloat16"``, ``"binary"``; see :meth:`quantize`)
+        shortlists the ``k * rescore`` best rows by the quantised index, then rescores them exactly
+        against the float32 table: scores are exact, recall depends on ``rescore``. It combines
+        with ``where``, not with ``funnel``.
 
         ``where=Label("a") & Meta("year").between(2020, None)`` (see :mod:`embedtools.filters`)
         searches only the rows that match: exact top-k among them, fewer than ``k`` columns when
