@@ -31,6 +31,16 @@ def _np_dtype(dtype: str) -> np.dtype[Any]:
 class NumpyBackend:
     """Arrays are ``numpy.ndarray`` on the host; matmul goes to the BLAS numpy was built with."""
 
+    def __init__(self) -> None:
+        self._halves: npt.NDArray[np.float32] | None = None
+
+    def _half_table(self) -> npt.NDArray[np.float32]:
+        """float32 value of every float16 bit pattern (256 KiB, built on first use): a lookup
+        decodes a block of float16 codes ~1.5x faster than NumPy's own float16 cast here."""
+        if self._halves is None:
+            self._halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(F32)
+        return self._halves
+
     @property
     def name(self) -> str:
         return "numpy"
@@ -150,7 +160,7 @@ class NumpyBackend:
         c = np.asarray(codes)
         kind = check_codes(kind, c.shape[-1], width, scale, offset)
         if kind == "float16":
-            out = c.astype(F32)
+            out = self._half_table().take(np.ascontiguousarray(c, dtype=np.float16).view(np.uint16))
         elif kind == "bfloat16":
             out = (c.astype(np.uint32) << np.uint32(16)).view(F32)
         elif kind == "binary":
