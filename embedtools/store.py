@@ -13,9 +13,8 @@ import secrets
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,13 +34,13 @@ from embedtools.errors import (
     UnknownIdError,
 )
 from embedtools.filters import Filter
+from embedtools.planner import GATHER_FRACTION, Searcher, SearchPlan, check_funnel
 from embedtools.progress import check_progress, progress_bar, shows
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
 from embedtools.records import StoreRecord, TableRecord, TableShape
 from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.search import check_k, check_metric
-from embedtools.search import rescore as rescore_rows
 from embedtools.tables import F32_BYTES, Rotation, Table, TableState, rotation_cache_bytes
 from embedtools.validation import (
     as_float32_matrix,
@@ -64,9 +63,6 @@ _PROGRESS_QUERIES = 256
 #: Rows from which an add shows a (one-step) bar while the table is built.
 _PROGRESS_ROWS = 100_000
 
-#: A filter matching at most this share of a table's rows is searched by gathering those rows
-#: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
-GATHER_FRACTION = 0.3
 
 def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: dict[int, str]) -> None:
     """Finaliser: a store that is garbage-collected gives its bytes back to a shared accountant."""
@@ -473,58 +469,6 @@ class EmbeddingStore:
             raise DimensionError(f"no table of dimension {dim}; stored: {list(self.dimensions) or 'none'}{hint}")
         return wider[0]
 
-    def _cached(self, cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]) -> Any:
-        """``cache[key]``, computed once and kept if the budget has room (charged to the table);
-        otherwise computed for this search only — a search never fails for want of a cache."""
-        value = cache.get(key)
-        if value is None:
-            value = compute()
-            try:
-                self._accountant.reserve(self._owner(source), nbytes)
-            except MemoryLimitError:
-                return value
-            cache[key] = value
-            self._charges[source] += nbytes
-        return value
-
-    def _norms(self, source: int, state: TableState, dim: int, prefix: Any) -> Any:
-        """Row norms at ``dim``: stored for the full width, computed once per prefix and cached."""
-        if dim == source:
-            return state.norms
-        return self._cached(state.prefix_norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(prefix))
-
-    def _stage(
-        self, source: int, state: TableState, q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
-    ) -> tuple[npt.NDArray[np.float32], Any, Any]:
-        """Queries, corpus and norms for one funnel stage: the table's prefix, or — where the table
-        has a rotation at least ``dim`` wide — its rotated rows, with the queries rotated alike."""
-        rotation = state.rotation
-        if not rotated or rotation is None or dim > rotation.components:
-            corpus, norms = self._view(source, state, dim, metric)
-            return np.ascontiguousarray(q[:, :dim]), corpus, norms
-        stage_q = np.ascontiguousarray(q @ rotation.matrix[:, :dim], dtype=np.float32)
-        corpus = self._backend.slice_last_dim(rotation.prefix, dim)
-        if metric == "dot":
-            return stage_q, corpus, None
-        norms = self._cached(rotation.norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(corpus))
-        return stage_q, corpus, norms
-
-    def _unit_prefix(self, source: int, state: TableState, dim: int) -> Any:
-        """The first ``dim`` columns, normalised, as one contiguous array: a cosine funnel's first
-        stage then ranks by a plain product, without a strided read or a scaling pass per search."""
-        return self._cached(
-            state.unit_prefixes,
-            dim,
-            source,
-            state.rows * dim * F32_BYTES,
-            lambda: self._backend.normalize(self._backend.slice_last_dim(state.vectors, dim)),
-        )
-
-    def _view(self, source: int, state: TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
-        """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
-        corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
-        return corpus, None if metric == "dot" else self._norms(source, state, dim, corpus)
-
     def search(
         self,
         queries: object,
@@ -565,14 +509,14 @@ class EmbeddingStore:
         dim = width if dimension is None else check_dimension(dimension)
         if width < dim:
             raise DimensionError(f"queries have width {width}, fewer than dimension {dim}")
-        stages = _check_funnel(funnel, k, dim)
+        stages = check_funnel(funnel, k, dim)
         source = self._source_dimension(dim, exact=dimension is None)
         state = self._tables[source]
         index = self._quantized_index(state, source, dim, quantized, rescore, stages)
         mask = self._filter_mask(state, where)
         kk = min(k, state.rows if mask is None else int(np.count_nonzero(mask)))
         q = np.ascontiguousarray(q[:, :dim])
-        plan = _SearchPlan(source, state, dim, kk, metric, stages, index, mask, rescore)
+        plan = SearchPlan(source, state, dim, kk, metric, stages, index, mask, rescore)
         if q.shape[0] == 0 or kk == 0:
             scores = np.empty((q.shape[0], kk), dtype=np.float32)
             indices = np.empty((q.shape[0], kk), dtype=np.int64)
@@ -593,56 +537,22 @@ class EmbeddingStore:
         ids = [[state.ids[i] for i in row] for row in indices.tolist()]
         return SearchResult(indices=indices, scores=scores, ids=ids, metric=metric, dimension=dim, source_dimension=source)
 
-    def _run_plan(self, plan: _SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """One batch of validated host queries through the planned search (exact, funnel or quantised)."""
-        source, state, dim, kk, metric, stages, index, mask, rescore = plan
-        if index is not None:
-            rank_q, rank_metric = index.ranking(q, metric)
-            rank_norms = None if rank_metric == "dot" else state.norms
-            decode = index.decoder(self._backend)
-            _, shortlist = self._masked_topk(rank_q, index.codes, rank_norms, kk * rescore, rank_metric, mask, decode)
-            corpus, norms = self._view(source, state, dim, metric)
-            scores, indices = rescore_rows(self._backend, q, corpus, norms, shortlist, metric, kk, self._block_bytes)
-        else:
-            first_dim, first_size = stages[0] if stages else (dim, kk)
-            rotated = state.rotation is not None and bool(stages) and dim == source
-            first_metric = metric
-            if stages and metric == "cosine" and not (rotated and state.rotation and first_dim <= state.rotation.components):
-                # the shortlist's own scores are discarded: rank by q · (x / |x|) on a cached unit copy
-                stage_q, corpus, norms = np.ascontiguousarray(q[:, :first_dim]), self._unit_prefix(source, state, first_dim), None
-                first_metric = "dot"
-            else:
-                stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
-            scores, indices = self._masked_topk(stage_q, corpus, norms, first_size, first_metric, mask)
-            for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
-                stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)
-                scores, indices = rescore_rows(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
-        return scores, indices
+    def _run_plan(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        return Searcher(self._backend, self._block_bytes, self._cached).run(plan, q)
 
-    def _masked_topk(
-        self,
-        q: npt.NDArray[np.float32],
-        corpus: Any,
-        norms: Any,
-        k: int,
-        metric: Metric,
-        mask: npt.NDArray[np.bool_] | None,
-        decode: Callable[[Any], Any] | None = None,
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """The backend's top-k, restricted to ``mask``'s rows: a selective mask (at most
-        :data:`GATHER_FRACTION` of the rows) gathers them and searches only those; a broad one is
-        applied inside the blocked kernel, where masked rows never enter the selection. ``decode``:
-        ``corpus`` is a quantised index's codes."""
-        queries = self._backend.from_numpy(q)
-        search = partial(self._backend.topk, queries, k=k, metric=metric, max_block_bytes=self._block_bytes, decode=decode)
-        if mask is None or mask.all():
-            return search(corpus, corpus_norms=norms)
-        rows = np.flatnonzero(mask)
-        if rows.size > GATHER_FRACTION * mask.size:
-            return search(corpus, corpus_norms=norms, row_mask=mask)
-        subset_norms = None if norms is None else self._backend.take_rows(norms, rows)
-        scores, local = search(self._backend.take_rows(corpus, rows), corpus_norms=subset_norms)
-        return scores, rows[local]
+    def _cached(self, cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]) -> Any:
+        """``cache[key]``, computed once and kept if the budget has room (charged to the table);
+        otherwise computed for this search only — a search never fails for want of a cache."""
+        value = cache.get(key)
+        if value is None:
+            value = compute()
+            try:
+                self._accountant.reserve(self._owner(source), nbytes)
+            except MemoryLimitError:
+                return value
+            cache[key] = value
+            self._charges[source] += nbytes
+        return value
 
     def _filter_mask(self, state: TableState, where: object) -> npt.NDArray[np.bool_] | None:
         if where is None:
@@ -811,37 +721,3 @@ class EmbeddingStore:
                 else None
             ),
         )
-
-
-def _check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
-    """Funnel stages as ``(dimension, shortlist)`` pairs: dimensions rising below ``dim``, shortlists
-    not rising and at least ``k``."""
-    if isinstance(funnel, (str, bytes)) or not isinstance(funnel, Sequence):
-        raise InvalidArgumentError(f"funnel must be a sequence of (dimension, shortlist) pairs, got {funnel!r}")
-    stages = []
-    for stage in funnel:
-        if not isinstance(stage, Sequence) or len(stage) != 2:
-            raise InvalidArgumentError(f"funnel stage {stage!r} is not a (dimension, shortlist) pair")
-        stage_dim = check_positive_int(stage[0], "funnel dimension")
-        size = check_positive_int(stage[1], "funnel shortlist")
-        stages.append((stage_dim, size))
-    for i, (stage_dim, size) in enumerate(stages):
-        if stage_dim >= dim or (i and stage_dim <= stages[i - 1][0]):
-            raise InvalidArgumentError(f"funnel dimensions must rise and stay below {dim}: {stages}")
-        if size < k or (i and size > stages[i - 1][1]):
-            raise InvalidArgumentError(f"funnel shortlists must be >= k={k} and must not grow: {stages}")
-    return stages
-
-
-class _SearchPlan(NamedTuple):
-    """What a validated search runs on: the table, the width, and the strategy."""
-
-    source: int
-    state: TableState
-    dim: int
-    k: int
-    metric: Metric
-    stages: list[tuple[int, int]]
-    quantized: QuantizedIndex[Any] | None
-    mask: npt.NDArray[np.bool_] | None
-    rescore: int

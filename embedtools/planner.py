@@ -1,0 +1,169 @@
+"""How a validated search runs: exact, Matryoshka funnel, quantised shortlist, each optionally filtered.
+
+The store checks a search's arguments and turns them into a :class:`SearchPlan`; a :class:`Searcher`
+then runs the plan on the backend for one batch of queries. The split keeps the store about tables,
+budgets and files, and puts every choice of *how* to search (which corpus view, which cache, gather
+or mask, which stages) in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from embedtools.errors import InvalidArgumentError
+from embedtools.protocols import ArrayBackend, Metric
+from embedtools.quantize import QuantizedIndex
+from embedtools.search import rescore
+from embedtools.tables import F32_BYTES, TableState
+from embedtools.validation import check_positive_int
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["GATHER_FRACTION", "Cache", "SearchPlan", "Searcher", "check_funnel"]
+
+#: A filter matching at most this share of a table's rows is searched by gathering those rows
+#: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
+GATHER_FRACTION = 0.3
+
+Cache = Callable[[dict[int, Any], int, int, int, Callable[[], Any]], Any]
+"""``cache(store, key, table, nbytes, compute)``: ``store[key]``, computed once and kept where the
+budget allows (charged to ``table``), otherwise computed for this search only."""
+
+Scored = tuple["npt.NDArray[np.float32]", "npt.NDArray[np.int64]"]
+
+
+class SearchPlan(NamedTuple):
+    """What a validated search runs on: the table, the width, and the strategy."""
+
+    source: int
+    state: TableState
+    dim: int
+    k: int
+    metric: Metric
+    stages: list[tuple[int, int]]
+    quantized: QuantizedIndex[Any] | None
+    mask: npt.NDArray[np.bool_] | None
+    rescore: int
+
+
+def check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
+    """Funnel stages as ``(dimension, shortlist)`` pairs: dimensions rising below ``dim``, shortlists
+    not rising and at least ``k``."""
+    if isinstance(funnel, (str, bytes)) or not isinstance(funnel, Sequence):
+        raise InvalidArgumentError(f"funnel must be a sequence of (dimension, shortlist) pairs, got {funnel!r}")
+    stages = []
+    for stage in funnel:
+        if not isinstance(stage, Sequence) or len(stage) != 2:
+            raise InvalidArgumentError(f"funnel stage {stage!r} is not a (dimension, shortlist) pair")
+        stage_dim = check_positive_int(stage[0], "funnel dimension")
+        size = check_positive_int(stage[1], "funnel shortlist")
+        stages.append((stage_dim, size))
+    for i, (stage_dim, size) in enumerate(stages):
+        if stage_dim >= dim or (i and stage_dim <= stages[i - 1][0]):
+            raise InvalidArgumentError(f"funnel dimensions must rise and stay below {dim}: {stages}")
+        if size < k or (i and size > stages[i - 1][1]):
+            raise InvalidArgumentError(f"funnel shortlists must be >= k={k} and must not grow: {stages}")
+    return stages
+
+
+class Searcher:
+    """Runs plans on one backend; made per search, so it holds nothing between searches (the
+    caches it fills live in the table's state, through the store's budgeted ``cache``)."""
+
+    def __init__(self, backend: ArrayBackend[Any], block_bytes: int, cache: Cache) -> None:
+        self._backend = backend
+        self._block_bytes = block_bytes
+        self._cache = cache
+
+    def run(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> Scored:
+        """One batch of validated host queries through the plan: best-first scores and row indices."""
+        source, state, dim, kk, metric, stages, index, mask, rescore_factor = plan
+        if index is not None:
+            rank_q, rank_metric = index.ranking(q, metric)
+            rank_norms = None if rank_metric == "dot" else state.norms
+            decode = index.decoder(self._backend)
+            _, shortlist = self._masked_topk(rank_q, index.codes, rank_norms, kk * rescore_factor, rank_metric, mask, decode)
+            corpus, norms = self._view(source, state, dim, metric)
+            return rescore(self._backend, q, corpus, norms, shortlist, metric, kk, self._block_bytes)
+        first_dim, first_size = stages[0] if stages else (dim, kk)
+        rotated = state.rotation is not None and bool(stages) and dim == source
+        first_metric = metric
+        if stages and metric == "cosine" and not (rotated and state.rotation and first_dim <= state.rotation.components):
+            # the shortlist's own scores are discarded: rank by q · (x / |x|) on a cached unit copy
+            stage_q, corpus, norms = np.ascontiguousarray(q[:, :first_dim]), self._unit_prefix(source, state, first_dim), None
+            first_metric = "dot"
+        else:
+            stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
+        scores, indices = self._masked_topk(stage_q, corpus, norms, first_size, first_metric, mask)
+        for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
+            stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)
+            scores, indices = rescore(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
+        return scores, indices
+
+    def _masked_topk(
+        self,
+        q: npt.NDArray[np.float32],
+        corpus: Any,
+        norms: Any,
+        k: int,
+        metric: Metric,
+        mask: npt.NDArray[np.bool_] | None,
+        decode: Callable[[Any], Any] | None = None,
+    ) -> Scored:
+        """The backend's top-k, restricted to ``mask``'s rows: a selective mask (at most
+        :data:`GATHER_FRACTION` of the rows) gathers them and searches only those; a broad one is
+        applied inside the blocked kernel, where masked rows never enter the selection. ``decode``:
+        ``corpus`` is a quantised index's codes."""
+        queries = self._backend.from_numpy(q)
+        search = partial(self._backend.topk, queries, k=k, metric=metric, max_block_bytes=self._block_bytes, decode=decode)
+        if mask is None or mask.all():
+            return search(corpus, corpus_norms=norms)
+        rows = np.flatnonzero(mask)
+        if rows.size > GATHER_FRACTION * mask.size:
+            return search(corpus, corpus_norms=norms, row_mask=mask)
+        subset_norms = None if norms is None else self._backend.take_rows(norms, rows)
+        scores, local = search(self._backend.take_rows(corpus, rows), corpus_norms=subset_norms)
+        return scores, rows[local]
+
+    def _norms(self, source: int, state: TableState, dim: int, prefix: Any) -> Any:
+        """Row norms at ``dim``: stored for the full width, computed once per prefix and cached."""
+        if dim == source:
+            return state.norms
+        return self._cache(state.prefix_norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(prefix))
+
+    def _stage(
+        self, source: int, state: TableState, q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
+    ) -> tuple[npt.NDArray[np.float32], Any, Any]:
+        """Queries, corpus and norms for one funnel stage: the table's prefix, or — where the table
+        has a rotation at least ``dim`` wide — its rotated rows, with the queries rotated alike."""
+        rotation = state.rotation
+        if not rotated or rotation is None or dim > rotation.components:
+            corpus, norms = self._view(source, state, dim, metric)
+            return np.ascontiguousarray(q[:, :dim]), corpus, norms
+        stage_q = np.ascontiguousarray(q @ rotation.matrix[:, :dim], dtype=np.float32)
+        corpus = self._backend.slice_last_dim(rotation.prefix, dim)
+        if metric == "dot":
+            return stage_q, corpus, None
+        norms = self._cache(rotation.norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(corpus))
+        return stage_q, corpus, norms
+
+    def _unit_prefix(self, source: int, state: TableState, dim: int) -> Any:
+        """The first ``dim`` columns, normalised, as one contiguous array: a cosine funnel's first
+        stage then ranks by a plain product, without a strided read or a scaling pass per search."""
+        return self._cache(
+            state.unit_prefixes,
+            dim,
+            source,
+            state.rows * dim * F32_BYTES,
+            lambda: self._backend.normalize(self._backend.slice_last_dim(state.vectors, dim)),
+        )
+
+    def _view(self, source: int, state: TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
+        """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
+        corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
+        return corpus, None if metric == "dot" else self._norms(source, state, dim, corpus)
