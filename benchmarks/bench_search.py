@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 import embedtools as et
 from benchmarks.common import best_of, blas_kernel, clustered, matryoshka_like, problem_arguments, queries_near
+from embedtools.quantize import QUANTIZATIONS
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -189,7 +190,48 @@ def section_quantized(name: str, table: F32, queries: F32, repeat: int) -> None:
             got = store.search(queries, k=K, quantized=kind, rescore=rescore).indices
             print(f"{kind:<10}{per_row:>10.1f}{table.nbytes / index_bytes:>8.1f}x{rescore:>9}{t * 1e3:>8.1f} ms"
                   f"{exact / t:>9.2f}x{recall(got, truth):>11.4f}")
+    # binary shortlist rescored against the int8 values: the float32 table is never read
+    both = sum(store.memory_info().tables[table.shape[1]].quantized[kind] for kind in ("binary", "int8"))
+    for rescore in (10, 40):
+        def run(r: int = rescore) -> I64:
+            return store.search(queries, k=K, quantized="binary", rescore=r, rescore_with="int8").indices
+
+        t = best_of(run, repeat)
+        print(f"{'bin+int8':<10}{both / table.shape[0]:>10.1f}{table.nbytes / both:>8.1f}x{rescore:>9}{t * 1e3:>8.1f} ms"
+              f"{exact / t:>9.2f}x{recall(run(), truth):>11.4f}   (rescored with int8 values: no float32 read)")
+    hamming_by_popcount(store, table, queries, repeat)
+    for kind in QUANTIZATIONS:
         store.drop_quantized(table.shape[1], kind)
+
+
+def hamming_by_popcount(store: et.EmbeddingStore, table: F32, queries: F32, repeat: int) -> None:
+    """Why binary codes are ranked by a GEMM over decoded ±1 blocks: the same Hamming ranking by
+    XOR + popcount (``np.bitwise_count`` over 64-bit words), blocked, timed beside it."""
+    if not hasattr(np, "bitwise_count"):  # pragma: no cover - NumPy < 2.0
+        return
+    words = np.packbits(table > 0, axis=1)
+    words = np.pad(words, ((0, 0), (0, -words.shape[1] % 8))).view(np.uint64)
+    q_words = np.packbits(queries > 0, axis=1)
+    q_words = np.pad(q_words, ((0, 0), (0, -q_words.shape[1] % 8))).view(np.uint64)
+    shortlist = K * 4
+
+    def popcount() -> I64:
+        best = np.empty((queries.shape[0], 0), dtype=np.int64)
+        dist = np.empty((queries.shape[0], 0), dtype=np.int64)
+        for start in range(0, words.shape[0], 4096):
+            block = np.bitwise_count(q_words[:, None, :] ^ words[None, start : start + 4096, :]).sum(axis=2, dtype=np.int64)
+            dist = np.hstack([dist, block])
+            best = np.hstack([best, np.arange(start, start + block.shape[1])[None, :].repeat(queries.shape[0], 0)])
+            keep = np.argpartition(dist, min(shortlist, dist.shape[1] - 1), axis=1)[:, :shortlist]
+            dist, best = np.take_along_axis(dist, keep, axis=1), np.take_along_axis(best, keep, axis=1)
+        return best
+
+    def gemm() -> I64:
+        return store.search(queries, k=shortlist, quantized="binary", rescore=1).indices
+
+    t_pop, t_gemm = best_of(popcount, repeat), best_of(gemm, repeat)
+    print(f"binary shortlist of {shortlist} by XOR + popcount (np.bitwise_count): {t_pop * 1e3:.1f} ms; "
+          f"by the store's GEMM on decoded blocks: {t_gemm * 1e3:.1f} ms ({t_pop / t_gemm:.2f}x)")
 
 
 def section_real(repeat: int) -> None:

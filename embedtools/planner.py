@@ -49,6 +49,7 @@ class SearchPlan(NamedTuple):
     quantized: QuantizedIndex[Any] | None
     mask: npt.NDArray[np.bool_] | None
     rescore: int
+    rescore_with: QuantizedIndex[Any] | None = None
 
 
 def check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
@@ -82,12 +83,16 @@ class Searcher:
 
     def run(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> Scored:
         """One batch of validated host queries through the plan: best-first scores and row indices."""
-        source, state, dim, kk, metric, stages, index, mask, rescore_factor = plan
+        source, state, dim, kk, metric, stages, index, mask, rescore_factor, rescorer = plan
         if index is not None:
             rank_q, rank_metric = index.ranking(q, metric)
             rank_norms = None if rank_metric == "dot" else state.norms
             decode = index.decoder(self._backend)
             _, shortlist = self._masked_topk(rank_q, index.codes, rank_norms, kk * rescore_factor, rank_metric, mask, decode)
+            if rescorer is not None:  # against the index's values, by the original rows' norms
+                norms = None if metric == "dot" else state.norms
+                rows_decode = rescorer.decoder(self._backend)
+                return rescore(self._backend, q, rescorer.codes, norms, shortlist, metric, kk, self._block_bytes, rows_decode)
             corpus, norms = self._view(source, state, dim, metric)
             return rescore(self._backend, q, corpus, norms, shortlist, metric, kk, self._block_bytes)
         first_dim, first_size = stages[0] if stages else (dim, kk)

@@ -257,13 +257,15 @@ def rescore(
     metric: Metric,
     keep: int,
     max_block_bytes: int,
+    decode: Callable[[ArrayT], ArrayT] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Exact scores of each query's candidate rows of ``corpus`` (at the queries' width); the best ``keep``.
 
     The funnel's later stages and quantised search's rescoring both end here: the shortlist's rows
     are gathered on the backend (``take_rows``) and scored on the host in float32, exactly as the
     full search scores them (cosine by the stored norms, ``l2`` as ``||q - x||``), in query chunks
-    so the gathered ``(chunk, shortlist, dim)`` block stays within ``max_block_bytes``.
+    so the gathered ``(chunk, shortlist, dim)`` block stays within ``max_block_bytes``. With
+    ``decode``, ``corpus`` is a quantised index's codes and the gathered rows are decoded first.
     """
     n_queries, shortlist = candidates.shape
     dim = queries.shape[1]
@@ -273,7 +275,8 @@ def rescore(
     step = max(max_block_bytes // max(shortlist * dim * 4, 1), 1)
     for qs in _chunks(n_queries, step):
         idx = candidates[qs]
-        rows = np.asarray(backend.to_numpy(backend.take_rows(corpus, idx)), dtype=np.float32)
+        gathered = backend.take_rows(corpus, idx)
+        rows = np.asarray(backend.to_numpy(gathered if decode is None else decode(gathered)), dtype=np.float32)
         q = queries[qs]
         if metric == "l2":
             diff = rows - q[:, None, :]

@@ -479,6 +479,7 @@ class EmbeddingStore:
         funnel: Sequence[tuple[int, int]] = (),
         quantized: Quantization | None = None,
         rescore: int = 4,
+        rescore_with: Quantization | None = None,
         where: Filter | None = None,
     ) -> SearchResult:
         """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
@@ -495,7 +496,11 @@ class EmbeddingStore:
         ``quantized="int8"`` (or ``"float16"``, ``"bfloat16"``, ``"binary"``; see :meth:`quantize`)
         shortlists the ``k * rescore`` best rows by the quantised index, then rescores them exactly
         against the float32 table: scores are exact, recall depends on ``rescore``. It combines
-        with ``where``, not with ``funnel``.
+        with ``where``, not with ``funnel``. ``rescore_with="int8"`` (any index the table has)
+        rescores the shortlist against that index's values instead of the float32 rows: scores are
+        then that index's approximations, and the float32 table is not read at all — what a
+        memory-mapped table wants (``quantized="binary", rescore_with="int8"``: 1/32 + 1/4 of float32
+        in memory, nothing read from disk).
 
         ``where=Label("a") & Meta("year").between(2020, None)`` (see :mod:`embedtools.filters`)
         searches only the rows that match: exact top-k among them, fewer than ``k`` columns when
@@ -513,10 +518,11 @@ class EmbeddingStore:
         source = self._source_dimension(dim, exact=dimension is None)
         state = self._tables[source]
         index = self._quantized_index(state, source, dim, quantized, rescore, stages)
+        rescorer = self._rescoring_index(state, source, index, rescore_with)
         mask = self._filter_mask(state, where)
         kk = min(k, state.rows if mask is None else int(np.count_nonzero(mask)))
         q = np.ascontiguousarray(q[:, :dim])
-        plan = SearchPlan(source, state, dim, kk, metric, stages, index, mask, rescore)
+        plan = SearchPlan(source, state, dim, kk, metric, stages, index, mask, rescore, rescorer)
         if q.shape[0] == 0 or kk == 0:
             scores = np.empty((q.shape[0], kk), dtype=np.float32)
             indices = np.empty((q.shape[0], kk), dtype=np.int64)
@@ -580,6 +586,18 @@ class EmbeddingStore:
             raise InvalidArgumentError(f"quantized search runs at the table's full width ({source}), not at {dim}")
         if kind not in state.quantized:
             raise InvalidArgumentError(f"table {source}d has no {kind} index; call store.quantize({source}, {kind!r})")
+        return state.quantized[kind]
+
+    def _rescoring_index(
+        self, state: TableState, source: int, index: QuantizedIndex[Any] | None, rescore_with: object
+    ) -> QuantizedIndex[Any] | None:
+        if rescore_with is None:
+            return None
+        kind = check_quantization(rescore_with)
+        if index is None:
+            raise InvalidArgumentError("rescore_with rescores a quantized search's shortlist; pass quantized= too")
+        if kind not in state.quantized:
+            raise InvalidArgumentError(f"table {source}d has no {kind} index to rescore with; call store.quantize({source}, {kind!r})")
         return state.quantized[kind]
 
     # ------------------------------------------------------------------ memory

@@ -232,3 +232,84 @@ def test_values_beyond_a_16_bit_float_are_refused_and_change_nothing() -> None:
     with pytest.raises(InvalidArgumentError, match="bfloat16 cannot hold"):
         QuantizedIndex.build("bfloat16", np.array([[1.0, 3.4e38]], dtype=np.float32))
     assert QuantizedIndex.build("bfloat16", np.array([[1.0, 3.38e38]], dtype=np.float32)).rows == 1
+
+
+class _Unreadable:
+    """Stands in for a table's float32 rows: any read of them fails the test."""
+
+    def __array__(self, *args: object, **kwargs: object) -> Any:
+        raise AssertionError("the float32 table was read")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_rescoring_with_an_index_never_reads_the_float_table(metric: Any) -> None:
+    from dataclasses import replace
+
+    corpus = matryoshka_like(2000, 64, seed=8)
+    queries = corpus[:20] + 0.05 * np.random.default_rng(9).standard_normal((20, 64)).astype(np.float32)
+    store = make_store()
+    store.add(corpus)
+    store.quantize(64, "binary")
+    store.quantize(64, "int8")
+    exact = store.search(queries, k=10, metric=metric)
+    store._tables[64] = replace(store._tables[64], vectors=_Unreadable())
+    result = store.search(queries, k=10, metric=metric, quantized="binary", rescore=20, rescore_with="int8")
+    int8 = store._tables[64].quantized["int8"]
+    values = et.NumpyBackend().dequantize(int8.codes, "int8", width=64, scale=int8.scale, offset=int8.offset)
+    picked = values[result.indices]  # (q, k, d): the int8 values of the returned rows
+    dots = np.einsum("qkd,qd->qk", picked.astype(np.float64), queries.astype(np.float64))
+    if metric == "cosine":
+        expected = dots / (np.linalg.norm(corpus, axis=1)[result.indices] * np.linalg.norm(queries, axis=1)[:, None])
+    elif metric == "l2":
+        expected = np.linalg.norm(picked - queries[:, None, :], axis=2)
+    else:
+        expected = dots
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-4)  # the int8 values' scores
+    assert recall(result.indices, exact.indices) >= 0.85  # int8's own ranking error on 64-d rows
+
+
+def test_bad_rescore_with_is_refused() -> None:
+    store = make_store()
+    store.add(clustered(100, 16))
+    store.quantize(16, "binary")
+    q = clustered(2, 16, seed=1)
+    for kwargs, message in (
+        ({"rescore_with": "int8"}, "pass quantized"),
+        ({"quantized": "binary", "rescore_with": "int8"}, "no int8 index to rescore with"),
+        ({"quantized": "binary", "rescore_with": "int3"}, "unknown quantization"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=message):
+            store.search(q, k=3, **kwargs)  # type: ignore[arg-type]
+    assert store.search(q, k=3, quantized="binary", rescore_with="binary").indices.shape == (2, 3)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=IDS)
+def test_rescoring_with_an_index_agrees_across_backends(pair: tuple[str, str]) -> None:
+    corpus = clustered(300, 24, seed=10)
+    queries = clustered(5, 24, seed=11)
+    results = []
+    for where in (("numpy", "cpu"), pair):
+        store = make_store(where)
+        store.add(corpus)
+        store.quantize(24, "binary")
+        store.quantize(24, "int8")
+        results.append(store.search(queries, k=5, quantized="binary", rescore=60, rescore_with="int8"))  # every row
+    assert results[0].ids == results[1].ids
+    np.testing.assert_allclose(results[0].scores, results[1].scores, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mapped_table_searches_from_its_in_memory_indexes(tmp_path: Path) -> None:
+    store = make_store()
+    store.add(clustered(400, 32, seed=12))
+    store.quantize(32, "binary")
+    store.quantize(32, "int8")
+    store.save(tmp_path / "s")
+    mapped = make_store().load(tmp_path / "s", mmap=True)
+    assert mapped.mapped_from is not None
+    index = mapped._tables[32].quantized["int8"]
+    assert not isinstance(index.codes, np.memmap)  # indexes are read into memory; only the rows are mapped
+    q = clustered(3, 32, seed=13)
+    a = mapped.search(q, k=5, quantized="binary", rescore=10, rescore_with="int8")
+    b = store.search(q, k=5, quantized="binary", rescore=10, rescore_with="int8")
+    assert a.ids == b.ids
+    np.testing.assert_array_equal(a.scores, b.scores)
