@@ -9,7 +9,8 @@
 Every figure is printed beside its reference from the same run, as a ratio:
 
 * floors: the sgemm rate (a 2048³ product) turned into the GEMM time the search needs
-  (2·q·n·d flop), and the read bandwidth (one pass over the table) turned into one read's time;
+  (2·q·n·d flop), and the read bandwidth (one pass over the table) turned into one read's time,
+  each timed in turns with what it is the floor of, so drifting load moves both alike;
 * exact cosine top-10 over 200,000 x 384 clustered rows, 100 queries: the store (NumPy backend)
   against NumPy naive, torch naive, faiss ``IndexFlatIP``, usearch exact and sentence-transformers
   ``semantic_search`` (each skipped with a note if not installed: ``pip install -e '.[bench]'``),
@@ -33,22 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 import embedtools as et
-from benchmarks.common import best_of, blas_kernel, clustered, matryoshka_like, problem_arguments, queries_near
+from benchmarks.common import best_of, blas_kernel, clustered, interleaved_best, matryoshka_like, problem_arguments, queries_near
 from embedtools.quantize import QUANTIZATIONS
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 K = 10
-
-
-def sgemm_rate(repeat: int) -> float:
-    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    return 2 * 2048**3 / best_of(lambda: a @ a, repeat)
-
-
-def read_bandwidth(table: F32, repeat: int) -> float:
-    ones = np.ones(table.shape[1], dtype=np.float32)
-    return table.nbytes / min(best_of(lambda: table @ ones, repeat), best_of(lambda: table.sum(axis=0), repeat))
 
 
 def recall(found: I64, truth: I64) -> float:
@@ -128,31 +119,51 @@ def peers(table: F32, queries: F32) -> dict[str, Callable[[], I64]]:
     return out
 
 
-def section_exact(rows: int, dim: int, n_queries: int, repeat: int, rate: float) -> None:
+def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
+    """Every method timed in turns with the sgemm that sets the floor (``interleaved_best``), so a
+    shift in the shared machine's load moves the floor and the methods alike."""
     table = clustered(rows, dim, seed=0)
     queries = queries_near(table, n_queries, seed=1)
     truth = truth_cosine(table, queries)
     store = numpy_store(table)
-    floor = 2 * n_queries * rows * dim / rate
+    square = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
     unit = table / np.linalg.norm(table, axis=1, keepdims=True)
-    gemm_only = best_of(lambda: queries @ unit.T, repeat)
-    ours = best_of(lambda: store.search(queries, k=K), repeat)
-    ours_recall = recall(store.search(queries, k=K).indices, truth)
-    print(f"\n== exact cosine top-{K}: {rows:,} x {dim}, {n_queries} queries (best of {repeat}) ==")
-    print(f"GEMM floor at the measured sgemm rate: {floor * 1e3:.1f} ms; this product alone (queries @ table.T): "
-          f"{gemm_only * 1e3:.1f} ms = {gemm_only / floor:.2f}x the floor")
-    print(f"{'embedtools store (numpy)':<40}{ours * 1e3:9.1f} ms  {ours / floor:5.2f}x floor  recall@10 {ours_recall:.4f}")
+    fast: dict[str, Callable[[], I64]] = {}
+    slow: dict[str, Callable[[], I64]] = {}
     for name, fn in peers(table, queries).items():
         fn()
-        theirs = best_of(fn, max(2, repeat // 2) if "usearch" in name or "faiss" in name else repeat)
-        print(f"{name:<40}{theirs * 1e3:9.1f} ms  {theirs / floor:5.2f}x floor  recall@10 {recall(fn(), truth):.4f}"
-              f"   store is {theirs / ours:.2f}x faster")
+        (slow if "usearch" in name or "faiss" in name else fast)[name] = fn
+    ours = "embedtools store (numpy)"
+    timed = interleaved_best(
+        {"sgemm": lambda: square @ square, "product": lambda: queries @ unit.T, ours: lambda: store.search(queries, k=K), **fast},
+        repeat,
+    )
+    if slow:  # seconds each: fewer turns, each beside the store again
+        slow_timed = interleaved_best({ours: lambda: store.search(queries, k=K), **slow}, max(2, repeat // 2))
+        timed.update({name: slow_timed[name] * timed[ours] / slow_timed[ours] for name in slow})  # as ratios to the store
+    rate = 2 * 2048**3 / timed["sgemm"]
+    floor = 2 * n_queries * rows * dim / rate
+    print(f"sgemm rate (2048^3, best of {repeat}, interleaved with the searches): {rate / 1e9:.0f} GFLOP/s")
+    print(f"\n== exact cosine top-{K}: {rows:,} x {dim}, {n_queries} queries (best of {repeat}, interleaved) ==")
+    print(f"GEMM floor at the measured sgemm rate: {floor * 1e3:.1f} ms; this product alone (queries @ table.T): "
+          f"{timed['product'] * 1e3:.1f} ms = {timed['product'] / floor:.2f}x the floor")
+    found = {ours: store.search(queries, k=K).indices} | {name: fn() for name, fn in {**fast, **slow}.items()}
+    for name in (ours, *fast, *slow):
+        t = timed[name]
+        line = f"{name:<40}{t * 1e3:9.1f} ms  {t / floor:5.2f}x floor  recall@10 {recall(found[name], truth):.4f}"
+        print(line if name == ours else f"{line}   store is {t / timed[ours]:.2f}x faster")
+    if slow:
+        print(f"({', '.join(slow)}: timed in turns with the store {max(2, repeat // 2)} times; shown at their ratio to it)")
 
     one = queries[:1]
-    bandwidth = read_bandwidth(table, repeat)
+    ones = np.ones(table.shape[1], dtype=np.float32)
+    reads = interleaved_best(
+        {"matvec": lambda: table @ ones, "sum": lambda: table.sum(axis=0), "one query": lambda: store.search(one, k=K)}, repeat * 3
+    )
+    bandwidth = table.nbytes / min(reads["matvec"], reads["sum"])
     one_floor = table.nbytes / bandwidth
-    single = best_of(lambda: store.search(one, k=K), repeat * 3)
-    print(f"\n== one query over the {table.nbytes / 2**20:.0f} MiB table ==")
+    single = reads["one query"]
+    print(f"\n== one query over the {table.nbytes / 2**20:.0f} MiB table (interleaved with the reads) ==")
     print(f"one read at the measured bandwidth ({bandwidth / 1e9:.1f} GB/s): {one_floor * 1e3:.2f} ms; "
           f"store.search: {single * 1e3:.2f} ms = {single / one_floor:.2f}x the read")
 
@@ -323,9 +334,7 @@ def main() -> None:
         return
     only = set(args.only.split(",")) if args.only else {"exact", "funnel", "quantized", "real"}
     if "exact" in only:
-        rate = sgemm_rate(args.repeat)
-        print(f"sgemm rate (2048^3, best of {args.repeat}): {rate / 1e9:.0f} GFLOP/s")
-        section_exact(args.rows, args.dim, args.queries, args.repeat, rate)
+        section_exact(args.rows, args.dim, args.queries, args.repeat)
     if "funnel" in only:
         section_funnel(args.rows, args.dim, args.queries, args.repeat)
     if "quantized" in only:
