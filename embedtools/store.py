@@ -7,14 +7,16 @@ container (or the caller) hands it one. Every public method either completes or 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -74,11 +76,30 @@ def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: 
     charges.clear()
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound="EmbeddingStore")
+
+
+def _exclusive(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+    """Runs a method under the store's lock: changes (and cache fills) happen one at a time, each
+    seeing the last one's tables, so threads that add, update or search together lose nothing and
+    charge nothing twice. Searches themselves run concurrently (tables are immutable once built)."""
+
+    @functools.wraps(method)
+    def locked(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class EmbeddingStore:
     """Tables of float32 embeddings keyed by dimension, with ids, labels and per-row metadata.
 
     Build one with ``Container().store()``, or directly from any :class:`ArrayBackend`,
-    :class:`MemoryAccountant` and :class:`Hasher`.
+    :class:`MemoryAccountant` and :class:`Hasher`. Safe to share between threads: changes are
+    serialised, searches run side by side.
     """
 
     def __init__(
@@ -101,6 +122,7 @@ class EmbeddingStore:
         self._owners: dict[int, str] = {}
         self._mapped_from: Path | None = None
         self._progress = check_progress(progress)
+        self._lock = threading.RLock()
         weakref.finalize(self, _release_all, accountant, self._charges, self._owners)
 
     # ------------------------------------------------------------------ collaborators and config
@@ -123,6 +145,7 @@ class EmbeddingStore:
         return json.loads(json.dumps(self._config))  # type: ignore[no-any-return]
 
     @config.setter
+    @_exclusive
     def config(self, value: Mapping[str, object]) -> None:
         self._hasher.hash_config(value)  # refuses what cannot be hashed, before anything changes
         try:
@@ -163,6 +186,7 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ writing
 
+    @_exclusive
     def add(
         self,
         vectors: object,
@@ -254,6 +278,7 @@ class EmbeddingStore:
                 self._accountant.release(self._owner(d), -delta)
             self._charges[d] = new_bytes[d]
 
+    @_exclusive
     def drop(self, dimension: int) -> None:
         """Remove one table and give its bytes back."""
         d = check_dimension(dimension)
@@ -261,6 +286,7 @@ class EmbeddingStore:
         del self._tables[d]
         self._accountant.release(self._owner(d), self._charges.pop(d))
 
+    @_exclusive
     def clear(self) -> None:
         for d in self.dimensions:
             self.drop(d)
@@ -288,6 +314,7 @@ class EmbeddingStore:
             rotation=self._rotate(vectors, state.rotation.matrix, state.rotation.components) if state.rotation else None,
         )
 
+    @_exclusive
     def remove(self, ids: Sequence[str], dimension: int | None = None) -> int:
         """Remove the rows with these ids from the table of ``dimension``, or from every table that
         has them (``None``); return how many rows went. Their bytes go back to the budget; a table
@@ -333,6 +360,7 @@ class EmbeddingStore:
             self.drop(d)
         return removed
 
+    @_exclusive
     def update(
         self,
         ids: Sequence[str],
@@ -379,6 +407,7 @@ class EmbeddingStore:
 
         self._commit({d: state.shape(d).nbytes}, build)
 
+    @_exclusive
     def quantize(self, dimension: int, kind: Quantization) -> None:
         """Give the table of ``dimension`` a quantised index (``float16``, ``bfloat16``, ``int8`` or
         ``binary``), kept on the backend's device beside the table.
@@ -405,6 +434,7 @@ class EmbeddingStore:
         """An index built on the host (the same codes on every backend), kept on the backend's device."""
         return QuantizedIndex.build(kind, host).to_backend(self._backend)
 
+    @_exclusive
     def fit_rotation(self, dimension: int, components: int | None = None) -> None:
         """Fit a PCA rotation on the table of ``dimension`` for funnel search on models not trained
         with a Matryoshka loss.
@@ -432,6 +462,7 @@ class EmbeddingStore:
 
         self._commit({d: new_bytes}, build)
 
+    @_exclusive
     def drop_rotation(self, dimension: int) -> None:
         self._check_writable()
         d = check_dimension(dimension)
@@ -446,6 +477,7 @@ class EmbeddingStore:
         prefix = np.ascontiguousarray(host @ matrix[:, :components], dtype=np.float32)
         return Rotation(matrix=matrix, components=components, prefix=self._backend.from_numpy(prefix))
 
+    @_exclusive
     def drop_quantized(self, dimension: int, kind: Quantization) -> None:
         """Remove one quantised index and give its bytes back."""
         self._check_writable()
@@ -546,6 +578,7 @@ class EmbeddingStore:
     def _run_plan(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         return Searcher(self._backend, self._block_bytes, self._cached).run(plan, q)
 
+    @_exclusive
     def _cached(self, cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]) -> Any:
         """``cache[key]``, computed once and kept if the budget has room (charged to the table);
         otherwise computed for this search only — a search never fails for want of a cache."""
@@ -602,6 +635,7 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ memory
 
+    @_exclusive
     def memory_info(self) -> MemoryInfo:
         report = self._accountant.report()
         tables = {
@@ -624,6 +658,7 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ files
 
+    @_exclusive
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the store to one file, atomically: the old file survives any failure or crash."""
         with progress_bar(self._progress, len(self._tables) + 1, f"save {Path(path).name}", "steps") as bar:
@@ -644,6 +679,7 @@ class EmbeddingStore:
             fileformat.write_store(path, StoreRecord(tables=tuple(tables), config=self._config), self.config_hash)
             bar.update()
 
+    @_exclusive
     def load(self, path: str | os.PathLike[str], *, mmap: bool = False) -> Self:
         """Fill this empty store from an embedtools file or a seed ``save_to_disk`` folder; return it.
 
@@ -696,6 +732,7 @@ class EmbeddingStore:
         """The file this store's tables are memory-mapped from (read-only until materialised)."""
         return self._mapped_from
 
+    @_exclusive
     def materialize(self) -> None:
         """Copy memory-mapped tables into memory (charging them) and make the store writable."""
         if self._mapped_from is None:
