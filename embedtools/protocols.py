@@ -35,7 +35,7 @@ ArrayT = TypeVar("ArrayT")
 Metric = Literal["cosine", "dot", "l2"]
 METRICS: tuple[Metric, ...] = ("cosine", "dot", "l2")
 
-DTypeName = Literal["float16", "float32", "float64", "int8", "uint8", "uint16", "int32", "int64", "bool"]
+DTypeName = Literal["float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"]
 
 Quantization = Literal["float16", "bfloat16", "int8", "binary"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("float16", "bfloat16", "int8", "binary")
@@ -152,8 +152,8 @@ class ArrayBackend(Protocol[ArrayT]):
     ) -> ArrayT:
         """The float32 values quantised ``codes`` stand for; the last axis is decoded, any leading shape.
 
-        ``float16`` codes are cast. ``bfloat16`` codes are raw 16-bit words (``uint16``: the top half
-        of a float32, as NumPy must hold them). ``int8`` codes map to ``offset + scale * code`` per
+        ``float16`` codes are cast. ``bfloat16`` codes are raw 16-bit words (``int16``, or ``uint16``
+        on NumPy: the top half of a float32, as NumPy must hold them). ``int8`` codes map to ``offset + scale * code`` per
         dimension (``scale``/``offset`` are ``(width,)`` float32). ``binary`` codes are sign bits
         packed eight to a byte, most significant first (``numpy.packbits``), decoded to ±1 over the
         first ``width`` bits. Lives on the backend so quantised tables are decoded on the device

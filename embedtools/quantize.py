@@ -110,8 +110,14 @@ class QuantizedIndex(Generic[ArrayT]):
         return QuantizedIndex(kind, d, n, codes, scale=scale, offset=(low + 128 * scale).astype(F32))
 
     def to_backend(self, backend: ArrayBackend[Any]) -> QuantizedIndex[Any]:
-        """This (host) index on ``backend``'s device, same codes."""
+        """This (host) index on ``backend``'s device, same codes.
+
+        bfloat16 words travel as ``int16`` (the same bits): every library and device has int16,
+        while torch on MPS had no uint16 before 2.9 and torch before 2.3 none at all.
+        """
         codes = np.asarray(self.codes)
+        if self.kind == "bfloat16":
+            codes = codes.view(np.int16)
         return QuantizedIndex(
             self.kind,
             self.dimension,
@@ -123,11 +129,12 @@ class QuantizedIndex(Generic[ArrayT]):
 
     def to_host(self, backend: ArrayBackend[ArrayT]) -> QuantizedIndex[npt.NDArray[Any]]:
         """This (``backend``'s) index as host arrays, to save."""
+        codes = backend.to_numpy(self.codes)
         return QuantizedIndex(
             self.kind,
             self.dimension,
             self.rows,
-            backend.to_numpy(self.codes),
+            codes.view(np.uint16) if self.kind == "bfloat16" else codes,  # files keep uint16 words
             scale=None if self.scale is None else backend.to_numpy(self.scale),
             offset=None if self.offset is None else backend.to_numpy(self.offset),
         )

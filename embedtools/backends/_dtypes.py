@@ -11,7 +11,7 @@ __all__ = ["DTYPE_NAMES", "dtype_table", "lookup_dtype"]
 
 T = TypeVar("T")
 
-DTYPE_NAMES: tuple[str, ...] = ("float16", "float32", "float64", "int8", "uint8", "uint16", "int32", "int64", "bool")
+DTYPE_NAMES: tuple[str, ...] = ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
 def dtype_table(convert: Callable[[str], T]) -> dict[str, T]:

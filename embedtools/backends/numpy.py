@@ -162,7 +162,7 @@ class NumpyBackend:
         if kind == "float16":
             out = self._half_table().take(np.ascontiguousarray(c, dtype=np.float16).view(np.uint16))
         elif kind == "bfloat16":
-            out = (c.astype(np.uint32) << np.uint32(16)).view(F32)
+            out = (c.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(F32)  # int16 or uint16 words
         elif kind == "binary":
             out = np.unpackbits(c.astype(np.uint8, copy=False), axis=-1, count=width).astype(F32)
             out *= 2
