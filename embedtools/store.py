@@ -492,14 +492,16 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ searching
 
-    def _source_dimension(self, dim: int, exact: bool) -> int:
-        if dim in self._tables:
-            return dim
-        wider = [d for d in self.dimensions if d > dim]
+    def _source_table(self, dim: int, exact: bool) -> tuple[int, TableState]:
+        """The table a search of width ``dim`` reads, taken once (another thread may drop it later)."""
+        tables = dict(self._tables)
+        if dim in tables:
+            return dim, tables[dim]
+        wider = sorted(d for d in tables if d > dim)
         if exact or not wider:
             hint = " (pass dimension= to search a prefix of a wider table)" if exact and wider else ""
-            raise DimensionError(f"no table of dimension {dim}; stored: {list(self.dimensions) or 'none'}{hint}")
-        return wider[0]
+            raise DimensionError(f"no table of dimension {dim}; stored: {sorted(tables) or 'none'}{hint}")
+        return wider[0], tables[wider[0]]
 
     def search(
         self,
@@ -547,8 +549,7 @@ class EmbeddingStore:
         if width < dim:
             raise DimensionError(f"queries have width {width}, fewer than dimension {dim}")
         stages = check_funnel(funnel, k, dim)
-        source = self._source_dimension(dim, exact=dimension is None)
-        state = self._tables[source]
+        source, state = self._source_table(dim, exact=dimension is None)
         index = self._quantized_index(state, source, dim, quantized, rescore, stages)
         rescorer = self._rescoring_index(state, source, index, rescore_with)
         mask = self._filter_mask(state, where)
