@@ -28,7 +28,7 @@ from embedtools.errors import (
 )
 from embedtools.filters import Filter, Ids, Label, Meta
 from embedtools.hashing import Sha256Hasher, canonical_json, config_hash, param_hash
-from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant, MemoryReport, Metric
+from embedtools.protocols import QUANTIZATIONS, ArrayBackend, Hasher, MemoryAccountant, MemoryReport, Metric, Quantization
 from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.store import EmbeddingStore
 from embedtools.study import StudyRow, StudyTable, study
@@ -66,6 +66,8 @@ __all__ = [
     "Metric",
     "MlxBackend",
     "NumpyBackend",
+    "QUANTIZATIONS",
+    "Quantization",
     "ReadOnlyStoreError",
     "SearchResult",
     "Sha256Hasher",
