@@ -83,15 +83,17 @@ def test_quantized_search_returns_exact_scores_with_high_recall(pair: tuple[str,
     assert recall(result.indices, np.argsort(-ref, axis=1)[:, :10]) >= floor
 
 
-def test_full_rescoring_is_exact_search() -> None:
-    corpus = clustered(300, 32)
-    queries = clustered(5, 32, seed=1)
-    store = make_store()
+@pytest.mark.parametrize("pair", PAIRS, ids=IDS)
+def test_full_rescoring_is_exact_search(pair: tuple[str, str]) -> None:
+    corpus = clustered(300, 33)  # 33: binary rows end in a part-filled byte
+    queries = clustered(5, 33, seed=1)
+    store = make_store(pair)
     store.add(corpus)
-    store.quantize(32, "binary")
-    for metric in ("cosine", "dot", "l2"):
-        result = store.search(queries, k=5, metric=metric, quantized="binary", rescore=60)
-        assert_exact_topk(queries, corpus, metric, 5, result.indices, result.scores)
+    for kind in QUANTIZATIONS:
+        store.quantize(33, kind)
+        for metric in ("cosine", "dot", "l2"):
+            result = store.search(queries, k=5, metric=metric, quantized=kind, rescore=60)  # the whole table
+            assert_exact_topk(queries, corpus, metric, 5, result.indices, result.scores)
 
 
 def test_indexes_follow_their_table_through_add_and_files(tmp_path: Path) -> None:
