@@ -90,24 +90,22 @@ class QuantizedIndex(Generic[ArrayT]):
 
     @staticmethod
     def build(kind: Quantization, vectors: npt.NDArray[np.float32]) -> QuantizedIndex[npt.NDArray[Any]]:
-        """The index of host float32 ``vectors`` (int8 is calibrated on them)."""
+        """The index of host float32 ``vectors`` (int8 is calibrated on them), encoded in chunks of
+        rows so the host memory beyond the codes stays a few MiB whatever the table's size."""
         n, d = vectors.shape
-        if kind == "float16":
-            with np.errstate(over="ignore"):
-                halves = vectors.astype(np.float16)
-            _check_in_range(kind, halves, np.isfinite(halves), vectors)
-            return QuantizedIndex(kind, d, n, halves)
-        if kind == "bfloat16":
-            words = _to_bfloat16_bits(vectors)
-            _check_in_range(kind, words, (words & np.uint16(0x7F80)) != 0x7F80, vectors)
-            return QuantizedIndex(kind, d, n, words)
-        if kind == "binary":
-            return QuantizedIndex(kind, d, n, np.packbits(vectors > 0, axis=1))
-        low = vectors.min(axis=0) if n else np.zeros(d, dtype=F32)
-        span = vectors.max(axis=0) - low if n else np.zeros(d, dtype=F32)
-        scale = np.where(span > 0, span / 255.0, 1.0).astype(F32)
-        codes = np.clip(np.rint((vectors - low) / scale) - 128, -128, 127).astype(np.int8)
-        return QuantizedIndex(kind, d, n, codes, scale=scale, offset=(low + 128 * scale).astype(F32))
+        scale = offset = None
+        if kind == "int8":
+            low = vectors.min(axis=0) if n else np.zeros(d, dtype=F32)
+            span = vectors.max(axis=0) - low if n else np.zeros(d, dtype=F32)
+            scale = np.where(span > 0, span / 255.0, 1.0).astype(F32)
+            offset = (low + 128 * scale).astype(F32)
+        dtype = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8, "binary": np.uint8}[kind]
+        codes = np.empty((n, (d + 7) // 8 if kind == "binary" else d), dtype=dtype)
+        step = max(1, _CHUNK_VALUES // max(d, 1))
+        for start in range(0, n, step):
+            chunk = np.asarray(vectors[start : start + step], dtype=F32)
+            codes[start : start + step] = _encode(kind, chunk, scale, offset, start)
+        return QuantizedIndex(kind, d, n, codes, scale=scale, offset=offset)
 
     def to_backend(self, backend: ArrayBackend[Any]) -> QuantizedIndex[Any]:
         """This (host) index on ``backend``'s device, same codes.
@@ -155,14 +153,45 @@ class QuantizedIndex(Generic[ArrayT]):
         return queries, metric
 
 
-def _check_in_range(kind: Quantization, codes: npt.NDArray[Any], finite: npt.NDArray[np.bool_], vectors: npt.NDArray[np.float32]) -> None:
+#: Values encoded at a time by :meth:`QuantizedIndex.build` (4 MiB of float32).
+_CHUNK_VALUES = 1 << 20
+
+
+def _encode(
+    kind: Quantization,
+    chunk: npt.NDArray[np.float32],
+    scale: npt.NDArray[np.float32] | None,
+    offset: npt.NDArray[np.float32] | None,
+    first_row: int,
+) -> npt.NDArray[Any]:
+    """Codes of a chunk of rows (``first_row`` places errors in the whole table)."""
+    if kind == "float16":
+        with np.errstate(over="ignore"):
+            halves = chunk.astype(np.float16)
+        _check_in_range(kind, np.isfinite(halves), chunk, first_row)
+        return halves
+    if kind == "bfloat16":
+        words = _to_bfloat16_bits(chunk)
+        _check_in_range(kind, (words & np.uint16(0x7F80)) != 0x7F80, chunk, first_row)
+        return words
+    if kind == "binary":
+        bits: npt.NDArray[np.uint8] = np.packbits(chunk > 0, axis=1)
+        return bits
+    assert scale is not None and offset is not None
+    steps: npt.NDArray[np.int8] = np.clip(np.rint((chunk - offset) / scale), -128, 127).astype(np.int8)
+    return steps
+
+
+def _check_in_range(
+    kind: Quantization, finite: npt.NDArray[np.bool_], chunk: npt.NDArray[np.float32], first_row: int
+) -> None:
     """Refuse values a 16-bit float cannot hold: they would become inf, rank as NaN, and make a file
     that the format's own checks refuse to load."""
     if not finite.all():
         row, col = (int(i) for i in np.argwhere(~finite)[0])
         raise InvalidArgumentError(
-            f"{kind} cannot hold {float(vectors[row, col]):g} (row {row}, column {col}): the table has values beyond "
-            f"{kind}'s range; use {'bfloat16 or int8' if kind == 'float16' else 'int8'}"
+            f"{kind} cannot hold {float(chunk[row, col]):g} (row {first_row + row}, column {col}): the table has values "
+            f"beyond {kind}'s range; use {'bfloat16 or int8' if kind == 'float16' else 'int8'}"
         )
 
 

@@ -315,3 +315,17 @@ def test_a_mapped_table_searches_from_its_in_memory_indexes(tmp_path: Path) -> N
     b = store.search(q, k=5, quantized="binary", rescore=10, rescore_with="int8")
     assert a.ids == b.ids
     np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_building_in_chunks_gives_the_codes_of_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedtools.quantize as quantize_module
+
+    x = clustered(1000, 24, seed=14) * 3
+    whole = {kind: QuantizedIndex.build(kind, x) for kind in QUANTIZATIONS}
+    monkeypatch.setattr(quantize_module, "_CHUNK_VALUES", 24 * 7)  # 7 rows a chunk, the last one short
+    for kind in QUANTIZATIONS:
+        chunked = QuantizedIndex.build(kind, x)
+        np.testing.assert_array_equal(chunked.codes, whole[kind].codes)
+    x[993, 5] = 1e6  # reported at its row in the table, not in its chunk
+    with pytest.raises(InvalidArgumentError, match="row 993, column 5"):
+        QuantizedIndex.build("float16", x)
