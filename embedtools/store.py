@@ -62,6 +62,8 @@ __all__ = ["GATHER_FRACTION", "EmbeddingStore"]
 
 #: Queries per step of a search large enough to show progress (a bar shows only on a terminal).
 _PROGRESS_QUERIES = 256
+#: Values per float64 chunk when a rotation's moments are summed (8 MiB).
+_MOMENT_CHUNK_VALUES = 1 << 20
 #: Rows from which an add shows a (one-step) bar while the table is built.
 _PROGRESS_ROWS = 100_000
 
@@ -455,7 +457,11 @@ class EmbeddingStore:
 
         def build() -> Mapping[int, TableState]:
             host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
-            moments = host.T.astype(np.float64) @ host.astype(np.float64)
+            moments = np.zeros((d, d), dtype=np.float64)
+            step = max(1, _MOMENT_CHUNK_VALUES // d)  # float64 chunks, not a float64 copy of the table
+            for start in range(0, host.shape[0], step):
+                chunk = host[start : start + step].astype(np.float64)
+                moments += chunk.T @ chunk
             eigenvalues, eigenvectors = np.linalg.eigh(moments)
             matrix = np.ascontiguousarray(eigenvectors[:, np.argsort(eigenvalues)[::-1]], dtype=np.float32)
             return {d: replace(state, rotation=self._rotate(host, matrix, p))}

@@ -100,3 +100,19 @@ def test_bad_rotation_requests_change_nothing() -> None:
     with pytest.raises(et.DimensionError):
         store.fit_rotation(16)
     assert store.memory_info().used_bytes == before and store._tables[32].rotation is None
+
+
+def test_moments_summed_in_chunks_give_the_same_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedtools.store as store_module
+
+    corpus = clustered(500, 16, seed=21)
+    whole = make_store()
+    whole.add(corpus)
+    whole.fit_rotation(16, 8)
+    monkeypatch.setattr(store_module, "_MOMENT_CHUNK_VALUES", 16 * 7)  # 7 rows a chunk
+    chunked = make_store()
+    chunked.add(corpus)
+    chunked.fit_rotation(16, 8)
+    a, b = whole._tables[16].rotation, chunked._tables[16].rotation
+    assert a is not None and b is not None
+    np.testing.assert_allclose(np.abs(a.matrix), np.abs(b.matrix), atol=1e-5)  # axes up to sign
