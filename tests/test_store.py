@@ -228,6 +228,17 @@ def test_constructor_checks_block_size() -> None:
 # --------------------------------------------------------------------------------------- search
 
 
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_search_ids_follow_indices_for_any_k(k: int) -> None:
+    store = EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher())
+    store.add(clustered(40, 8, seed=1), ids=[f"r{i}" for i in range(40)])
+    result = store.search(clustered(3, 8, seed=2), k=k)
+    assert result.ids == [[f"r{i}" for i in row] for row in result.indices.tolist()]
+    assert all(len(row) == k for row in result.ids)
+    nothing = store.search(clustered(2, 8, seed=2), k=k, where=et.Label("absent"))
+    assert nothing.ids == [[], []]
+
+
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 def test_search_matches_float64_reference_at_full_and_prefix_dimensions(metric: Metric) -> None:
     corpus = clustered(500, 32, seed=11)
