@@ -72,3 +72,16 @@ def matryoshka_like(rows: int, dim: int, *, seed: int = 0, clusters: int = 20) -
     centres = rng.standard_normal((clusters, dim)) * scale
     data = centres[rng.integers(0, clusters, rows)] + 0.3 * rng.standard_normal((rows, dim)) * scale
     return data.astype(np.float32)
+
+
+def sample_adversary() -> tuple[F32, F32, int]:
+    """``(corpus, query, m)``: every ``SAMPLE_STRIDE``-th row is a near-duplicate of the query, so a
+    strided sample holds far more of its top ``m`` than its share."""
+    from embedtools.search import SAMPLE_STRIDE
+
+    rng = np.random.default_rng(11)
+    corpus = rng.standard_normal((9000, 16)).astype(np.float32)
+    query = rng.standard_normal((1, 16)).astype(np.float32)
+    near = np.arange(0, 9000, SAMPLE_STRIDE)
+    corpus[near] = 3 * query + 0.05 * rng.standard_normal((near.size, 16)).astype(np.float32)
+    return corpus, query, 400

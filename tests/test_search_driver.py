@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from embedtools.search import best_first
+from embedtools.search import SAMPLE_STRIDE, best_first, sampled_floor
+from tests.helpers import clustered, reference_scores
 
 
 def lexsorted(values: npt.NDArray[np.float32], indices: npt.NDArray[np.int64], ascending: bool) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -43,3 +45,37 @@ def test_best_first_with_indices_beyond_32_bits_or_negative() -> None:
         want_vals, want_idx = lexsorted(values, idx, False)
         np.testing.assert_array_equal(got_idx, want_idx)
         np.testing.assert_array_equal(got_vals, want_vals)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_sampled_floor_stays_below_every_true_threshold_on_unordered_rows(metric: str) -> None:
+    corpus = clustered(40_000, 16, clusters=30, seed=2)
+    queries = clustered(40, 16, clusters=30, seed=3)
+    scores = reference_scores(queries, corpus, metric).astype(np.float32)  # type: ignore[arg-type]
+    for m in (101, 1001):
+        floor = sampled_floor(lambda rows: scores[:, rows], len(corpus), m, None, 1 << 20)
+        assert floor is not None
+        true_mth = np.sort(scores, axis=1)[:, -m]
+        assert (floor <= true_mth).all()
+        # and it is worth having: a few times m rows score above it, of 400 or 40 times m
+        above = (scores > floor[:, None]).sum(axis=1)
+        assert above.mean() < 5 * m and (above < len(corpus) // 8).all()
+
+
+def test_sampled_floor_counts_only_unmasked_rows_and_declines_small_samples() -> None:
+    scores = np.arange(20_000, dtype=np.float32)[None, :]
+    keep = np.zeros(20_000, bool)
+    keep[:2_000] = True  # a tenth of the rows can rank: m is a tenth as rare among them
+    masked = np.where(keep, scores, -np.inf).astype(np.float32)
+    floor = sampled_floor(lambda rows: masked[:, rows], 20_000, 100, keep, 1 << 20)
+    assert floor is not None and np.isfinite(floor).all() and floor[0] <= 2_000 - 100
+    assert sampled_floor(lambda rows: scores[:, rows], 20 * SAMPLE_STRIDE, 100, None, 1 << 20) is None
+    # a sample block larger than the caller allows takes a wider stride, not more memory
+    seen: list[int] = []
+
+    def spy(rows: slice) -> npt.NDArray[np.float32]:
+        seen.append(len(range(20_000)[rows]))
+        return scores[:, rows]
+
+    sampled_floor(spy, 20_000, 101, None, 300)
+    assert seen and seen[0] <= 300

@@ -10,8 +10,14 @@ import pytest
 import embedtools as et
 from embedtools import ArrayBackend, DimensionError, InvalidArgumentError, Metric
 from embedtools.quantize import QuantizedIndex
+from embedtools.search import sampled_floor
 from tests.conformance.backends import IDS, PAIRS
-from tests.helpers import assert_exact_topk, clustered
+from tests.helpers import (
+    assert_exact_topk,
+    clustered,
+    reference_scores,
+    sample_adversary,
+)
 
 
 @pytest.fixture(params=PAIRS, ids=IDS)
@@ -257,3 +263,40 @@ def test_topk_over_codes_ranks_their_decoded_values(backend: ArrayBackend[Any], 
     if metric != "dot":
         with pytest.raises(InvalidArgumentError, match="corpus_norms"):
             backend.topk(backend.from_numpy(q), index.codes, 5, metric, decode=index.decoder(backend))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("k", [150, 700])
+def test_large_k_is_exact(backend: ArrayBackend[Any], metric: Metric, k: int) -> None:
+    """k + 1 >= SAMPLED_FLOOR_MIN over several blocks: the driver starts from a sampled floor."""
+    corpus = clustered(9000, 16, seed=5)
+    queries = clustered(12, 16, seed=6)
+    scores, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), k, metric)
+    assert_exact_topk(queries, corpus, metric, k, indices, scores)
+
+
+def test_large_k_with_a_row_mask_is_exact_among_unmasked_rows(backend: ArrayBackend[Any]) -> None:
+    corpus = clustered(9000, 16, seed=7)
+    queries = clustered(5, 16, seed=8)
+    keep = np.random.default_rng(0).random(9000) < 0.5
+    _, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), 300, "cosine", row_mask=keep)
+    rows = np.flatnonzero(keep)
+    ref = reference_scores(queries, corpus[rows], "cosine")
+    expected = rows[np.argsort(-ref, axis=1, kind="stable")[:, :300]]
+    assert keep[indices].all()
+    np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected, axis=1))
+
+
+def test_large_k_is_exact_when_the_sample_overrates_the_table(backend: ArrayBackend[Any]) -> None:
+    """Rows the stride samples are the query's near-duplicates, so every sampled row scores far above
+    the true (k+1)-th best: the floor starves the query, and the driver must redo it without one."""
+    corpus, query, m = sample_adversary()
+    floor = sampled_floor(lambda rows: reference_scores(query, corpus, "dot")[:, rows].astype(np.float32), len(corpus), m, None, 1 << 20)
+    true_mth = np.sort(reference_scores(query, corpus, "dot")[0])[-m]
+    assert floor is not None and floor[0] > true_mth
+    x = backend.from_numpy(corpus)
+    scores, indices = backend.topk(backend.from_numpy(query), x, m - 1, "dot")
+    assert_exact_topk(query, corpus, "dot", m - 1, indices, scores)
+    # a decoded corpus skips the tie redo, which would otherwise also mend a starved query
+    scores, indices = backend.topk(backend.from_numpy(query), x, m - 1, "dot", decode=lambda codes: codes)
+    assert_exact_topk(query, corpus, "dot", m - 1, indices, scores)
