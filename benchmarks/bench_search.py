@@ -24,6 +24,7 @@ Every figure is printed beside its reference from the same run, as a ratio:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -34,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 import embedtools as et
+import embedtools.search as search_module
 from benchmarks.common import best_of, blas_kernel, clustered, interleaved_best, matryoshka_like, problem_arguments, queries_near
 from embedtools.quantize import QUANTIZATIONS
 from embedtools.search import BLOCK_ROWS
@@ -190,6 +192,59 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
           f"store.search: {single * 1e3:.2f} ms = {single / one_floor:.2f}x the read")
 
 
+def section_large_k(rows: int, dim: int, n_queries: int, repeat: int) -> None:
+    """Shortlists of hundreds or thousands (a reranker's input): the store against NumPy and torch
+    naive at the same k, and against itself without the sampled floor (``SAMPLED_FLOOR_MIN`` raised
+    past k for that call), interleaved; recall@k against float64."""
+    table = clustered(rows, dim, seed=0)
+    queries = queries_near(table, n_queries, seed=1)
+    store = numpy_store(table)
+    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = qn.astype(np.float64) @ unit.astype(np.float64).T
+    torch_topk: Callable[[int], I64] | None = None
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        xt, qt = torch.from_numpy(unit), torch.from_numpy(qn)
+
+        def torch_naive(k: int) -> I64:
+            with torch.no_grad():
+                idx: I64 = torch.topk(qt @ xt.T, k, dim=1).indices.numpy()
+            return idx
+
+        torch_topk = torch_naive
+    print(f"\n== large k: exact cosine top-k over {rows:,} x {dim}, {n_queries} queries (best of {repeat}, interleaved) ==")
+    for k in (100, 1000, 5000):
+
+        def numpy_naive(k: int = k) -> I64:
+            s = qn @ unit.T
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            idx: I64 = np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, axis=1), axis=1), axis=1)
+            return idx
+
+        def without_floor(k: int = k) -> I64:
+            saved, search_module.SAMPLED_FLOOR_MIN = search_module.SAMPLED_FLOOR_MIN, 1 << 62
+            try:
+                return store.search(queries, k=k).indices
+            finally:
+                search_module.SAMPLED_FLOOR_MIN = saved
+
+        def with_floor(k: int = k) -> I64:
+            return store.search(queries, k=k).indices
+
+        fns: dict[str, Callable[[], I64]] = {"store": with_floor, "no floor": without_floor, "numpy naive": numpy_naive}
+        if torch_topk is not None:
+            fns["torch naive"] = functools.partial(torch_topk, k)
+        timed = interleaved_best(fns, repeat)
+        truth = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        hit = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(fns["store"]().tolist(), truth.tolist(), strict=True)]))
+        others = "  ".join(f"{name} {timed[name] * 1e3:.0f} ms ({timed[name] / timed['store']:.2f}x)" for name in fns if name != "store")
+        print(f"k={k:<5} store {timed['store'] * 1e3:6.0f} ms  recall@k {hit:.4f}   vs  {others}")
+    print("(ratios: the other's time over the store's; above 1 the store is faster. 'no floor' is the store with its "
+          "sampled floor switched off; the store's time includes building the (q, k) ids)")
+
+
 def section_funnel(rows: int, dim: int, n_queries: int, repeat: int) -> None:
     table = matryoshka_like(rows, dim, seed=6)
     queries = queries_near(table, n_queries, seed=7)
@@ -303,6 +358,7 @@ table = clustered(rows, dim, seed=0)
 queries = queries_near(table, nq, seed=1)
 if mode == "store":
     import embedtools as et
+import embedtools.search as search_module
     store = et.EmbeddingStore(et.make_backend("numpy"), et.ByteBudget(16 << 30), et.Sha256Hasher())
     store.add(table)
     del table
@@ -348,15 +404,17 @@ def main() -> None:
     parser.add_argument("--big", action="store_true")
     parser.add_argument("--no-real", action="store_true", help="skip the real-embeddings sections")
     parser.add_argument("--big-only", action="store_true", help="only the 1,000,000-row section")
-    parser.add_argument("--only", default="", help="comma-separated sections: exact, funnel, quantized, real")
+    parser.add_argument("--only", default="", help="comma-separated sections: exact, large-k, funnel, quantized, real")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}; BLAS: {blas_kernel()}")
     if args.big_only:
         section_big(1_000_000, args.dim, 1000)
         return
-    only = set(args.only.split(",")) if args.only else {"exact", "funnel", "quantized", "real"}
+    only = set(args.only.split(",")) if args.only else {"exact", "large-k", "funnel", "quantized", "real"}
     if "exact" in only:
         section_exact(args.rows, args.dim, args.queries, args.repeat)
+    if "large-k" in only:
+        section_large_k(args.rows, args.dim, args.queries, args.repeat)
     if "funnel" in only:
         section_funnel(args.rows, args.dim, args.queries, args.repeat)
     if "quantized" in only:
