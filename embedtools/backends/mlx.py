@@ -235,6 +235,14 @@ class MlxBackend:
 
         def candidates(block: mx.array, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
             rows_n, n = block.shape
+            if not np.isneginf(threshold).any():
+                # MLX has no nonzero: count the scores above each threshold on the device, and take
+                # only the top (most such count) per query instead of the top m
+                above = mx.sum(mx.greater(block, mx.array(threshold)[:, None], stream=dev), axis=1, stream=dev)
+                m = min(m, int(np.array(mx.max(above, stream=dev))))
+                if m == 0:
+                    nothing = np.empty(0, dtype=np.int64)
+                    return nothing, np.empty(0, dtype=np.float32), nothing
             if m >= n:
                 vals, cols = _host_f32(block), np.broadcast_to(np.arange(n, dtype=np.int64), (rows_n, n))
             else:
