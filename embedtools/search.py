@@ -92,7 +92,7 @@ SAMPLE_STRIDE = 32
 
 
 def sampled_floor(
-    sample_scores: Callable[[slice], npt.NDArray[np.float32]],
+    nth_best: Callable[[slice, int], npt.NDArray[np.float32]],
     n_rows: int,
     m: int,
     row_mask: npt.NDArray[np.bool_] | None,
@@ -106,9 +106,10 @@ def sampled_floor(
     ``m·S/n`` times; its score at rank ``m·S/n + 4·sqrt(m·S/n) + 1`` is below the true m-th best
     except with negligible probability for any row order not built against the stride, and the
     driver *checks* that it was: a query whose final m-th best is below its floor is redone without
-    one, so the floor changes the time a search takes, never its result. ``sample_scores(rows)``
-    gives the ``(queries, rows)`` ranking scores of a strided slice; ``None`` when the sample would
-    be too small to say anything.
+    one, so the floor changes the time a search takes, never its result. ``nth_best(rows, n)``
+    gives each query's n-th best ranking score over a strided slice of rows, on the host (found on
+    the backend's device: only ``(queries,)`` crosses); ``None`` when the sample would be too small
+    to say anything.
     """
     stride = max(SAMPLE_STRIDE, -(-n_rows // max(max_sample_rows, 1)))
     sample = slice(0, n_rows, stride)
@@ -118,9 +119,13 @@ def sampled_floor(
     rank = math.ceil(expected + 4 * math.sqrt(expected)) + 1
     if 4 * rank > size:
         return None
-    scores = sample_scores(sample)
-    floor: npt.NDArray[np.float32] = np.partition(scores, scores.shape[1] - rank, axis=1)[:, -rank].copy()
-    return floor
+    return nth_best(sample, rank)
+
+
+def host_nth_best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
+    """Each row's n-th largest value of a host ``(queries, rows)`` array."""
+    out: npt.NDArray[np.float32] = np.partition(scores, scores.shape[1] - n, axis=1)[:, -n].copy()
+    return out
 
 
 def best_first(
@@ -177,6 +182,7 @@ def run_topk(
     l2_distances: Callable[[slice, npt.NDArray[np.int64]], npt.NDArray[np.float32]],
     settle_ties: bool = True,
     row_mask: npt.NDArray[np.bool_] | None = None,
+    nth_best: Callable[[BlockT, int], npt.NDArray[np.float32]] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The exact top-k driver every backend runs with its own kernels.
 
@@ -198,7 +204,8 @@ def run_topk(
 
     Large ``k`` (``m >= SAMPLED_FLOOR_MIN``): each query's threshold starts at a floor guessed from
     a strided sample of rows (:func:`sampled_floor`) instead of ``-inf``, and a query that the floor
-    left with fewer than ``m`` candidates is redone without one.
+    left with fewer than ``m`` candidates is redone without one. ``nth_best(block, n)`` gives each
+    query's n-th best score of a block, on the host (default: ``to_host`` and a partition there).
 
     With a ``row_mask`` the backend's ranking scores are ``-inf`` on masked rows; the driver skips
     blocks with no unmasked row and keeps ``k`` at most the number of unmasked rows.
@@ -224,13 +231,14 @@ def run_topk(
                 running.merge(rows, vals, cols + rs.start)
             return running
 
-        def sample_scores(sample: slice, qs: slice = qs) -> npt.NDArray[np.float32]:
-            return to_host(score_block(qs, sample))
+        def sample_nth_best(sample: slice, n: int, qs: slice = qs) -> npt.NDArray[np.float32]:
+            block = score_block(qs, sample)
+            return host_nth_best(to_host(block), n) if nth_best is None else nth_best(block, n)
 
         floor = None
         if wanted >= SAMPLED_FLOOR_MIN and n_rows > row_step:
             floor = sampled_floor(
-                sample_scores,
+                sample_nth_best,
                 n_rows,
                 wanted,
                 row_mask,

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from embedtools.search import SAMPLE_STRIDE, best_first, sampled_floor
+from embedtools.search import SAMPLE_STRIDE, best_first, host_nth_best, sampled_floor
 from tests.helpers import clustered, reference_scores
 
 
@@ -53,7 +53,7 @@ def test_sampled_floor_stays_below_every_true_threshold_on_unordered_rows(metric
     queries = clustered(40, 16, clusters=30, seed=3)
     scores = reference_scores(queries, corpus, metric).astype(np.float32)  # type: ignore[arg-type]
     for m in (101, 1001):
-        floor = sampled_floor(lambda rows: scores[:, rows], len(corpus), m, None, 1 << 20)
+        floor = sampled_floor(lambda rows, n: host_nth_best(scores[:, rows], n), len(corpus), m, None, 1 << 20)
         assert floor is not None
         true_mth = np.sort(scores, axis=1)[:, -m]
         assert (floor <= true_mth).all()
@@ -67,15 +67,15 @@ def test_sampled_floor_counts_only_unmasked_rows_and_declines_small_samples() ->
     keep = np.zeros(20_000, bool)
     keep[:2_000] = True  # a tenth of the rows can rank: m is a tenth as rare among them
     masked = np.where(keep, scores, -np.inf).astype(np.float32)
-    floor = sampled_floor(lambda rows: masked[:, rows], 20_000, 100, keep, 1 << 20)
+    floor = sampled_floor(lambda rows, n: host_nth_best(masked[:, rows], n), 20_000, 100, keep, 1 << 20)
     assert floor is not None and np.isfinite(floor).all() and floor[0] <= 2_000 - 100
-    assert sampled_floor(lambda rows: scores[:, rows], 20 * SAMPLE_STRIDE, 100, None, 1 << 20) is None
+    assert sampled_floor(lambda rows, n: host_nth_best(scores[:, rows], n), 20 * SAMPLE_STRIDE, 100, None, 1 << 20) is None
     # a sample block larger than the caller allows takes a wider stride, not more memory
     seen: list[int] = []
 
-    def spy(rows: slice) -> npt.NDArray[np.float32]:
+    def spy(rows: slice, n: int) -> npt.NDArray[np.float32]:
         seen.append(len(range(20_000)[rows]))
-        return scores[:, rows]
+        return host_nth_best(scores[:, rows], n)
 
     sampled_floor(spy, 20_000, 101, None, 300)
     assert seen and seen[0] <= 300

@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
-from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
+from embedtools.errors import (
+    BackendUnavailableError,
+    DimensionError,
+    InvalidArgumentError,
+)
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, run_topk
+from embedtools.search import (
+    Candidates,
+    check_k,
+    check_metric,
+    check_topk_inputs,
+    run_topk,
+)
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -272,7 +283,14 @@ class MlxBackend:
             l2_distances=l2_distances,
             settle_ties=decode is None,
             row_mask=row_mask,
+            nth_best=partial(_nth_best, device=dev),
         )
+
+
+def _nth_best(block: mx.array, n: int, *, device: mx.Device) -> npt.NDArray[np.float32]:
+    """Each query's n-th best score of a ``(queries, rows)`` block, found on the device."""
+    kth = block.shape[1] - n
+    return _host_f32(mx.partition(block, kth=kth, axis=1, stream=device)[:, kth])
 
 
 def _host_f32(a: mx.array) -> npt.NDArray[np.float32]:

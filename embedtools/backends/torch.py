@@ -265,6 +265,7 @@ class TorchBackend:
             l2_distances=l2_distances,
             settle_ties=decode is None,
             row_mask=row_mask,
+            nth_best=_nth_best,
         )
 
 
@@ -281,6 +282,11 @@ def _host_f32(t: torch.Tensor) -> npt.NDArray[np.float32]:
 def _host_i64(t: torch.Tensor) -> npt.NDArray[np.int64]:
     out: npt.NDArray[np.int64] = t.detach().to("cpu", torch.int64).numpy()
     return out
+
+
+def _nth_best(block: torch.Tensor, n: int) -> npt.NDArray[np.float32]:
+    """Each query's n-th best score of a ``(rows, queries)`` block, found on the device."""
+    return _host_f32(torch.topk(block, n, dim=0).values[n - 1])
 
 
 def _candidates(block: torch.Tensor, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:

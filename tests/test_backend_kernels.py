@@ -1,0 +1,38 @@
+"""Device-side helpers of the torch and MLX top-k that the Protocol does not expose.
+
+Their results feed only the driver's speed (a wrong n-th best makes the driver redo queries, never
+return wrong rows), so the conformance suite cannot see them: they are checked here against NumPy.
+torch and MLX are installed in every CI run (the ``all`` extra).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedtools.search import host_nth_best
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_torch_nth_best_of_a_rows_by_queries_block(n: int) -> None:
+    torch = pytest.importorskip("torch")
+    from embedtools.backends.torch import _nth_best
+
+    block = np.random.default_rng(n).standard_normal((300, 9)).astype(np.float32)
+    np.testing.assert_array_equal(_nth_best(torch.from_numpy(block), n), host_nth_best(np.ascontiguousarray(block.T), n))
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_mlx_nth_best_of_a_queries_by_rows_block(n: int) -> None:
+    mx = pytest.importorskip("mlx.core")
+    from embedtools.backends.mlx import _nth_best
+
+    block = np.random.default_rng(n).standard_normal((9, 300)).astype(np.float32)
+    np.testing.assert_array_equal(_nth_best(mx.array(block), n, device=mx.Device(mx.cpu)), host_nth_best(block, n))
+
+
+def test_host_nth_best_is_the_nth_largest() -> None:
+    scores = np.array([[3.0, 1.0, 2.0, 5.0], [0.0, -1.0, 4.0, 4.0]], np.float32)
+    np.testing.assert_array_equal(host_nth_best(scores, 1), [5.0, 4.0])
+    np.testing.assert_array_equal(host_nth_best(scores, 2), [3.0, 4.0])
+    np.testing.assert_array_equal(host_nth_best(scores, 4), [1.0, -1.0])
