@@ -311,10 +311,21 @@ class _Running:
         self.pending_size = 0
         self.limit = max(4 * n_queries * m, 1 << 16)
         self.threshold = self.floor
+        self.empty = True
 
     def merge(self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64]) -> None:
         if rows.size == 0:
             return
+        n_queries = self.vals.shape[0]
+        if self.empty and rows.size == self.vals.size and np.array_equal(rows, np.repeat(np.arange(n_queries), self.m)):
+            # a first block's own top m of every query, query by query (what every backend's
+            # candidates give while thresholds are -inf): it is the running top m as it stands
+            self.vals = vals.astype(np.float32).reshape(n_queries, self.m)
+            self.cols = cols.astype(np.int64).reshape(n_queries, self.m)
+            self.threshold = np.maximum(self.vals.min(axis=1), self.floor)
+            self.empty = False
+            return
+        self.empty = False
         self.pending.append((rows, vals.astype(np.float32, copy=False), cols))
         self.pending_size += rows.size
         if self.pending_size > self.limit or np.isneginf(self.threshold).any():
