@@ -15,20 +15,10 @@ import mlx.core as mx
 import numpy as np
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
-from embedtools.errors import (
-    BackendUnavailableError,
-    DimensionError,
-    InvalidArgumentError,
-)
+from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import (
-    Candidates,
-    check_k,
-    check_metric,
-    check_topk_inputs,
-    run_topk,
-)
+from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
