@@ -145,7 +145,7 @@ class NumpyBackend:
         return array[..., : check_prefix(dim, array.shape[-1])]
 
     def take_rows(self, array: npt.NDArray[Any], indices: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
-        out: npt.NDArray[Any] = np.asarray(array)[np.asarray(indices, dtype=np.int64)]
+        out: npt.NDArray[Any] = np.take(np.asarray(array), np.asarray(indices, dtype=np.int64), axis=0)
         return out
 
     def dequantize(
