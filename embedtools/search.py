@@ -20,6 +20,7 @@ from embedtools.protocols import METRICS, ArrayBackend, ArrayT, Metric
 
 __all__ = [
     "BLOCK_ROWS",
+    "DEVICE_BLOCK_ROWS",
     "Candidates",
     "best_first",
     "check_k",
@@ -63,17 +64,23 @@ def check_topk_inputs(query_width: int, row_width: int, metric: Metric, corpus_n
         raise InvalidArgumentError(f"a decoded corpus needs corpus_norms for {metric!r} (the original rows' norms)")
 
 
-#: Corpus rows scored per block: small enough that a block of scores for a batch of queries stays
-#: in cache while it is scaled and its candidates are selected, large enough for an efficient GEMM.
+#: Corpus rows scored per block on a CPU: small enough that a block of scores for a batch of queries
+#: stays in cache while it is scaled and its candidates are selected, large enough for an efficient GEMM.
 BLOCK_ROWS = 4096
+#: Corpus rows per block on a GPU, where no cache needs fitting and a 4,096-row block is microseconds
+#: of work: each block costs kernel launches and one wait for its candidates' count, which would
+#: outweigh the GEMM. Still within ``max_block_bytes``.
+DEVICE_BLOCK_ROWS = 1 << 16
 
 
-def plan_blocks(n_queries: int, n_rows: int, max_block_bytes: int, itemsize: int = 4) -> tuple[int, int]:
-    """``(queries, rows)`` per score block: ``rows`` up to :data:`BLOCK_ROWS`, then as many queries
+def plan_blocks(
+    n_queries: int, n_rows: int, max_block_bytes: int, itemsize: int = 4, block_rows: int = BLOCK_ROWS
+) -> tuple[int, int]:
+    """``(queries, rows)`` per score block: ``rows`` up to ``block_rows``, then as many queries
     as ``max_block_bytes`` allows (at least one), so the corpus is read once per query chunk."""
     if max_block_bytes < 1:
         raise InvalidArgumentError(f"max_block_bytes must be >= 1, got {max_block_bytes}")
-    rows = max(min(n_rows, BLOCK_ROWS, max_block_bytes // itemsize), 1)
+    rows = max(min(n_rows, block_rows, max_block_bytes // itemsize), 1)
     queries = max(min(n_queries, max_block_bytes // (rows * itemsize)), 1)
     return queries, rows
 
@@ -183,10 +190,12 @@ def run_topk(
     settle_ties: bool = True,
     row_mask: npt.NDArray[np.bool_] | None = None,
     nth_best: Callable[[BlockT, int], npt.NDArray[np.float32]] | None = None,
+    block_rows: int = BLOCK_ROWS,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The exact top-k driver every backend runs with its own kernels.
 
-    The corpus is walked in blocks of rows; ``score_block(queries, rows)`` gives the backend's
+    The corpus is walked in blocks of ``block_rows`` rows (:data:`BLOCK_ROWS` on a CPU,
+    :data:`DEVICE_BLOCK_ROWS` on a GPU); ``score_block(queries, rows)`` gives the backend's
     ranking scores for that block (larger is better) and ``candidates(block, m, threshold)`` the
     scores that may enter each query's running top ``m``: at least every score above that query's
     ``threshold`` (the m-th best so far; ``-inf`` while fewer than ``m`` are known), as flat
@@ -218,7 +227,9 @@ def run_topk(
         return scores, indices
     wanted = min(k + 1, n_rows if row_mask is None else int(np.count_nonzero(row_mask)))
     # l2 also gathers (chunk, k, dim) winners to rescore: bound that block as well.
-    query_step, row_step = plan_blocks(n_queries, max(n_rows, k * dim) if metric == "l2" else n_rows, max_block_bytes)
+    query_step, row_step = plan_blocks(
+        n_queries, max(n_rows, k * dim) if metric == "l2" else n_rows, max_block_bytes, block_rows=block_rows
+    )
     row_step = min(row_step, n_rows)
     for qs in _chunks(n_queries, query_step):
 

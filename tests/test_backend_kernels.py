@@ -1,4 +1,4 @@
-"""Device-side helpers of the torch and MLX top-k that the Protocol does not expose.
+"""Device-side helpers and block plans of the torch and MLX top-k that the Protocol does not expose.
 
 Their results feed only the driver's speed (a wrong n-th best makes the driver redo queries, never
 return wrong rows), so the conformance suite cannot see them: they are checked here against NumPy.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedtools.search import host_nth_best
+from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, host_nth_best, plan_blocks
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
@@ -36,3 +36,33 @@ def test_host_nth_best_is_the_nth_largest() -> None:
     np.testing.assert_array_equal(host_nth_best(scores, 1), [5.0, 4.0])
     np.testing.assert_array_equal(host_nth_best(scores, 2), [3.0, 4.0])
     np.testing.assert_array_equal(host_nth_best(scores, 4), [1.0, -1.0])
+
+
+def test_torch_blocks_are_cache_sized_on_a_cpu_and_launch_sized_on_a_gpu() -> None:
+    torch = pytest.importorskip("torch")
+    from embedtools.backends.torch import _block_rows
+
+    assert _block_rows(torch.device("cpu")) == BLOCK_ROWS
+    assert _block_rows(torch.device("cuda")) == _block_rows(torch.device("mps")) == DEVICE_BLOCK_ROWS
+
+
+def test_mlx_blocks_are_cache_sized_on_a_cpu_and_launch_sized_on_a_gpu() -> None:
+    mx = pytest.importorskip("mlx.core")
+    from embedtools.backends.mlx import _block_rows
+
+    assert _block_rows(mx.Device(mx.cpu)) == BLOCK_ROWS
+    assert _block_rows(mx.Device(mx.gpu)) == DEVICE_BLOCK_ROWS
+
+
+@pytest.mark.parametrize(
+    ("queries", "rows", "budget", "block_rows", "expected"),
+    [
+        (100, 200_000, 128 << 20, BLOCK_ROWS, (100, BLOCK_ROWS)),
+        (100, 200_000, 128 << 20, DEVICE_BLOCK_ROWS, (100, DEVICE_BLOCK_ROWS)),
+        (10_000, 200_000, 128 << 20, DEVICE_BLOCK_ROWS, (512, DEVICE_BLOCK_ROWS)),  # queries fill the budget
+        (100, 1_000, 128 << 20, DEVICE_BLOCK_ROWS, (100, 1_000)),  # never more rows than the corpus
+        (100, 200_000, 4_000, DEVICE_BLOCK_ROWS, (1, 1_000)),  # nor more bytes than allowed
+    ],
+)
+def test_plan_blocks(queries: int, rows: int, budget: int, block_rows: int, expected: tuple[int, int]) -> None:
+    assert plan_blocks(queries, rows, budget, block_rows=block_rows) == expected

@@ -16,7 +16,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, run_topk
+from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, Candidates, check_k, check_metric, check_topk_inputs, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -266,6 +266,7 @@ class TorchBackend:
             settle_ties=decode is None,
             row_mask=row_mask,
             nth_best=_nth_best,
+            block_rows=_block_rows(self._device),
         )
 
 
@@ -282,6 +283,11 @@ def _host_f32(t: torch.Tensor) -> npt.NDArray[np.float32]:
 def _host_i64(t: torch.Tensor) -> npt.NDArray[np.int64]:
     out: npt.NDArray[np.int64] = t.detach().to("cpu", torch.int64).numpy()
     return out
+
+
+def _block_rows(device: torch.device) -> int:
+    """Rows per top-k block: sized for a CPU's caches, or for a GPU's launch and sync costs."""
+    return BLOCK_ROWS if device.type == "cpu" else DEVICE_BLOCK_ROWS
 
 
 def _nth_best(block: torch.Tensor, n: int) -> npt.NDArray[np.float32]:
