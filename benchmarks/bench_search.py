@@ -242,7 +242,7 @@ def section_large_k(rows: int, dim: int, n_queries: int, repeat: int) -> None:
         others = "  ".join(f"{name} {timed[name] * 1e3:.0f} ms ({timed[name] / timed['store']:.2f}x)" for name in fns if name != "store")
         print(f"k={k:<5} store {timed['store'] * 1e3:6.0f} ms  recall@k {hit:.4f}   vs  {others}")
     print("(ratios: the other's time over the store's; above 1 the store is faster. 'no floor' is the store with its "
-          "sampled floor switched off; the store's time includes building the (q, k) ids)")
+          "sampled floor switched off)")
 
 
 def section_funnel(rows: int, dim: int, n_queries: int, repeat: int) -> None:

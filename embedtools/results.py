@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,15 +24,25 @@ class SearchResult:
 
     Scores are cosine similarities or dot products (descending) or Euclidean distances (``"l2"``,
     ascending). ``k`` is clipped to the table's rows. ``source_dimension`` is the table searched;
-    it exceeds ``dimension`` when a Matryoshka prefix of a wider table was used.
+    it exceeds ``dimension`` when a Matryoshka prefix of a wider table was used. ``row_ids`` are the
+    searched table's ids by row as they were at search time (``indices`` index into them), and
+    ``ids`` the ids of the results, built on first access: for k in the thousands, turning
+    ``q × k`` indices into strings took longer than the search's selection.
     """
 
     indices: npt.NDArray[np.int64]
     scores: npt.NDArray[np.float32]
-    ids: list[list[str]]
     metric: Metric
     dimension: int
     source_dimension: int
+    row_ids: Sequence[str] = field(repr=False, compare=False)
+
+    @cached_property
+    def ids(self) -> list[list[str]]:
+        """``ids[i][j]`` is ``row_ids[indices[i, j]]`` (one ``itemgetter`` per query)."""
+        if self.indices.shape[-1] < 2:
+            return [[self.row_ids[i] for i in row] for row in self.indices.tolist()]
+        return [list(operator.itemgetter(*row)(self.row_ids)) for row in self.indices.tolist()]
 
 
 @dataclass(frozen=True)

@@ -579,7 +579,7 @@ class EmbeddingStore:
             indices = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
         scores.setflags(write=False)
         indices.setflags(write=False)
-        return SearchResult(indices=indices, scores=scores, ids=state.ids_at(indices), metric=metric, dimension=dim, source_dimension=source)
+        return SearchResult(indices=indices, scores=scores, metric=metric, dimension=dim, source_dimension=source, row_ids=state.ids)
 
     def _run_plan(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         return Searcher(self._backend, self._block_bytes, self._cached).run(plan, q)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -50,13 +49,6 @@ class TableState:
     def row_source(self) -> RowSource:
         """What filters read (metadata parsed on first use, column by column), kept with the state."""
         return RowSource(self.ids, self.labels, self.metadata)
-
-    def ids_at(self, indices: npt.NDArray[np.int64]) -> list[list[str]]:
-        """The ids of a ``(q, k)`` block of row indices, row by row (one ``itemgetter`` per row:
-        ~1.7x faster than indexing id by id, which mattered for k in the thousands)."""
-        if indices.shape[-1] < 2:
-            return [[self.ids[i] for i in row] for row in indices.tolist()]
-        return [list(operator.itemgetter(*row)(self.ids)) for row in indices.tolist()]
 
     def shape(self, dimension: int) -> TableShape:
         components = self.rotation.components if self.rotation is not None else 0

@@ -239,6 +239,17 @@ def test_search_ids_follow_indices_for_any_k(k: int) -> None:
     assert nothing.ids == [[], []]
 
 
+def test_search_ids_are_the_tables_at_search_time_and_built_once() -> None:
+    store = EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher())
+    store.add(clustered(40, 8, seed=1), ids=[f"r{i}" for i in range(40)])
+    result = store.search(clustered(2, 8, seed=2), k=3)
+    store.update(["r0", "r1"], labels=["x", "y"], dimension=8)
+    store.add(clustered(40, 8, seed=3), ids=[f"s{i}" for i in range(40)], replace=True)
+    assert result.ids == [[f"r{i}" for i in row] for row in result.indices.tolist()]
+    assert result.ids is result.ids  # computed on first access, then kept
+    assert len(result.row_ids) == 40 and "r39" not in repr(result)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 def test_search_matches_float64_reference_at_full_and_prefix_dimensions(metric: Metric) -> None:
     corpus = clustered(500, 32, seed=11)
