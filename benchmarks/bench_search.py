@@ -363,7 +363,6 @@ table = clustered(rows, dim, seed=0)
 queries = queries_near(table, nq, seed=1)
 if mode == "store":
     import embedtools as et
-import embedtools.search as search_module
     store = et.EmbeddingStore(et.make_backend("numpy"), et.ByteBudget(16 << 30), et.Sha256Hasher())
     store.add(table)
     del table
