@@ -94,7 +94,7 @@ def _chunks(total: int, step: int) -> Iterator[slice]:
 #: final threshold from a sample (:func:`sampled_floor`); for smaller ``m`` the running threshold
 #: settles within a block or two anyway.
 SAMPLED_FLOOR_MIN = 100
-#: Every this-many-th row is sampled: 1/32 more GEMM work, against folding ~7x fewer candidates.
+#: Every this-many-th row is sampled: 1/32 more GEMM work, against folding several times fewer candidates.
 SAMPLE_STRIDE = 32
 
 
@@ -108,8 +108,8 @@ def sampled_floor(
     """A guess at each query's final m-th best score, from every :data:`SAMPLE_STRIDE`-th row.
 
     The running threshold (the m-th best so far) starts at ``-inf`` and is a weak bound while only
-    a few times ``m`` rows are seen: for ``k`` in the thousands the driver used to fold ~10x more
-    candidates than it kept. A strided sample of ``S`` rows holds each query's true top ``m`` about
+    a few times ``m`` rows are seen: for ``k`` in the thousands the driver used to fold many times
+    more candidates than it kept (``bench_search --only large-k`` times both). A strided sample of ``S`` rows holds each query's true top ``m`` about
     ``m·S/n`` times; its score at rank ``m·S/n + 4·sqrt(m·S/n) + 1`` is below the true m-th best
     except with negligible probability for any row order not built against the stride, and the
     driver *checks* that it was: a query whose final m-th best is below its floor is redone without
@@ -142,7 +142,7 @@ def best_first(
 
     Each (value, index) pair is packed into one int64 whose order is the wanted order (the value's
     bits made monotonic above, the index below), so one ``np.sort`` does what ``np.lexsort`` over
-    two keys plus two gathers did, ~10x faster for the shortlists of a large ``k``. ``-0.0``
+    two keys plus two gathers did: it mattered for the shortlists of a large ``k``. ``-0.0``
     comes back as ``0.0``. Indices outside ``[0, 2**32)`` take the ``lexsort`` path.
     """
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= 1 << 32):
