@@ -299,13 +299,19 @@ def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArr
     return rows, block.reshape(-1)[flat], cols
 
 
+#: From this many new candidates per query, a fold partitions query by query (one Python step
+#: each) instead of padding all queries to the longest; below it, the padding is the cheaper.
+_FOLD_EACH_FROM = 256
+
+
 class _Running:
     """Each query's best ``m`` candidates so far, as dense ``(queries, m)`` arrays (``-inf`` empty).
 
     New candidates are buffered and folded in only when the buffer outgrows a few times
     ``queries x m``: grouping them by query is a radix sort on 16-bit query numbers, and keeping the
-    best ``m`` of each row one ``argpartition`` over ``(queries, m + most per query)`` — per block
-    this cost more than the GEMM for shortlists of a few hundred. Thresholds (each row's m-th best)
+    best ``m`` of each query one ``argpartition`` (over all queries at once, padded, or query by
+    query when there are many candidates per query) — per block this cost more than the GEMM for
+    shortlists of a few hundred. Thresholds (each row's m-th best)
     are refreshed at each fold; between two they are merely lower than they could be, which lets a
     few more candidates through and changes nothing. A ``floor`` (see :func:`sampled_floor`) keeps
     thresholds at least that high; a query it starved of candidates ends with empty (``-inf``, ``-1``)
@@ -354,6 +360,27 @@ class _Running:
         order = np.argsort(key, kind="stable")  # radix sort for 16-bit keys
         rows, vals, cols = rows[order], vals[order], cols[order]
         counts = np.bincount(rows, minlength=n_queries)
+        if rows.size >= _FOLD_EACH_FROM * n_queries:
+            self._fold_each(vals, cols, counts)
+        else:
+            self._fold_dense(rows, vals, cols, counts)
+        self.threshold = np.maximum(self.vals.min(axis=1), self.floor)
+
+    def _fold_each(self, vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]) -> None:
+        """Query by query: one partition over exactly the query's own candidates, no padding."""
+        ends = np.cumsum(counts)
+        for i, (end, count) in enumerate(zip(ends.tolist(), counts.tolist(), strict=True)):
+            if count:
+                v = np.concatenate((self.vals[i], vals[end - count : end]))
+                c = np.concatenate((self.cols[i], cols[end - count : end]))
+                keep = np.argpartition(v, v.size - self.m)[v.size - self.m :]
+                self.vals[i], self.cols[i] = v[keep], c[keep]
+
+    def _fold_dense(
+        self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]
+    ) -> None:
+        """All queries at once, through a ``(queries, m + most per query)`` array padded with ``-inf``."""
+        n_queries = self.vals.shape[0]
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         slot = np.arange(rows.size) - starts[rows]
         width = int(counts.max())
@@ -366,7 +393,6 @@ class _Running:
         keep = np.argpartition(all_vals, width, axis=1)[:, width:]
         self.vals = np.take_along_axis(all_vals, keep, axis=1)
         self.cols = np.take_along_axis(all_cols, keep, axis=1)
-        self.threshold = np.maximum(self.vals.min(axis=1), self.floor)
 
     def result(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """``(n_queries, m)`` values and indices, best first, equal values by ascending index."""
