@@ -20,6 +20,7 @@ from embedtools.protocols import METRICS, ArrayBackend, ArrayT, Metric
 
 __all__ = [
     "BLOCK_ROWS",
+    "CANDIDATE_BYTES",
     "DEVICE_BLOCK_ROWS",
     "Candidates",
     "best_first",
@@ -73,15 +74,28 @@ BLOCK_ROWS = 4096
 DEVICE_BLOCK_ROWS = 1 << 16
 
 
+#: Host bytes a query's running shortlist may hold per candidate it keeps: its value and index
+#: (12), up to four times as many buffered candidates awaiting a fold (20 each: query, value,
+#: column), and the fold's copies of them.
+CANDIDATE_BYTES = 12 + 4 * 20 * 3
+
+
 def plan_blocks(
-    n_queries: int, n_rows: int, max_block_bytes: int, itemsize: int = 4, block_rows: int = BLOCK_ROWS
+    n_queries: int,
+    n_rows: int,
+    max_block_bytes: int,
+    itemsize: int = 4,
+    block_rows: int = BLOCK_ROWS,
+    per_query_bytes: int = 0,
 ) -> tuple[int, int]:
     """``(queries, rows)`` per score block: ``rows`` up to ``block_rows``, then as many queries
-    as ``max_block_bytes`` allows (at least one), so the corpus is read once per query chunk."""
+    as ``max_block_bytes`` allows (at least one), so the corpus is read once per query chunk.
+    ``per_query_bytes`` is what each query of a chunk holds besides its scores (a large k's
+    shortlist), so a chunk's shortlists count against the same bound as its score block."""
     if max_block_bytes < 1:
         raise InvalidArgumentError(f"max_block_bytes must be >= 1, got {max_block_bytes}")
     rows = max(min(n_rows, block_rows, max_block_bytes // itemsize), 1)
-    queries = max(min(n_queries, max_block_bytes // (rows * itemsize)), 1)
+    queries = max(min(n_queries, max_block_bytes // (rows * itemsize + per_query_bytes)), 1)
     return queries, rows
 
 
@@ -228,7 +242,11 @@ def run_topk(
     wanted = min(k + 1, n_rows if row_mask is None else int(np.count_nonzero(row_mask)))
     # l2 also gathers (chunk, k, dim) winners to rescore: bound that block as well.
     query_step, row_step = plan_blocks(
-        n_queries, max(n_rows, k * dim) if metric == "l2" else n_rows, max_block_bytes, block_rows=block_rows
+        n_queries,
+        max(n_rows, k * dim) if metric == "l2" else n_rows,
+        max_block_bytes,
+        block_rows=block_rows,
+        per_query_bytes=CANDIDATE_BYTES * wanted,
     )
     row_step = min(row_step, n_rows)
     for qs in _chunks(n_queries, query_step):

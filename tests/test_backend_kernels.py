@@ -66,3 +66,9 @@ def test_mlx_blocks_are_cache_sized_on_a_cpu_and_launch_sized_on_a_gpu() -> None
 )
 def test_plan_blocks(queries: int, rows: int, budget: int, block_rows: int, expected: tuple[int, int]) -> None:
     assert plan_blocks(queries, rows, budget, block_rows=block_rows) == expected
+
+
+def test_plan_blocks_counts_each_querys_shortlist_against_the_bound() -> None:
+    # 4,096 rows x 4 bytes of scores plus 1 MiB of shortlist per query: 126 queries in 128 MiB
+    assert plan_blocks(10_000, 200_000, 128 << 20, per_query_bytes=1 << 20) == (126, BLOCK_ROWS)
+    assert plan_blocks(10_000, 200_000, 1 << 20, per_query_bytes=1 << 30) == (1, BLOCK_ROWS)  # at least one

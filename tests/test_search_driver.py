@@ -115,3 +115,24 @@ def test_running_top_m_equals_brute_force(per_query: int, path: str, monkeypatch
         best = sorted(every[q], key=lambda vc: (-vc[0], vc[1]))[:m]
         assert got_cols[q].tolist() == [c for _, c in best]
         np.testing.assert_array_equal(got_vals[q], np.array([v for v, _ in best], np.float32))
+
+
+def test_a_large_k_over_many_queries_stays_within_a_small_multiple_of_the_block_bound() -> None:
+    """Each query's shortlist (k + 1 candidates, the buffer awaiting a fold) counts against
+    ``max_block_bytes`` with its scores: 2,000 queries x k=500 once held ~4x the bound."""
+    import tracemalloc
+
+    from embedtools import make_backend
+
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((20_000, 16)).astype(np.float32)
+    queries = rng.standard_normal((2_000, 16)).astype(np.float32)
+    bound = 4 << 20
+    tracemalloc.start()
+    try:
+        scores, indices = make_backend("numpy").topk(queries, corpus, 500, "cosine", max_block_bytes=bound)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - scores.nbytes - indices.nbytes < 2 * bound
+    assert indices.shape == (2_000, 500)
