@@ -301,3 +301,18 @@ def test_large_k_is_exact_when_the_sample_overrates_the_table(backend: ArrayBack
     # a decoded corpus skips the tie redo, which would otherwise also mend a starved query
     scores, indices = backend.topk(backend.from_numpy(query), x, m - 1, "dot", decode=lambda codes: codes)
     assert_exact_topk(query, corpus, "dot", m - 1, indices, scores)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_small_k_over_full_blocks_is_exact(backend: ArrayBackend[Any], metric: Metric) -> None:
+    """Blocks of 4,096 rows and k=10: NumPy's first block is thresholded by the m-th best of its
+    head rows. Queries near rows of the first block put their best rows in it, and beyond the head."""
+    corpus = clustered(9000, 16, seed=9)
+    queries = np.vstack([corpus[[5, 1500, 3000, 4000]] + 0.01, clustered(4, 16, seed=10)])
+    scores, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), 10, metric)
+    assert_exact_topk(queries, corpus, metric, 10, indices, scores)
+    keep = np.arange(9000) % 3 != 0
+    _, masked = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), 10, metric, row_mask=keep)
+    rows = np.flatnonzero(keep)
+    ref = reference_scores(queries, corpus[rows], metric)
+    np.testing.assert_array_equal(np.sort(masked, axis=1), np.sort(rows[np.argsort(-ref, axis=1, kind="stable")[:, :10]], axis=1))
