@@ -182,7 +182,8 @@ class ArrayBackend(Protocol[ArrayT]):
         ``queries`` is ``(q, d)`` (or ``(d,)``, one query). Returns host ``(scores, indices)`` of shape
         ``(q, min(k, n))``: cosine similarity or dot product (descending), or Euclidean distance
         (ascending) for ``"l2"``. ``corpus_norms`` (from :meth:`row_norms`) saves recomputing them;
-        the query × corpus score block never exceeds ``max_block_bytes`` (beyond one query row).
+        the query × corpus score block, with each of its queries' running shortlists, stays within
+        ``max_block_bytes`` (beyond one query row), whatever the corpus size and ``k``.
         ``row_mask`` (host, one bool per corpus row) limits the search to the rows where it is true:
         the exact top-k among them, ``min(k, matches)`` wide.
 
