@@ -22,6 +22,8 @@ __all__ = [
     "BLOCK_ROWS",
     "CANDIDATE_BYTES",
     "DEVICE_BLOCK_ROWS",
+    "ONE_QUERY_BLOCK_ROWS",
+    "cpu_block_rows",
     "Candidates",
     "best_first",
     "check_k",
@@ -68,6 +70,17 @@ def check_topk_inputs(query_width: int, row_width: int, metric: Metric, corpus_n
 #: Corpus rows scored per block on a CPU: small enough that a block of scores for a batch of queries
 #: stays in cache while it is scaled and its candidates are selected, large enough for an efficient GEMM.
 BLOCK_ROWS = 4096
+#: Corpus rows per block for a single query on a CPU: its product is a GEMV that streams the table at
+#: memory speed, and 4,096-row blocks only added a call, a compare and a merge per block to it.
+ONE_QUERY_BLOCK_ROWS = 1 << 20
+
+
+def cpu_block_rows(n_queries: int) -> int:
+    """Rows per block on a CPU: :data:`ONE_QUERY_BLOCK_ROWS` for one query, :data:`BLOCK_ROWS` for
+    a batch (whose GEMM and selection want a block of scores that stays in cache)."""
+    return ONE_QUERY_BLOCK_ROWS if n_queries == 1 else BLOCK_ROWS
+
+
 #: Corpus rows per block on a GPU, where no cache needs fitting and a 4,096-row block is microseconds
 #: of work: each block costs kernel launches and one wait for its candidates' count, which would
 #: outweigh the GEMM. Still within ``max_block_bytes``.
@@ -208,7 +221,7 @@ def run_topk(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The exact top-k driver every backend runs with its own kernels.
 
-    The corpus is walked in blocks of ``block_rows`` rows (:data:`BLOCK_ROWS` on a CPU,
+    The corpus is walked in blocks of ``block_rows`` rows (:func:`cpu_block_rows` on a CPU,
     :data:`DEVICE_BLOCK_ROWS` on a GPU); ``score_block(queries, rows)`` gives the backend's
     ranking scores for that block (larger is better) and ``candidates(block, m, threshold)`` the
     scores that may enter each query's running top ``m``: at least every score above that query's

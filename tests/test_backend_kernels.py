@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, host_nth_best, plan_blocks
+from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, ONE_QUERY_BLOCK_ROWS, cpu_block_rows, host_nth_best, plan_blocks
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
@@ -42,8 +42,9 @@ def test_torch_blocks_are_cache_sized_on_a_cpu_and_launch_sized_on_a_gpu() -> No
     torch = pytest.importorskip("torch")
     from embedtools.backends.torch import _block_rows
 
-    assert _block_rows(torch.device("cpu")) == BLOCK_ROWS
-    assert _block_rows(torch.device("cuda")) == _block_rows(torch.device("mps")) == DEVICE_BLOCK_ROWS
+    assert _block_rows(torch.device("cpu"), 100) == BLOCK_ROWS
+    assert _block_rows(torch.device("cpu"), 1) == ONE_QUERY_BLOCK_ROWS
+    assert _block_rows(torch.device("cuda"), 100) == _block_rows(torch.device("mps"), 1) == DEVICE_BLOCK_ROWS
 
 
 def test_mlx_blocks_are_cache_sized_on_a_cpu_and_launch_sized_on_a_gpu() -> None:
@@ -72,3 +73,7 @@ def test_plan_blocks_counts_each_querys_shortlist_against_the_bound() -> None:
     # 4,096 rows x 4 bytes of scores plus 1 MiB of shortlist per query: 126 queries in 128 MiB
     assert plan_blocks(10_000, 200_000, 128 << 20, per_query_bytes=1 << 20) == (126, BLOCK_ROWS)
     assert plan_blocks(10_000, 200_000, 1 << 20, per_query_bytes=1 << 30) == (1, BLOCK_ROWS)  # at least one
+
+
+def test_one_query_streams_the_table_in_large_blocks_and_batches_use_cache_sized_ones() -> None:
+    assert cpu_block_rows(1) == ONE_QUERY_BLOCK_ROWS > BLOCK_ROWS == cpu_block_rows(2) == cpu_block_rows(10_000)

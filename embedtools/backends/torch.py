@@ -16,7 +16,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, Candidates, check_k, check_metric, check_topk_inputs, run_topk
+from embedtools.search import DEVICE_BLOCK_ROWS, Candidates, check_k, check_metric, check_topk_inputs, cpu_block_rows, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ class TorchBackend:
             settle_ties=decode is None,
             row_mask=row_mask,
             nth_best=_nth_best,
-            block_rows=_block_rows(self._device),
+            block_rows=_block_rows(self._device, int(q.shape[0])),
         )
 
 
@@ -285,9 +285,9 @@ def _host_i64(t: torch.Tensor) -> npt.NDArray[np.int64]:
     return out
 
 
-def _block_rows(device: torch.device) -> int:
-    """Rows per top-k block: sized for a CPU's caches, or for a GPU's launch and sync costs."""
-    return BLOCK_ROWS if device.type == "cpu" else DEVICE_BLOCK_ROWS
+def _block_rows(device: torch.device, n_queries: int) -> int:
+    """Rows per top-k block: as NumPy's on a CPU, or sized for a GPU's launch and sync costs."""
+    return cpu_block_rows(n_queries) if device.type == "cpu" else DEVICE_BLOCK_ROWS
 
 
 def _nth_best(block: torch.Tensor, n: int) -> npt.NDArray[np.float32]:
