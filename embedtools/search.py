@@ -1,8 +1,8 @@
-"""Backend-neutral exact top-k: argument checks, query chunking, and the driver loop.
+"""Backend-neutral exact top-k: argument checks, block planning, and the driver loop.
 
 Each backend runs the arithmetic on its own kernels; what must be the same everywhere (how a batch
-is cut so the score block stays bounded, which ``k`` and metric are legal, how ties are broken)
-lives here once.
+is cut so the score block and the shortlists stay bounded, which ``k`` and metric are legal, how ties
+are broken, how a large ``k`` starts from a sampled floor, how candidates are merged) lives here once.
 """
 
 from __future__ import annotations
@@ -23,16 +23,21 @@ __all__ = [
     "CANDIDATE_BYTES",
     "DEVICE_BLOCK_ROWS",
     "ONE_QUERY_BLOCK_ROWS",
-    "cpu_block_rows",
+    "SAMPLED_FLOOR_MIN",
+    "SAMPLE_STRIDE",
     "Candidates",
     "best_first",
     "check_k",
     "check_metric",
     "check_topk_inputs",
+    "cpu_block_rows",
+    "head_rows",
     "host_candidates",
+    "host_nth_best",
     "plan_blocks",
     "rescore",
     "run_topk",
+    "sampled_floor",
 ]
 
 BlockT = TypeVar("BlockT")
