@@ -30,7 +30,7 @@ __all__ = [
     "check_k",
     "check_metric",
     "check_topk_inputs",
-    "cpu_block_rows",
+    "rows_per_block",
     "head_rows",
     "host_candidates",
     "host_nth_best",
@@ -80,16 +80,19 @@ BLOCK_ROWS = 4096
 ONE_QUERY_BLOCK_ROWS = 1 << 20
 
 
-def cpu_block_rows(n_queries: int) -> int:
-    """Rows per block on a CPU: :data:`ONE_QUERY_BLOCK_ROWS` for one query, :data:`BLOCK_ROWS` for
-    a batch (whose GEMM and selection want a block of scores that stays in cache)."""
-    return ONE_QUERY_BLOCK_ROWS if n_queries == 1 else BLOCK_ROWS
-
-
 #: Corpus rows per block on a GPU, where no cache needs fitting and a 4,096-row block is microseconds
 #: of work: each block costs kernel launches and one wait for its candidates' count, which would
 #: outweigh the GEMM. Still within ``max_block_bytes``.
 DEVICE_BLOCK_ROWS = 1 << 16
+
+
+def rows_per_block(n_queries: int, *, gpu: bool) -> int:
+    """Rows per top-k block: :data:`DEVICE_BLOCK_ROWS` on a GPU; on a CPU, :data:`ONE_QUERY_BLOCK_ROWS`
+    for one query and :data:`BLOCK_ROWS` for a batch (whose GEMM and selection want a block of
+    scores that stays in cache). Every backend asks here, so they agree."""
+    if gpu:
+        return DEVICE_BLOCK_ROWS
+    return ONE_QUERY_BLOCK_ROWS if n_queries == 1 else BLOCK_ROWS
 
 
 #: Host bytes a query's running shortlist may hold per candidate it keeps: its value and index
@@ -226,8 +229,7 @@ def run_topk(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The exact top-k driver every backend runs with its own kernels.
 
-    The corpus is walked in blocks of ``block_rows`` rows (:func:`cpu_block_rows` on a CPU,
-    :data:`DEVICE_BLOCK_ROWS` on a GPU); ``score_block(queries, rows)`` gives the backend's
+    The corpus is walked in blocks of ``block_rows`` rows (:func:`rows_per_block`); ``score_block(queries, rows)`` gives the backend's
     ranking scores for that block (larger is better) and ``candidates(block, m, threshold)`` the
     scores that may enter each query's running top ``m``: at least every score above that query's
     ``threshold`` (the m-th best so far; ``-inf`` while fewer than ``m`` are known), as flat

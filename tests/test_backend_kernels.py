@@ -1,4 +1,4 @@
-"""Device-side helpers and block plans of the torch and MLX top-k that the Protocol does not expose.
+"""Device-side helpers of the torch and MLX top-k, and the block plans, that the Protocol does not expose.
 
 Their results feed only the driver's speed (a wrong n-th best makes the driver redo queries, never
 return wrong rows), so the conformance suite cannot see them: they are checked here against NumPy.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, ONE_QUERY_BLOCK_ROWS, cpu_block_rows, host_nth_best, plan_blocks
+from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, ONE_QUERY_BLOCK_ROWS, host_nth_best, plan_blocks, rows_per_block
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
@@ -38,23 +38,6 @@ def test_host_nth_best_is_the_nth_largest() -> None:
     np.testing.assert_array_equal(host_nth_best(scores, 4), [1.0, -1.0])
 
 
-def test_torch_blocks_are_cache_sized_on_a_cpu_and_launch_sized_on_a_gpu() -> None:
-    torch = pytest.importorskip("torch")
-    from embedtools.backends.torch import _block_rows
-
-    assert _block_rows(torch.device("cpu"), 100) == BLOCK_ROWS
-    assert _block_rows(torch.device("cpu"), 1) == ONE_QUERY_BLOCK_ROWS
-    assert _block_rows(torch.device("cuda"), 100) == _block_rows(torch.device("mps"), 1) == DEVICE_BLOCK_ROWS
-
-
-def test_mlx_blocks_are_cache_sized_on_a_cpu_and_launch_sized_on_a_gpu() -> None:
-    mx = pytest.importorskip("mlx.core")
-    from embedtools.backends.mlx import _block_rows
-
-    assert _block_rows(mx.Device(mx.cpu)) == BLOCK_ROWS
-    assert _block_rows(mx.Device(mx.gpu)) == DEVICE_BLOCK_ROWS
-
-
 @pytest.mark.parametrize(
     ("queries", "rows", "budget", "block_rows", "expected"),
     [
@@ -75,5 +58,7 @@ def test_plan_blocks_counts_each_querys_shortlist_against_the_bound() -> None:
     assert plan_blocks(10_000, 200_000, 1 << 20, per_query_bytes=1 << 30) == (1, BLOCK_ROWS)  # at least one
 
 
-def test_one_query_streams_the_table_in_large_blocks_and_batches_use_cache_sized_ones() -> None:
-    assert cpu_block_rows(1) == ONE_QUERY_BLOCK_ROWS > BLOCK_ROWS == cpu_block_rows(2) == cpu_block_rows(10_000)
+def test_blocks_are_cache_sized_for_a_cpu_batch_streaming_for_one_query_and_launch_sized_on_a_gpu() -> None:
+    assert rows_per_block(1, gpu=False) == ONE_QUERY_BLOCK_ROWS > BLOCK_ROWS
+    assert rows_per_block(2, gpu=False) == rows_per_block(10_000, gpu=False) == BLOCK_ROWS
+    assert rows_per_block(1, gpu=True) == rows_per_block(10_000, gpu=True) == DEVICE_BLOCK_ROWS

@@ -18,7 +18,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, Candidates, check_k, check_metric, check_topk_inputs, run_topk
+from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, rows_per_block, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -274,13 +274,8 @@ class MlxBackend:
             settle_ties=decode is None,
             row_mask=row_mask,
             nth_best=partial(_nth_best, device=dev),
-            block_rows=_block_rows(dev),
+            block_rows=rows_per_block(int(q.shape[0]), gpu=dev.type == mx.gpu),
         )
-
-
-def _block_rows(device: mx.Device) -> int:
-    """Rows per top-k block: sized for a CPU's caches, or for a GPU's launch and sync costs."""
-    return DEVICE_BLOCK_ROWS if device.type == mx.gpu else BLOCK_ROWS
 
 
 def _nth_best(block: mx.array, n: int, *, device: mx.Device) -> npt.NDArray[np.float32]:

@@ -11,7 +11,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import check_k, check_metric, check_topk_inputs, cpu_block_rows, host_candidates, run_topk
+from embedtools.search import check_k, check_metric, check_topk_inputs, host_candidates, rows_per_block, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ class NumpyBackend:
             l2_distances=l2_distances,
             settle_ties=decode is None,
             row_mask=row_mask,
-            block_rows=cpu_block_rows(q.shape[0]),
+            block_rows=rows_per_block(q.shape[0], gpu=False),
         )
 
 

@@ -16,7 +16,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import DEVICE_BLOCK_ROWS, Candidates, check_k, check_metric, check_topk_inputs, cpu_block_rows, run_topk
+from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, rows_per_block, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ class TorchBackend:
             settle_ties=decode is None,
             row_mask=row_mask,
             nth_best=_nth_best,
-            block_rows=_block_rows(self._device, int(q.shape[0])),
+            block_rows=rows_per_block(int(q.shape[0]), gpu=self._device.type != "cpu"),
         )
 
 
@@ -283,11 +283,6 @@ def _host_f32(t: torch.Tensor) -> npt.NDArray[np.float32]:
 def _host_i64(t: torch.Tensor) -> npt.NDArray[np.int64]:
     out: npt.NDArray[np.int64] = t.detach().to("cpu", torch.int64).numpy()
     return out
-
-
-def _block_rows(device: torch.device, n_queries: int) -> int:
-    """Rows per top-k block: as NumPy's on a CPU, or sized for a GPU's launch and sync costs."""
-    return cpu_block_rows(n_queries) if device.type == "cpu" else DEVICE_BLOCK_ROWS
 
 
 def _nth_best(block: torch.Tensor, n: int) -> npt.NDArray[np.float32]:
