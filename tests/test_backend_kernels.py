@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from embedtools import make_backend
+from embedtools.protocols import Metric
 from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, ONE_QUERY_BLOCK_ROWS, host_nth_best, plan_blocks, rows_per_block
 
 
@@ -23,12 +25,31 @@ def test_torch_nth_best_of_a_rows_by_queries_block(n: int) -> None:
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
-def test_mlx_nth_best_of_a_queries_by_rows_block(n: int) -> None:
+def test_mlx_nth_best_of_a_rows_by_queries_block(n: int) -> None:
     mx = pytest.importorskip("mlx.core")
     from embedtools.backends.mlx import _nth_best
 
-    block = np.random.default_rng(n).standard_normal((9, 300)).astype(np.float32)
-    np.testing.assert_array_equal(_nth_best(mx.array(block), n, device=mx.Device(mx.cpu)), host_nth_best(block, n))
+    block = np.random.default_rng(n).standard_normal((300, 9)).astype(np.float32)
+    np.testing.assert_array_equal(
+        _nth_best(mx.array(block), n, device=mx.Device(mx.cpu)), host_nth_best(np.ascontiguousarray(block.T), n)
+    )
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize(("n_queries", "k"), [(1, 1), (5, 10), (3, 150)])
+def test_mlx_selection_on_the_device_finds_what_numpy_finds(metric: Metric, n_queries: int, k: int) -> None:
+    """The GPU's selection (a count and an argpartition on the device), run here on MLX's CPU: the
+    CPU backend selects on the host, so nothing else in CI runs it. 9,000 rows are three blocks."""
+    pytest.importorskip("mlx.core")
+    rng = np.random.default_rng(k)
+    corpus = rng.standard_normal((9_000, 24)).astype(np.float32)
+    queries = rng.standard_normal((n_queries, 24)).astype(np.float32)
+    mlx = make_backend("mlx", "cpu")
+    mlx._select_on_device = True  # type: ignore[attr-defined]
+    scores, indices = mlx.topk(mlx.from_numpy(queries), mlx.from_numpy(corpus), k, metric)
+    expected_scores, expected = make_backend("numpy").topk(queries, corpus, k, metric)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
 def test_host_nth_best_is_the_nth_largest() -> None:
