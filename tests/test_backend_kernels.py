@@ -35,18 +35,20 @@ def test_mlx_nth_best_of_a_rows_by_queries_block(n: int) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["torch", "mlx"])
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 @pytest.mark.parametrize(("n_queries", "k"), [(1, 1), (5, 10), (3, 150)])
-def test_mlx_selection_on_the_device_finds_what_numpy_finds(metric: Metric, n_queries: int, k: int) -> None:
-    """The GPU's selection (a count and an argpartition on the device), run here on MLX's CPU: the
-    CPU backend selects on the host, so nothing else in CI runs it. 9,000 rows are three blocks."""
-    pytest.importorskip("mlx.core")
+def test_selection_on_the_device_finds_what_numpy_finds(name: str, metric: Metric, n_queries: int, k: int) -> None:
+    """The GPU's selection (torch: topk, compare and nonzero; MLX: a count and an argpartition, all
+    on the device), run here on the CPU: CPU backends select on the host, so nothing else in CI
+    runs it. 9,000 rows are three blocks; k=150 starts from a sampled floor."""
+    pytest.importorskip("mlx.core" if name == "mlx" else name)
     rng = np.random.default_rng(k)
     corpus = rng.standard_normal((9_000, 24)).astype(np.float32)
     queries = rng.standard_normal((n_queries, 24)).astype(np.float32)
-    mlx = make_backend("mlx", "cpu")
-    mlx._select_on_device = True  # type: ignore[attr-defined]
-    scores, indices = mlx.topk(mlx.from_numpy(queries), mlx.from_numpy(corpus), k, metric)
+    backend = make_backend(name, "cpu")
+    backend._select_on_device = True  # type: ignore[attr-defined]
+    scores, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), k, metric)
     expected_scores, expected = make_backend("numpy").topk(queries, corpus, k, metric)
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
