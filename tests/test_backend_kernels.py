@@ -37,14 +37,15 @@ def test_mlx_nth_best_of_a_rows_by_queries_block(n: int) -> None:
 
 @pytest.mark.parametrize("name", ["torch", "mlx"])
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
-@pytest.mark.parametrize(("n_queries", "k"), [(1, 1), (5, 10), (3, 150)])
-def test_selection_on_the_device_finds_what_numpy_finds(name: str, metric: Metric, n_queries: int, k: int) -> None:
+@pytest.mark.parametrize(("n_queries", "k", "rows"), [(1, 1, 9_000), (5, 10, 9_000), (3, 150, 9_000), (4, 150, 120)])
+def test_selection_on_the_device_finds_what_numpy_finds(name: str, metric: Metric, n_queries: int, k: int, rows: int) -> None:
     """The GPU's selection (torch: topk, compare and nonzero; MLX: a count and an argpartition, all
     on the device), run here on the CPU: CPU backends select on the host, so nothing else in CI
-    runs it. 9,000 rows are three blocks; k=150 starts from a sampled floor."""
+    runs it. 9,000 rows are three blocks; k=150 starts from a sampled floor; over 120 rows it
+    keeps every row."""
     pytest.importorskip("mlx.core" if name == "mlx" else name)
     rng = np.random.default_rng(k)
-    corpus = rng.standard_normal((9_000, 24)).astype(np.float32)
+    corpus = rng.standard_normal((rows, 24)).astype(np.float32)
     queries = rng.standard_normal((n_queries, 24)).astype(np.float32)
     backend = make_backend(name, "cpu")
     backend._select_on_device = True  # type: ignore[attr-defined]

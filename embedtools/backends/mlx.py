@@ -257,7 +257,7 @@ class MlxBackend:
 
         def candidates(block: mx.array, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
             if self._select_on_device:
-                return _device_candidates(mx.transpose(block, stream=dev), m, threshold, dev)
+                return _device_candidates(block, m, threshold, dev)
             return host_candidates(_host_f32(block), m, threshold)
 
         def l2_distances(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
@@ -290,27 +290,27 @@ def _nth_best(block: mx.array, n: int, *, device: mx.Device) -> npt.NDArray[np.f
 
 
 def _device_candidates(block: mx.array, m: int, threshold: npt.NDArray[np.float32], dev: mx.Device) -> Candidates:
-    """Scores of a ``(queries, rows)`` block that may enter each query's running top ``m``, selected
+    """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``, selected
     on the device so that only they cross to the host."""
-    rows_n, n = block.shape
+    n, queries = block.shape
     if not np.isneginf(threshold).any():
         # MLX has no nonzero: count the scores above each threshold on the device, and take
         # only the top (most such count) per query instead of the top m
-        above = mx.sum(mx.greater(block, mx.array(threshold)[:, None], stream=dev), axis=1, stream=dev)
+        above = mx.sum(mx.greater(block, mx.array(threshold), stream=dev), axis=0, stream=dev)
         m = min(m, int(np.array(mx.max(above, stream=dev))))
         if m == 0:
             nothing = np.empty(0, dtype=np.int64)
             return nothing, np.empty(0, dtype=np.float32), nothing
     if m >= n:
-        vals, cols = _host_f32(block), np.broadcast_to(np.arange(n, dtype=np.int64), (rows_n, n))
+        vals, cols = _host_f32(block), np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, queries))
     else:
         # MLX's topk returns no indices: argpartition for the m largest, on the device
-        part = mx.argpartition(block, kth=n - m, axis=1, stream=dev)[:, n - m :]
-        top = mx.take_along_axis(block, part, axis=1, stream=dev)
+        part = mx.argpartition(block, kth=n - m, axis=0, stream=dev)[n - m :]
+        top = mx.take_along_axis(block, part, axis=0, stream=dev)
         mx.eval(top, part)
         vals, cols = _host_f32(top), np.asarray(part).astype(np.int64)  # uint32, converted once
-    rows = np.repeat(np.arange(rows_n, dtype=np.int64), cols.shape[1])
-    return rows, vals.reshape(-1), cols.reshape(-1)
+    rows = np.repeat(np.arange(queries, dtype=np.int64), cols.shape[0])
+    return rows, np.ascontiguousarray(vals.T).reshape(-1), np.ascontiguousarray(cols.T).reshape(-1)
 
 
 def _host_f32(a: mx.array) -> npt.NDArray[np.float32]:
