@@ -18,15 +18,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
-from embedtools.search import (
-    Candidates,
-    check_k,
-    check_metric,
-    check_topk_inputs,
-    host_candidates,
-    rows_per_block,
-    run_topk,
-)
+from embedtools.search import Candidates, check_k, check_metric, check_topk_inputs, host_candidates, rows_per_block, run_topk
 from embedtools.validation import check_prefix
 
 if TYPE_CHECKING:
