@@ -154,7 +154,13 @@ class MlxBackend:
         a2, b2 = _as_2d(a), _as_2d(b)
         if a2.shape[1] != b2.shape[1]:
             raise DimensionError(f"cannot compare width {a2.shape[1]} with width {b2.shape[1]}")
-        return mx.matmul(self.normalize(a2), self.normalize(b2).T, stream=self._device)
+        an, bn = self.normalize(a2), self.normalize(b2)
+        # MLX's CPU matmul ran a contiguous right operand about twice as fast as a transposed
+        # view: the smaller side is transposed into one, and the product transposed back if needed
+        dev = self._device
+        if an.size <= bn.size:
+            return mx.transpose(mx.matmul(bn, mx.contiguous(an.T, stream=dev), stream=dev), stream=dev)
+        return mx.matmul(an, mx.contiguous(bn.T, stream=dev), stream=dev)
 
     def concatenate(self, arrays: Sequence[mx.array], axis: int = 0) -> mx.array:
         return mx.concatenate(list(arrays), axis=axis, stream=self._device)

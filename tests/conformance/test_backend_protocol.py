@@ -103,6 +103,8 @@ def test_cosine_similarity_shapes_and_zero_vectors(backend: ArrayBackend[Any]) -
     sims = backend.to_numpy(backend.cosine_similarity(backend.from_numpy(a), backend.from_numpy(b)))
     assert sims.shape == (2, 3)
     np.testing.assert_allclose(sims, [[1.0, 0.0, np.sqrt(0.5)], [0.0, 0.0, 0.0]], rtol=1e-6, atol=1e-7)
+    swapped = backend.to_numpy(backend.cosine_similarity(backend.from_numpy(b), backend.from_numpy(a)))
+    np.testing.assert_allclose(swapped, sims.T, rtol=1e-6, atol=1e-7)  # the larger side first, too
     one = backend.to_numpy(backend.cosine_similarity(backend.from_numpy(a[0]), backend.from_numpy(b)))
     assert one.shape == (1, 3), "a single query is one row, as for a batch"
     with pytest.raises(DimensionError):
