@@ -162,15 +162,17 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ shape of the store
 
     def __len__(self) -> int:
-        return sum(state.rows for state in self._tables.values())
+        # a copy: another thread's change must not resize the dict under the iteration
+        return sum(state.rows for state in tuple(self._tables.values()))
 
     @property
     def dimensions(self) -> tuple[int, ...]:
         return tuple(sorted(self._tables))
 
     def __repr__(self) -> str:
-        tables = ", ".join(f"{d}d: {self._tables[d].rows} rows" for d in self.dimensions)
-        used = sum(self._charges.values())
+        held = dict(self._tables)
+        tables = ", ".join(f"{d}d: {held[d].rows} rows" for d in sorted(held))
+        used = sum(tuple(self._charges.values()))
         return f"EmbeddingStore(backend={self._backend.name}/{self._backend.device}, tables={{{tables}}}, memory={format_bytes(used)})"
 
     def table(self, dimension: int) -> Table:
@@ -582,15 +584,23 @@ class EmbeddingStore:
         return SearchResult(indices=indices, scores=scores, metric=metric, dimension=dim, source_dimension=source, row_ids=state.ids)
 
     def _run_plan(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        return Searcher(self._backend, self._block_bytes, self._cached).run(plan, q)
+        return Searcher(self._backend, self._block_bytes, functools.partial(self._cached, plan.state)).run(plan, q)
 
     @_exclusive
-    def _cached(self, cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]) -> Any:
+    def _cached(
+        self, state: TableState, cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]
+    ) -> Any:
         """``cache[key]``, computed once and kept if the budget has room (charged to the table);
-        otherwise computed for this search only — a search never fails for want of a cache."""
+        otherwise computed for this search only — a search never fails for want of a cache.
+
+        Only the version ``state`` that is still the current table of ``source`` keeps (and is
+        charged for) a cache: a search that started on a version since replaced, removed or dropped
+        would otherwise charge its successor, or an emptied store, for a cache no one can free."""
         value = cache.get(key)
         if value is None:
             value = compute()
+            if self._tables.get(source) is not state:
+                return value
             try:
                 self._accountant.reserve(self._owner(source), nbytes)
             except MemoryLimitError:
