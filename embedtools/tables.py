@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedtools.errors import InvalidArgumentError
+from embedtools.errors import UnknownIdError
 from embedtools.filters import RowSource
 from embedtools.protocols import ArrayBackend
 from embedtools.quantize import Quantization, QuantizedIndex
@@ -103,7 +103,7 @@ class Table:
         try:
             return self._state.id_index[id]
         except KeyError:
-            raise InvalidArgumentError(f"no row with id {id!r} in table {self._dimension}d") from None
+            raise UnknownIdError(f"no row with id {id!r} in table {self._dimension}d") from None
 
     def to_numpy(self) -> npt.NDArray[np.float32]:
         """A float32 ``(n, d)`` copy of the vectors, exactly as they were added."""

@@ -61,7 +61,7 @@ def test_add_appends_and_keeps_ids_labels_metadata(store: EmbeddingStore) -> Non
     assert table.index_of("c") == 2 and len(table) == 5
     table.metadata[0]["n"] = 99  # decoded afresh: the store is unchanged
     assert store.table(4).metadata[0] == {"n": 1}
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(et.UnknownIdError):
         table.index_of("zzz")
 
 
