@@ -78,6 +78,19 @@ def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: 
     charges.clear()
 
 
+def _free_ids(taken: Mapping[str, int], start: int, n: int) -> tuple[str, ...]:
+    """The first ``n`` integers from ``start`` whose strings are not ``taken``: the rows'
+    positions where those are free (the seed's ids), the next free integers where not."""
+    out: list[str] = []
+    candidate = start
+    while len(out) < n:
+        text = str(candidate)
+        if text not in taken:
+            out.append(text)
+        candidate += 1
+    return tuple(out)
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S", bound="EmbeddingStore")
@@ -203,7 +216,9 @@ class EmbeddingStore:
         """Append rows ``(n, d)`` to the table of dimension ``d`` (created if absent); return their ids.
 
         Vectors are copied as float32. Omitted ids are the rows' positions in the table (``"0"``,
-        ``"1"``, ...); omitted labels are ``""`` and metadata ``{}``. ``replace=True`` swaps the whole
+        ``"1"``, ...), except that a position whose id is already taken (by a row that survived a
+        :meth:`remove`, or an id the caller chose) is skipped for the next integer that is free, so
+        generated ids never collide; omitted labels are ``""`` and metadata ``{}``. ``replace=True`` swaps the whole
         table for these rows (the seed's ``add_embeddings``), charging only the size difference.
         """
         self._check_writable()
@@ -211,7 +226,7 @@ class EmbeddingStore:
         n, d = host.shape
         old = None if replace else self._tables.get(d)
         start = old.rows if old is not None else 0
-        new_ids = tuple(str(start + i) for i in range(n)) if ids is None else check_strings(ids, n, "ids")
+        new_ids = _free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
         new_labels = ("",) * n if labels is None else check_strings(labels, n, "labels")
         new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
         index = dict(old.id_index) if old is not None else {}
@@ -285,6 +300,7 @@ class EmbeddingStore:
     @_exclusive
     def drop(self, dimension: int) -> None:
         """Remove one table and give its bytes back."""
+        self._check_writable()
         d = check_dimension(dimension)
         self._state(d)
         del self._tables[d]
@@ -292,6 +308,7 @@ class EmbeddingStore:
 
     @_exclusive
     def clear(self) -> None:
+        self._check_writable()
         for d in self.dimensions:
             self.drop(d)
 
