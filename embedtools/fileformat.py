@@ -224,7 +224,10 @@ def _create_temp(target: Path) -> tuple[int, Path]:
         except OSError as exc:
             raise _write_error(target, exc) from None
         try:
-            _lock(fd, wait=True)
+            try:
+                _lock(fd, wait=True)
+            except OSError:  # a filesystem without flock: a cleanup's lock fails there too, so it skips this
+                pass
             held, now = os.fstat(fd), os.lstat(tmp)
             if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
                 return fd, tmp
