@@ -161,10 +161,6 @@ def _recheck(target: Path) -> None:
         raise InvalidArgumentError(f"{target} is now a {_kind(info.st_mode)}; save replaces only regular files")
 
 
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
 def _lock(fd: int, *, wait: bool) -> None:
     if sys.platform == "win32":  # pragma: no cover
         return
@@ -312,9 +308,10 @@ def _safetensors_chunks(tensors: Mapping[str, npt.NDArray[Any]], metadata: Mappi
     """The safetensors file of ``tensors`` as buffers: its header, then each tensor's bytes, uncopied.
 
     Written here rather than by ``save_file`` so that the only temp file is our own (``save_file``
-    writes a ``.tmpXXXXXX`` of its own beside the target), that no tensor is copied into a bytes object
-    first, and that the header is deterministic (``save_file`` orders ``__metadata__`` by a Rust
-    ``HashMap``, differently from run to run); metadata keys are sorted.
+    writes a ``.tmpXXXXXX`` of its own beside the target, which a SIGKILL leaves behind), that each
+    array's own buffer goes straight to ``os.write``, and that the header is deterministic
+    (``save_file`` orders ``__metadata__`` by a Rust ``HashMap``, differently from run to run);
+    metadata keys are sorted.
     """
     arrays = {}
     for name, array in tensors.items():
