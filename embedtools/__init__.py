@@ -23,6 +23,7 @@ from embedtools.errors import (
     StoreFormatError,
     StoreNotEmptyError,
     StoreNotFoundError,
+    StoreWriteError,
     UnhashableConfigError,
     UnknownIdError,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "StoreFormatError",
     "StoreNotEmptyError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "Table",
     "TableMemory",
     "TorchBackend",

@@ -2,7 +2,8 @@
 ``study``.
 
 Bad input ends with one line on stderr and exit code 2 (``inspect``: 1 for a bad file), never a
-traceback.
+traceback; a failure to write (:class:`StoreWriteError`, a full disk, a name too long) and any
+untyped error end with one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from embedtools.errors import EmbedtoolsError, InvalidEmbeddingError, StoreFormatError, StoreNotFoundError
+from embedtools.errors import EmbedtoolsError, InvalidEmbeddingError, StoreFormatError, StoreNotFoundError, StoreWriteError
 
 __all__ = ["main"]
 
@@ -200,12 +201,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             convert(args.seed_dir, args.file, args.max_memory_gb)
     except (StoreFormatError, StoreNotFoundError) as exc:
-        print(f"embedtools: error: {exc}", file=sys.stderr)
-        return 1 if args.command == "inspect" else 2
+        return _fail(exc, 1 if args.command == "inspect" else 2)
+    except StoreWriteError as exc:  # the input was fine; the disk or the folder was not
+        return _fail(exc, 1)
     except EmbedtoolsError as exc:
-        print(f"embedtools: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
+    except Exception as exc:  # an untyped error is a bug, but still one line, not a traceback
+        return _fail(exc, 1, f"{type(exc).__name__}: ")
     return 0
+
+
+def _fail(exc: BaseException, code: int, prefix: str = "") -> int:
+    """Print ``exc`` as one line on stderr (a message with newlines is joined) and return ``code``."""
+    message = " ".join(str(exc).splitlines()) or type(exc).__name__
+    print(f"embedtools: error: {prefix}{message}"[:2000], file=sys.stderr)
+    return code
 
 
 def main_entry() -> None:

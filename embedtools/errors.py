@@ -20,6 +20,7 @@ __all__ = [
     "StoreFormatError",
     "StoreNotEmptyError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "UnhashableConfigError",
     "UnknownIdError",
 ]
@@ -55,6 +56,14 @@ class StoreFormatError(EmbedtoolsError, ValueError):
 
 class StoreNotFoundError(EmbedtoolsError, FileNotFoundError):
     """The path given to ``load`` does not exist."""
+
+
+class StoreWriteError(EmbedtoolsError, OSError):
+    """``save`` could not write the file (permission, disk full, a name too long for the filesystem).
+
+    The target is untouched and no temp file is left; ``errno`` is the operating system's, when it
+    gave one, so a caller can tell a full disk from a read-only folder.
+    """
 
 
 class StoreNotEmptyError(EmbedtoolsError, RuntimeError):

@@ -19,20 +19,33 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+import stat
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedtools.errors import InvalidArgumentError, StoreFormatError, StoreNotFoundError
+from embedtools.errors import EmbedtoolsError, InvalidArgumentError, StoreFormatError, StoreNotFoundError, StoreWriteError
 from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
 from embedtools.records import StoreRecord, TableRecord, TableShape
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "atomic_write", "read_header", "read_store", "read_table_shapes", "write_store"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "as_store_path",
+    "atomic_write",
+    "read_header",
+    "read_store",
+    "read_table_shapes",
+    "remove_stale_temp_files",
+    "temp_prefix",
+    "write_store",
+]
 
 FORMAT_NAME = "embedtools"
 FORMAT_VERSION = 1
@@ -49,36 +62,214 @@ def _library_version() -> str:
 
 # ----------------------------------------------------------------------------------------- writing
 
+# A temp file is ``.NAME.XXXXXXXXXXXX.tmp`` (12 hex digits) beside the target, NAME cut to this many
+# bytes so that a target name the filesystem accepts (up to 255 bytes) still has a temp name it accepts.
+_TEMP_NAME_BYTES = 200
+_TEMP_TOKEN_HEX = 12
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
-    """Run ``write`` on a temp file beside ``path``, fsync it, then ``os.replace`` it into place.
 
-    A crash at any moment leaves the old file or the new one, never a mix; on an exception the temp
-    file is removed and ``path`` is untouched. The new file's mode follows the umask, as ``open`` would.
+def temp_prefix(name: str) -> str:
+    """The NAME in ``.NAME.XXXXXXXXXXXX.tmp``: the target's file name, cut to 200 bytes if longer.
+
+    Cut because the temp name is 18 bytes longer than NAME, and a 240-byte target name (which the
+    filesystem accepts) would otherwise give a temp name it refuses.
     """
-    target = Path(path)
-    if target.is_dir():
-        raise InvalidArgumentError(f"{target} is a directory; save writes one file")
-    folder = target.parent
-    if not folder.is_dir():
-        raise StoreNotFoundError(f"folder {folder} does not exist")
-    tmp = folder / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    prefix = name
+    while len(os.fsencode(prefix)) > _TEMP_NAME_BYTES:
+        prefix = prefix[:-1]
+    return prefix
+
+
+def _is_temp_of(entry: str, prefix: str) -> bool:
+    head = f".{prefix}."
+    if not (entry.startswith(head) and entry.endswith(".tmp")):
+        return False
+    token = entry[len(head) : -len(".tmp")]
+    return len(token) == _TEMP_TOKEN_HEX and all(c in "0123456789abcdef" for c in token)
+
+
+def as_store_path(path: object) -> Path:
+    """``path`` as a ``Path``, or an :class:`InvalidArgumentError` naming what is wrong with it.
+
+    Checked up front so that ``save(5)`` or a NUL in the name is a typed error before anything is
+    written, not a ``TypeError``/``ValueError`` from deep inside ``os``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"a store path must be a str or os.PathLike, not {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"a store path must be text, not {type(text).__name__}")
+    if not text:
+        raise InvalidArgumentError("a store path must not be empty")
+    if "\0" in text:
+        raise InvalidArgumentError(f"a store path must not contain a NUL character: {text!r}")
+    return Path(text)
+
+
+def _write_error(target: Path, exc: OSError) -> StoreWriteError:
+    error = StoreWriteError(f"cannot save {target}: {exc.strerror or exc}")
+    error.errno = exc.errno
+    return error
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _replaceable(target: Path) -> Path:
+    """The file a save of ``target`` replaces: ``target``, or the regular file a symlink there names.
+
+    Only a regular file (or nothing) may be replaced: ``os.replace`` would swap a FIFO, a device or a
+    socket for a regular file. A symlink to a regular file is followed, so the link stays and what it
+    points at is replaced (as ``open(path, "w")`` would write through it); any other symlink is refused.
+    """
     try:
-        mode = os.fstat(fd).st_mode & 0o777  # 0o666 less the umask, read without touching the umask
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
+        info = os.lstat(target)
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise StoreNotFoundError(f"folder {target.parent} does not exist") from None
+        return target
+    except NotADirectoryError:
+        raise StoreNotFoundError(f"{target.parent} is not a folder") from None
+    except OSError as exc:
+        raise _write_error(target, exc) from None
+    if stat.S_ISLNK(info.st_mode):
+        resolved = Path(os.path.realpath(target))
         try:
-            os.fsync(fd)
+            final = os.stat(resolved)
+        except OSError:
+            raise InvalidArgumentError(f"{target} is a symlink to {resolved}, which does not exist; save replaces only regular files") from None
+        if not stat.S_ISREG(final.st_mode):
+            raise InvalidArgumentError(f"{target} is a symlink to a {_kind(final.st_mode)}; save replaces only regular files")
+        return resolved
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidArgumentError(f"{target} is a {_kind(info.st_mode)}; save writes one regular file")
+    return target
+
+
+def _recheck(target: Path) -> None:
+    """Refuse if ``target`` became something other than a regular file while the temp was written."""
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidArgumentError(f"{target} is now a {_kind(info.st_mode)}; save replaces only regular files")
+
+
+def _lock(fd: int, *, wait: bool) -> None:
+    if sys.platform == "win32":  # pragma: no cover
+        return
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_temp_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """Delete the ``.NAME.XXXXXXXXXXXX.tmp`` files that killed saves of ``path`` left; return them.
+
+    A save holds an exclusive ``flock`` on its temp file from creation until it is renamed into place,
+    so only temps that no live process holds are deleted: a save running right now in another process
+    is never touched, however slow. Every ``save`` calls this first (freeing the space before writing);
+    call it yourself to tidy a folder. Where ``flock`` does not exist (Windows), nothing is deleted.
+    """
+    target = as_store_path(path)
+    if sys.platform == "win32":  # pragma: no cover - no flock: a running save cannot be told apart
+        return ()
+    prefix = temp_prefix(target.name)
+    try:
+        names = [entry.name for entry in os.scandir(target.parent) if _is_temp_of(entry.name, prefix)]
+    except OSError:
+        return ()
+    removed = []
+    for name in sorted(names):
+        tmp = target.parent / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            held = os.fstat(fd)
+            if not stat.S_ISREG(held.st_mode):
+                continue
+            _lock(fd, wait=False)  # raises while a save holds it
+            now = os.lstat(tmp)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:
+            continue
         finally:
             os.close(fd)
+    return tuple(removed)
+
+
+def _create_temp(target: Path) -> tuple[int, Path]:
+    """A new temp file beside ``target``, open for writing and locked against cleanup."""
+    prefix = temp_prefix(target.name)
+    for _ in range(100):
+        tmp = target.parent / f".{prefix}.{secrets.token_hex(_TEMP_TOKEN_HEX // 2)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        try:
+            try:
+                _lock(fd, wait=True)
+            except OSError:  # a filesystem without flock: a cleanup's lock fails there too, so it skips this
+                pass
+            held, now = os.fstat(fd), os.lstat(tmp)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd, tmp
+        except FileNotFoundError:
+            pass  # another process's cleanup took it between creation and lock: take another name
+        except OSError as exc:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise _write_error(target, exc) from None
+        os.close(fd)
+    raise StoreWriteError(f"cannot save {target}: no free temp file name beside it")
+
+
+def _write_all(fd: int, chunk: bytes | memoryview) -> None:
+    view = memoryview(chunk).cast("B")
+    while view:
+        view = view[os.write(fd, view[: 1 << 26]) :]
+
+
+def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:
+    """Write ``chunks`` to a temp file beside ``path``, fsync it, then ``os.replace`` it into place.
+
+    A crash at any moment leaves the old file or the new one, never a mix, and at worst one
+    ``.NAME.XXXXXXXXXXXX.tmp`` (see :func:`temp_prefix`), which the next save of ``path`` removes; on
+    an exception the temp file is removed and ``path`` is untouched. Only a regular file (or a symlink
+    to one, whose target is replaced) is replaced. OS failures are :class:`StoreWriteError`. The new
+    file's mode follows the umask, as ``open`` would. ``chunks`` is consumed lazily, so a caller can
+    stream large arrays without copying them.
+    """
+    target = _replaceable(as_store_path(path))
+    remove_stale_temp_files(target)
+    fd, tmp = _create_temp(target)
+    try:
+        for chunk in chunks:
+            _write_all(fd, chunk)
+        os.fsync(fd)
+        _recheck(target)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        os.close(fd)
+        if isinstance(exc, OSError) and not isinstance(exc, EmbedtoolsError):
+            raise _write_error(target, exc) from None
         raise
-    _fsync_folder(folder)
+    os.close(fd)  # releases the lock only now: the temp name is gone, so no cleanup can race the rename
+    _fsync_folder(target.parent)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -106,10 +297,46 @@ def _digest(array: npt.NDArray[Any]) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data).hexdigest()
 
 
-def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: str) -> None:
-    """Write ``record`` to ``path`` atomically (see :func:`atomic_write`)."""
-    from safetensors.numpy import save_file
+# safetensors' dtype names, and the order it lays tensors out in: by dtype, larger first (its Rust
+# enum, descending), then by name. Following it keeps the file identical to what ``save_file`` writes.
+_SAFETENSORS_DTYPES = {"u8": "U64", "i8": "I64", "f8": "F64", "f4": "F32", "u4": "U32", "i4": "I32",
+                       "f2": "F16", "u2": "U16", "i2": "I16", "i1": "I8", "u1": "U8", "b1": "BOOL"}
+_SAFETENSORS_ORDER = {name: rank for rank, name in enumerate(_SAFETENSORS_DTYPES.values())}
 
+
+def _safetensors_chunks(tensors: Mapping[str, npt.NDArray[Any]], metadata: Mapping[str, str]) -> list[bytes | memoryview]:
+    """The safetensors file of ``tensors`` as buffers: its header, then each tensor's bytes, uncopied.
+
+    Written here rather than by ``save_file`` so that the only temp file is our own (``save_file``
+    writes a ``.tmpXXXXXX`` of its own beside the target, which a SIGKILL leaves behind), that each
+    array's own buffer goes straight to ``os.write``, and that the header is deterministic
+    (``save_file`` orders ``__metadata__`` by a Rust ``HashMap``, differently from run to run);
+    metadata keys are sorted.
+    """
+    arrays = {}
+    for name, array in tensors.items():
+        key = f"{array.dtype.kind}{array.dtype.itemsize}"
+        if key not in _SAFETENSORS_DTYPES:
+            raise InvalidArgumentError(f"tensor {name} has dtype {array.dtype}, which safetensors cannot hold")
+        flat = np.ascontiguousarray(array).reshape(-1)
+        arrays[name] = (_SAFETENSORS_DTYPES[key], list(array.shape), flat.astype(flat.dtype.newbyteorder("<"), copy=False))
+    order = sorted(arrays, key=lambda name: (_SAFETENSORS_ORDER[arrays[name][0]], name))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    start = 0
+    for name in order:
+        dtype, shape, flat = arrays[name]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + flat.nbytes]}
+        start += flat.nbytes
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    out: list[bytes | memoryview] = [len(text).to_bytes(8, "little"), text]
+    out += [arrays[name][2].view(np.uint8).data for name in order if arrays[name][2].nbytes]
+    return out
+
+
+def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: str) -> None:
+    """Write ``record`` to ``path`` atomically (see :func:`atomic_write`), the same bytes every time."""
+    target = as_store_path(path)
     tensors: dict[str, npt.NDArray[Any]] = {}
     tables = []
     for table in record.tables:
@@ -140,10 +367,13 @@ def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: 
         "tables": tables,
         "tensors": {name: _digest(array) for name, array in sorted(tensors.items())},
     }
-    text = json.dumps(header, ensure_ascii=False, separators=(",", ":"))
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    try:
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":"))
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    except (ValueError, TypeError, RecursionError) as exc:  # a config that slipped past validation
+        raise InvalidArgumentError(f"cannot save {target}: the header does not encode as JSON ({type(exc).__name__}: {exc})") from None
     metadata = {_HEADER_KEY: text, _HEADER_DIGEST_KEY: digest}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(target, _safetensors_chunks(tensors, metadata))
 
 
 # ----------------------------------------------------------------------------------------- reading

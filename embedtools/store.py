@@ -693,8 +693,13 @@ class EmbeddingStore:
 
     @_exclusive
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the store to one file, atomically: the old file survives any failure or crash."""
-        with progress_bar(self._progress, len(self._tables) + 1, f"save {Path(path).name}", "steps") as bar:
+        """Write the store to one file, atomically: the old file survives any failure or crash.
+
+        Only a regular file is replaced (a symlink to one has its target replaced); anything else is an
+        :class:`InvalidArgumentError`, and a failure to write is a :class:`StoreWriteError`.
+        """
+        target = fileformat.as_store_path(path)
+        with progress_bar(self._progress, len(self._tables) + 1, f"save {target.name}", "steps") as bar:
             tables = []
             for _, state in sorted(self._tables.items()):
                 tables.append(
@@ -709,7 +714,7 @@ class EmbeddingStore:
                     )
                 )
                 bar.update()
-            fileformat.write_store(path, StoreRecord(tables=tuple(tables), config=self._config), self.config_hash)
+            fileformat.write_store(target, StoreRecord(tables=tuple(tables), config=self._config), self.config_hash)
             bar.update()
 
     @_exclusive
