@@ -141,7 +141,7 @@ def test_metadata_rows_add_refuses_are_refused_at_load(tmp_path: Path, row: byte
 
 def test_the_limits_themselves_load(tmp_path: Path) -> None:
     """The boundary values are the documented limits, accepted at both doors."""
-    rows = [{"a": 2**63 - 1, "b": -(2**63)}, {"a": [[[]]]}, {}]
+    rows: list[dict[str, Any]] = [{"a": 2**63 - 1, "b": -(2**63)}, {"a": [[[]]]}, {}]
     deepest: Any = 1
     for _ in range(63):
         deepest = [deepest]
@@ -188,7 +188,7 @@ def test_a_file_saved_with_another_hash_length_loads(tmp_path: Path) -> None:
 
 
 def test_loaded_json_equals_what_was_added(tmp_path: Path) -> None:
-    metadata = [{"f": 0.1, "i": -5, "n": None, "b": False, "l": [1, "x", {"y": 2.5e-300}]}, {"é": "ü"}, {}]
+    metadata: list[dict[str, Any]] = [{"f": 0.1, "i": -5, "n": None, "b": False, "l": [1, "x", {"y": 2.5e-300}]}, {"é": "ü"}, {}]
     store = make_store()
     store.add(np.ones((3, 4), np.float32), metadata=metadata)
     store.save(tmp_path / "s")
