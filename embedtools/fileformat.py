@@ -11,6 +11,8 @@ The safetensors ``__metadata__`` holds two strings: ``embedtools``, a JSON heade
 library, store config and its hash, tables, and the SHA-256 of every tensor's bytes), and
 ``embedtools.sha256``, the SHA-256 of that header text. A flipped bit anywhere in the file is thus
 caught by safetensors' own checks, the header digest or a tensor digest: a :class:`StoreFormatError`.
+The header digest is only a checksum (anyone can re-sign an edited header), so reading also holds
+every header and metadata row to what ``save`` could have written (README, "Crafted files").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import numpy as np
 
 from embedtools.errors import EmbedtoolsError, InvalidArgumentError, StoreFormatError, StoreNotFoundError
+from embedtools.hashing import config_hash
 from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
 from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
 from embedtools.validation import MAX_JSON_DEPTH, decode_json, json_problem
@@ -215,8 +218,6 @@ def read_header(path: str | os.PathLike[str], *, hasher: Hasher | None = None) -
 
 
 def _check_config(path: Path, header: dict[str, Any], hasher: Hasher | None) -> None:
-    from embedtools.hashing import config_hash
-
     config = header["config"]
     problem = json_problem(config)
     if problem is not None:

@@ -67,14 +67,18 @@ class StoreRecord:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def verify_table(table: TableRecord) -> dict[str, int]:
+def verify_table(table: TableRecord, *, finite: bool = True) -> dict[str, int]:
     """The table's id -> row index, after the checks every loaded table passes (whatever its file
-    format): unique ids and finite vectors. ``load`` and ``embedtools inspect`` both run this."""
+    format): unique ids and finite vectors. ``load`` and ``embedtools inspect`` both run this;
+    ``load`` passes ``finite=False`` because its copy to the backend checks every value (with the
+    same message) and a mapped table should be read once, not twice."""
     index: dict[str, int] = {}
     for i, id_ in enumerate(table.ids):
         if id_ in index:
             raise DuplicateIdError(f"id {id_!r} appears at rows {index[id_]} and {i} of table {table.dimension}d")
         index[id_] = i
+    if not finite:
+        return index
     vectors = table.vectors
     step = max(1, _CHUNK_VALUES // max(vectors.shape[1], 1))
     if not all(np.isfinite(vectors[i : i + step]).all() for i in range(0, vectors.shape[0], step)):

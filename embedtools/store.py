@@ -771,7 +771,7 @@ class EmbeddingStore:
             )
 
     def _state_from_record(self, record: TableRecord) -> TableState:
-        index = verify_table(record)
+        index = verify_table(record, finite=False)  # _to_device checks finiteness
         arr, norms = self._to_device(record.vectors, f"table {record.dimension}d")
         return TableState(
             vectors=arr,

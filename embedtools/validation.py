@@ -226,38 +226,34 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _constant(name: str) -> float:
-    raise _Refused(f"{name} is not a finite number")
-
-
 def _integer(text: str) -> int:
     if len(text) > _INT_DIGITS:  # before int(): 10**5000 would otherwise hit Python's digit limit
         raise _Refused("integer outside the int64 range [-2**63, 2**63 - 1]")
     return int(text)
 
 
-def _float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Refused(f"{_short(text)} is not a finite number")
-    return value
-
-
 def decode_json(text: str, *, depth_limit: int = MAX_JSON_DEPTH) -> tuple[Any, str | None]:
     """``text`` parsed under :func:`json_problem`'s rule, plus the first problem (then ``None``, reason).
 
-    What a parsed value cannot show is checked while parsing: duplicate keys (``json`` keeps the
-    last silently), ``NaN``/``Infinity`` and ``1e999`` (which parse as floats), and integers too
-    long for int64 (refused before Python converts them). Nesting deep enough to exhaust the
-    parser's recursion is a problem too, never a ``RecursionError``.
+    What a parsed value cannot show is checked while parsing: a key given twice (``json`` keeps
+    the last silently). NaN, ``Infinity`` and ``1e999`` parse as floats and ints as ints, so the
+    rule refuses them after; an int too long for Python's int-from-str limit is named as the int64
+    problem it is. Nesting deep enough to exhaust the parser's recursion is a problem, never a
+    ``RecursionError``.
     """
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_integer, parse_float=_float)
+        value = json.loads(text, object_pairs_hook=_pairs)
     except _Refused as exc:
         return None, f": {exc}"
     except RecursionError:
         return None, f": nested deeper than {depth_limit} levels"
     except ValueError as exc:
+        try:  # only a failing text pays for the per-int hook that tells an overlong int apart
+            json.loads(text, object_pairs_hook=_pairs, parse_int=_integer)
+        except _Refused as refused:
+            return None, f": {refused}"
+        except (ValueError, RecursionError):
+            pass
         return None, f": not JSON ({exc})"
     problem = json_problem(value, depth_limit=depth_limit)
     return (value, None) if problem is None else (None, problem)

@@ -120,9 +120,9 @@ def test_a_tensor_named_twice_in_the_layout_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("row", "match"),
     [
-        (b'{"a":NaN}', "NaN is not a finite number"),
-        (b'{"a":-Infinity}', "-Infinity is not a finite number"),
-        (b'{"a":1e999}', "1e999.* is not a finite number"),
+        (b'{"a":NaN}', "nan is not a finite number"),
+        (b'{"a":-Infinity}', "-inf is not a finite number"),
+        (b'{"a":1e999}', "inf is not a finite number"),
         (b'{"a":1,"a":2}', "key 'a' appears twice"),
         (b'{"a":{"b":1,"b":1}}', "key 'b' appears twice"),
         (b'{"a":' + b"9" * 400 + b"}", "int64"),
@@ -159,7 +159,7 @@ def test_the_limits_themselves_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        ('{"a":NaN}', "NaN"),
+        ('{"a":NaN}', "nan is not a finite number"),
         ('{"a":1e999}', "finite"),
         ('{"a":1,"a":1}', "appears twice"),
         ('{"a":' + "1" * 400 + "}", "int64"),
