@@ -290,3 +290,24 @@ def test_inspect_of_a_crafted_header_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "nested deeper" in out.stderr, out
     (tmp_path / "good").mkdir()
     assert inspect(saved(tmp_path / "good")).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------- seed folders
+
+
+def test_a_crafted_seed_folder_is_a_format_error(tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "seed"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "seed_store_0_1_2", folder)
+    meta = (folder / "metadata.json").read_text(encoding="utf-8")
+    (folder / "metadata.json").write_text(meta.replace('"backend": "numpy"', '"backend": ' + DEEP), encoding="utf-8")
+    store = make_store()
+    with pytest.raises(StoreFormatError, match="nested too deep"):
+        store.load(folder)
+    assert store.dimensions == () and store.memory_info().used_bytes == 0
+    nested = "[" * 900 + "]" * 900
+    (folder / "metadata.json").write_text(meta.replace('"sliced_from": 8', '"sliced_from": ' + nested), encoding="utf-8")
+    with pytest.warns(UserWarning) as caught:
+        make_store().load(folder)
+    assert all(len(str(w.message)) < 300 for w in caught)
