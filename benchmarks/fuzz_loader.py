@@ -8,7 +8,8 @@ Prints ``N inputs, ok, format errors, other, hangs, max RSS growth`` (and up to 
 same the CI run (``tests/test_fuzz_loader.py``) draws with hypothesis; here a seeded
 ``random.Random`` draws them, so a run is reproducible from ``--seed``. RSS growth is measured from
 a baseline taken after the first 1,000 inputs (imports and first allocations excluded), sampled
-every 500 inputs. A hang is an input whose two loads took longer than ``--hang-seconds``.
+every 500 inputs. A hang is an input whose two loads took longer than ``--hang-seconds``; one still
+running at four times that is cut off by ``SIGALRM`` (counted, and the run goes on).
 
 ``--atheris`` drives the same target coverage-guided (atheris 3.0 installs from a wheel on CPython
 3.11 x86-64; where ``import atheris`` fails the run says so and exits 2): its bytes choose the seed,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import random
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -40,17 +42,36 @@ def _setup(folder: Path) -> tuple[list[bytes], list[Any]]:
     return seeds, expected
 
 
+class _Stuck(BaseException):
+    """Raised by the alarm in an input that runs far past the hang bound (a BaseException, so the
+    target's own `except Exception` cannot take it for a finding)."""
+
+
 def run(inputs: int, seed: int, hang_seconds: float) -> str:
-    from tests.fuzzing import RandomChooser, Tally, check_input, mutate
+    from tests.fuzzing import Outcome, RandomChooser, Tally, check_input, mutate
 
     tally = Tally(hang_seconds=hang_seconds)
     rng = random.Random(seed)
+
+    def stuck(signum: int, frame: object) -> None:
+        raise _Stuck
+
+    signal.signal(signal.SIGALRM, stuck)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         seeds, expected = _setup(folder)
         for i in range(inputs):
             index, name, data = mutate(seeds, RandomChooser(rng))
-            tally.add(check_input(data, name, expected[index], folder))
+            signal.setitimer(signal.ITIMER_REAL, 4 * hang_seconds)  # a true hang is cut off and counted
+            try:
+                outcome = check_input(data, name, expected[index], folder)
+            except _Stuck:
+                outcome = Outcome("hang", f"{name}: cut off after {4 * hang_seconds:.0f} s", 4 * hang_seconds)
+                for stale in folder.glob("input.safetensors*"):
+                    stale.unlink()
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            tally.add(outcome)
             if i + 1 == 1000 or (i + 1 > 1000 and (i + 1) % 500 == 0):
                 tally.sample_rss()
             if (i + 1) % 10_000 == 0:

@@ -566,7 +566,7 @@ class Tally:
             self.ok += 1
         elif outcome.kind == "format":
             self.format_errors += 1
-        else:
+        elif outcome.kind == "other":
             self.other += 1
             if len(self.examples) < 20:
                 self.examples.append(outcome.detail)
