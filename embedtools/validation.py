@@ -167,45 +167,55 @@ def json_problem(value: object, *, depth_limit: int = MAX_JSON_DEPTH) -> str | N
     values, at most :data:`MAX_JSON_DEPTH` containers deep (which also catches cycles), and text
     that UTF-8 can encode. The answer names the place, as in ``['a'][0]: ...``.
     """
-    return _problem(value, "", 1, depth_limit)
+    found = _problem(value, 1, depth_limit)
+    if found is None:
+        return None
+    path, reason = found
+    where = "".join(f"[{_short(step)}]" if isinstance(step, str) else f"[{step}]" for step in reversed(path))
+    return f"{where}: {reason}"
 
 
-def _problem(value: object, where: str, depth: int, limit: int) -> str | None:
-    if value is None or isinstance(value, bool):
+_Found = tuple[list[object], str]  # the path to the bad value (innermost step first) and why
+
+
+def _problem(value: object, depth: int, limit: int) -> _Found | None:
+    """The walk behind :func:`json_problem`; the path is built only on failure (load calls this for
+    every metadata row, so the passing case stays a plain type dispatch)."""
+    if value is None or value is True or value is False:
         return None
     if isinstance(value, str):
-        return _text_problem(value, where)
+        return None if value.isascii() or _encodable(value) else ([], "text is not valid Unicode (lone surrogate)")
     if isinstance(value, int):
-        if not JSON_INT_MIN <= value <= JSON_INT_MAX:
-            return f"{where}: integer outside the int64 range [-2**63, 2**63 - 1]"
-        return None
+        return None if JSON_INT_MIN <= value <= JSON_INT_MAX else ([], "integer outside the int64 range [-2**63, 2**63 - 1]")
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where}: {value!r} is not a finite number"
+        return None if math.isfinite(value) else ([], f"{value!r} is not a finite number")
     if isinstance(value, (dict, list, tuple)):
         if depth > limit:
-            return f"{where}: nested deeper than {limit} levels"
+            return [], f"nested deeper than {limit} levels"
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str):
-                    return f"{where}: key {_short(key)} is a {type(key).__name__}; JSON keys must be str"
-                found = _text_problem(key, f"{where}[{_short(key)}]") or _problem(item, f"{where}[{_short(key)}]", depth + 1, limit)
+                    return [], f"key {_short(key)} is a {type(key).__name__}; JSON keys must be str"
+                found = _problem(key, depth, limit) or _problem(item, depth + 1, limit)
                 if found is not None:
+                    found[0].append(key)
                     return found
         else:
             for i, item in enumerate(value):
-                found = _problem(item, f"{where}[{i}]", depth + 1, limit)
+                found = _problem(item, depth + 1, limit)
                 if found is not None:
+                    found[0].append(i)
                     return found
         return None
-    return f"{where}: values of type {type(value).__name__} are not JSON (str, int, float, bool, None, lists, str-keyed dicts)"
+    return [], f"values of type {type(value).__name__} are not JSON (str, int, float, bool, None, lists, str-keyed dicts)"
 
 
-def _text_problem(text: str, where: str) -> str | None:
+def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return f"{where}: text is not valid Unicode (lone surrogate)"
-    return None
+        return False
+    return True
 
 
 def _short(value: object) -> str:
