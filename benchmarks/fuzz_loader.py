@@ -26,10 +26,13 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.fuzzing import Snapshot
 
 
-def _setup(folder: Path) -> tuple[list[bytes], list[Any]]:
+def _setup(folder: Path) -> tuple[list[bytes], list[Snapshot]]:
     from tests.fuzzing import make_seeds, make_store, snapshot
 
     seeds = make_seeds(folder)
@@ -82,7 +85,7 @@ def run(inputs: int, seed: int, hang_seconds: float) -> str:
 
 
 class _AtherisChooser:
-    def __init__(self, provider: Any) -> None:
+    def __init__(self, provider: Any) -> None:  # atheris.FuzzedDataProvider, untyped
         self._provider = provider
 
     def integer(self, lo: int, hi: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import resource
 import struct
 import time
@@ -31,14 +32,21 @@ from embedtools import ByteBudget, EmbeddingStore, Sha256Hasher
 
 __all__ = [
     "DOCUMENTED",
+    "MUTATIONS",
     "Chooser",
+    "Layout",
     "Outcome",
     "RandomChooser",
     "Snapshot",
     "Tally",
+    "Tensor",
     "build_safetensors",
     "check_input",
+    "digest",
+    "header_of",
+    "layout_header",
     "make_seeds",
+    "make_store",
     "mutate",
     "parse_safetensors",
     "resign",
@@ -70,11 +78,11 @@ class Chooser(Protocol):
 class RandomChooser:
     """:class:`Chooser` over ``random.Random``: the long run's driver, reproducible from its seed."""
 
-    def __init__(self, rng: Any) -> None:
+    def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
     def integer(self, lo: int, hi: int) -> int:
-        return int(self._rng.randint(lo, hi))
+        return self._rng.randint(lo, hi)
 
 
 def pick(choose: Chooser, options: Sequence[T]) -> T:
