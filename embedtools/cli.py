@@ -94,7 +94,7 @@ def info(backend: str, device: str | None) -> None:
 
 
 def inspect_file(path: Path) -> None:
-    """Print what a store file (or a seed folder) holds, after verifying every checksum."""
+    """Print what a store file (or a seed folder) holds, after the checks ``load`` runs on it."""
     from embedtools import fileformat, seed_format
 
     if path.is_dir():
@@ -108,7 +108,12 @@ def inspect_file(path: Path) -> None:
             print(f"  note: {warning.message}")
         tables: list[tuple[int, int, list[str], int]] = [(t.dimension, len(t.ids), [], 0) for t in record.tables]
     else:
-        record, header = fileformat.read_store(path)
+        try:
+            record, header = fileformat.verify(path)
+        except (StoreFormatError, StoreNotFoundError):
+            raise
+        except EmbedtoolsError as exc:  # duplicate ids, NaN vectors: what load refuses, a bad file here
+            raise StoreFormatError(f"{path} does not load: {exc}") from None
         print(f"{path}: {header['library']}, format {header['format']} v{header['version']}, all checksums verified")
         print(f"  config {json.dumps(header['config'])} (hash {header['config_hash']})")
         tables = [(t["dimension"], t["rows"], t.get("quantized", []), t.get("rotation", 0)) for t in header["tables"]]

@@ -11,6 +11,8 @@ The safetensors ``__metadata__`` holds two strings: ``embedtools``, a JSON heade
 library, store config and its hash, tables, and the SHA-256 of every tensor's bytes), and
 ``embedtools.sha256``, the SHA-256 of that header text. A flipped bit anywhere in the file is thus
 caught by safetensors' own checks, the header digest or a tensor digest: a :class:`StoreFormatError`.
+The header digest is only a checksum (anyone can re-sign an edited header), so reading also holds
+every header and metadata row to what ``save`` could have written (README, "Crafted files").
 """
 
 from __future__ import annotations
@@ -18,21 +20,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 import secrets
 import stat
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
 from embedtools.errors import EmbedtoolsError, InvalidArgumentError, StoreFormatError, StoreNotFoundError, StoreWriteError
+from embedtools.hashing import config_hash
 from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
-from embedtools.records import StoreRecord, TableRecord, TableShape
+from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
+from embedtools.validation import MAX_JSON_DEPTH, decode_json, json_problem
 
 if TYPE_CHECKING:
     import numpy.typing as npt
+
+    from embedtools.protocols import Hasher
 
 __all__ = [
     "FORMAT_NAME",
@@ -44,6 +51,7 @@ __all__ = [
     "read_table_shapes",
     "remove_stale_temp_files",
     "temp_prefix",
+    "verify",
     "write_store",
 ]
 
@@ -388,8 +396,23 @@ def _check_exists(path: Path) -> None:
         raise StoreNotFoundError(f"no store at {path}")
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The verified JSON header of an embedtools file (tensors are not read)."""
+def _short(value: object) -> str:
+    """A bounded ``repr`` for messages: a crafted header may hold values nested or sized at will."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def read_header(path: str | os.PathLike[str], *, hasher: Hasher | None = None) -> dict[str, Any]:
+    """The verified JSON header of an embedtools file (tensors are not read).
+
+    Besides the digest (only a checksum: anyone can re-sign an edited header), the header must obey
+    what ``save`` could have written: the JSON rule of :func:`~embedtools.validation.decode_json`,
+    a config that the ``config`` setter would accept, and a ``config_hash`` that is that config's
+    hash (by ``hasher``, or the SHA-256 rule of :mod:`embedtools.hashing` at the stated length).
+    """
     from safetensors import safe_open
 
     p = Path(path)
@@ -407,12 +430,31 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     text = meta[_HEADER_KEY]
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != meta[_HEADER_DIGEST_KEY]:
         raise _fail(p, "header checksum mismatch")
-    try:
-        header = json.loads(text)
-    except ValueError as exc:
-        raise _fail(p, f"header is not JSON ({exc})") from None
+    _safetensors_entries(p)  # the layout header, as the mapped path reads it: duplicate names refused
+    header, problem = decode_json(text, depth_limit=MAX_JSON_DEPTH + 1)  # the config sits one level down
+    if problem is not None:
+        raise _fail(p, f"header{problem}")
     _check_header(p, header, shapes)
+    _check_config(p, header, hasher)
     return dict(header)
+
+
+def _check_config(path: Path, header: dict[str, Any], hasher: Hasher | None) -> None:
+    config = header["config"]
+    problem = json_problem(config)
+    if problem is not None:
+        raise _fail(path, f"config{problem}")
+    stated = header.get("config_hash")
+    if not isinstance(stated, str) or not 1 <= len(stated) <= 64:
+        raise _fail(path, f"bad config_hash {_short(stated)}")
+    if hasher is not None:
+        try:
+            if hasher.hash_config(config) == stated:
+                return
+        except EmbedtoolsError:
+            pass
+    if config_hash(config, length=len(stated)) != stated:
+        raise _fail(path, f"config_hash {_short(stated)} is not the hash of the file's config")
 
 
 def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[int]]]) -> None:
@@ -429,21 +471,25 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
     seen: set[int] = set()
     for entry in tables:
         d, n = (entry.get("dimension"), entry.get("rows")) if isinstance(entry, dict) else (None, None)
-        if not isinstance(d, int) or not isinstance(n, int) or d < 1 or n < 1 or d in seen:
-            raise _fail(path, f"bad table entry {entry!r}")
+        if not _is_int(d) or not _is_int(n) or d < 1 or n < 1 or d in seen:
+            raise _fail(path, f"bad table entry {_short(entry)}")
         seen.add(d)
         expected[f"{d}d/vectors"] = ("F32", [n, d])
         for name in _STRING_FIELDS:
             expected[f"{d}d/{name}.utf8"] = ("U8", None)
             expected[f"{d}d/{name}.offsets"] = ("I64", [n + 1])
         components = entry.get("rotation", 0)
-        if not isinstance(components, int) or isinstance(components, bool) or not 0 <= components <= d:
-            raise _fail(path, f"bad rotation {components!r}")
+        if not _is_int(components) or not 0 <= components <= d:
+            raise _fail(path, f"bad rotation {_short(components)}")
         if components:
             expected[f"{d}d/rotation.matrix"] = ("F32", [d, d])
         kinds = entry.get("quantized", [])
-        if not isinstance(kinds, list) or len(set(map(str, kinds))) != len(kinds) or not set(kinds) <= set(QUANTIZATIONS):
-            raise _fail(path, f"bad quantized list {kinds!r}")
+        if (
+            not isinstance(kinds, list)
+            or not all(isinstance(kind, str) and kind in QUANTIZATIONS for kind in kinds)
+            or len(set(kinds)) != len(kinds)
+        ):
+            raise _fail(path, f"bad quantized list {_short(kinds)}")
         for kind in kinds:
             prefix = f"{d}d/quantized.{kind}"
             if kind == "float16":
@@ -465,13 +511,33 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
             raise _fail(path, f"tensor {name} is {got_dtype}{list(got_shape)}, expected {dtype}{shape or '[m]'}")
 
 
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _safetensors_entries(path: Path) -> tuple[int, dict[str, Any]]:
+    """The length and entries of the file's safetensors header, as this module reads them itself.
+
+    safetensors has already parsed it; it is parsed again here under the one JSON rule so that a
+    name given twice (which safetensors and ``json`` might resolve differently) is refused.
+    """
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            raw = handle.read(size)
+        entries, problem = decode_json(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"unreadable safetensors header ({type(exc).__name__})") from None
+    if problem is not None or not isinstance(entries, dict):
+        raise _fail(path, f"safetensors header{problem or ' is not an object'}")
+    return size, entries
+
+
 def _map_tensors(path: Path, names: set[str]) -> dict[str, npt.NDArray[Any]]:
     """Read-only ``numpy.memmap`` views of float32 tensors, at the offsets safetensors' header gives."""
     if not names:
         return {}
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        entries = json.loads(handle.read(size))
+    size, entries = _safetensors_entries(path)
     out: dict[str, npt.NDArray[Any]] = {}
     for name in names:
         start, end = entries[name]["data_offsets"]
@@ -482,8 +548,8 @@ def _map_tensors(path: Path, names: set[str]) -> dict[str, npt.NDArray[Any]]:
     return out
 
 
-def read_table_shapes(path: str | os.PathLike[str]) -> tuple[TableShape, ...]:
-    header = read_header(path)
+def read_table_shapes(path: str | os.PathLike[str], *, hasher: Hasher | None = None) -> tuple[TableShape, ...]:
+    header = read_header(path, hasher=hasher)
     return tuple(
         TableShape(t["dimension"], t["rows"], tuple(t.get("quantized", ())), t.get("rotation", 0)) for t in header["tables"]
     )
@@ -499,7 +565,9 @@ def _decode_strings(path: Path, name: str, data: npt.NDArray[Any], offsets: npt.
         raise _fail(path, f"{name}: invalid UTF-8") from None
 
 
-def read_store(path: str | os.PathLike[str], *, mmap: bool = False) -> tuple[StoreRecord, dict[str, Any]]:
+def read_store(
+    path: str | os.PathLike[str], *, mmap: bool = False, hasher: Hasher | None = None
+) -> tuple[StoreRecord, dict[str, Any]]:
     """Every table of an embedtools file, each tensor checked against its SHA-256; and the header.
 
     ``mmap=True`` maps the vector tensors read-only from the file instead of reading them into
@@ -508,7 +576,7 @@ def read_store(path: str | os.PathLike[str], *, mmap: bool = False) -> tuple[Sto
     from safetensors import safe_open
 
     p = Path(path)
-    header = read_header(p)
+    header = read_header(p, hasher=hasher)
     digests: dict[str, str] = header["tensors"]
     arrays: dict[str, npt.NDArray[Any]] = {}
     mapped = {name for name in digests if name.endswith("/vectors")} if mmap else set()
@@ -535,8 +603,9 @@ def read_store(path: str | os.PathLike[str], *, mmap: bool = False) -> tuple[Sto
         if not isinstance(vectors, np.memmap):
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         for i, text in enumerate(strings["metadata"]):
-            if not _is_json_object(text):
-                raise _fail(p, f"{d}d/metadata row {i} is not a JSON object")
+            row, problem = decode_json(text)
+            if problem is not None or not isinstance(row, dict):
+                raise _fail(p, f"table {d}d, metadata row {i}{problem or ' is not a JSON object'}")
         quantized = tuple(_read_quantized(p, d, kind, arrays) for kind in entry.get("quantized", ()))
         rotation = arrays.get(f"{d}d/rotation.matrix")
         if rotation is not None and not _is_orthogonal(rotation):
@@ -555,11 +624,14 @@ def read_store(path: str | os.PathLike[str], *, mmap: bool = False) -> tuple[Sto
     return StoreRecord(tables=tuple(tables), config=dict(header["config"])), header
 
 
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
+def verify(path: str | os.PathLike[str], *, hasher: Hasher | None = None) -> tuple[StoreRecord, dict[str, Any]]:
+    """:func:`read_store` plus the checks ``load`` applies to each table
+    (:func:`~embedtools.records.verify_table`), on the host: what ``embedtools inspect`` runs, so
+    that it passes exactly the files ``load`` accepts, without a backend or a budget."""
+    record, header = read_store(path, hasher=hasher)
+    for table in record.tables:
+        verify_table(table)
+    return record, header
 
 
 def _read_quantized(

@@ -13,7 +13,8 @@ to the very same bytes. What the seed did ambiguously or not at all is decided h
 * tuples hash like lists and str/int enums like their values, as in the seed;
 * NaN and ±inf keep the seed's encoding (``NaN``, ``Infinity``, ``-Infinity``): deterministic and
   distinct from every string, so they cannot collide;
-* circular or absurdly deep structures are refused instead of raising ``RecursionError``.
+* circular or absurdly deep structures are refused instead of raising ``RecursionError``, and ints
+  too long for Python's int-to-str conversion (``10**5000``) instead of raising ``ValueError``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def canonical_json(config: Mapping[str, object]) -> str:
     if not isinstance(config, Mapping):
         raise UnhashableConfigError(f"a configuration must be a mapping with str keys, got {type(config).__name__}")
     plain = _to_json(config, "config", 0, set())
-    return json.dumps(plain, sort_keys=True)
+    try:
+        return json.dumps(plain, sort_keys=True)
+    except ValueError as exc:  # an int past Python's int-to-str digit limit (sys.set_int_max_str_digits)
+        raise UnhashableConfigError(f"config has a value with no decimal encoding here: {exc}") from None
 
 
 def _to_json(value: object, where: str, depth: int, seen: set[int]) -> _Json:

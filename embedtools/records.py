@@ -7,12 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedtools.errors import DuplicateIdError, InvalidEmbeddingError
 from embedtools.quantize import Quantization, QuantizedIndex
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["StoreRecord", "TableRecord", "TableShape"]
+__all__ = ["StoreRecord", "TableRecord", "TableShape", "verify_table"]
+
+#: Rows per chunk of the finiteness check, so a memory-mapped table is never read whole.
+_CHUNK_VALUES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -61,3 +65,22 @@ class StoreRecord:
 
     tables: tuple[TableRecord, ...]
     config: dict[str, Any] = field(default_factory=dict)
+
+
+def verify_table(table: TableRecord, *, finite: bool = True) -> dict[str, int]:
+    """The table's id -> row index, after the checks every loaded table passes (whatever its file
+    format): unique ids and finite vectors. ``load`` and ``embedtools inspect`` both run this;
+    ``load`` passes ``finite=False`` because its copy to the backend checks every value (with the
+    same message) and a mapped table should be read once, not twice."""
+    index: dict[str, int] = {}
+    for i, id_ in enumerate(table.ids):
+        if id_ in index:
+            raise DuplicateIdError(f"id {id_!r} appears at rows {index[id_]} and {i} of table {table.dimension}d")
+        index[id_] = i
+    if not finite:
+        return index
+    vectors = table.vectors
+    step = max(1, _CHUNK_VALUES // max(vectors.shape[1], 1))
+    if not all(np.isfinite(vectors[i : i + step]).all() for i in range(0, vectors.shape[0], step)):
+        raise InvalidEmbeddingError(f"table {table.dimension}d contain NaN or infinite values")
+    return index

@@ -10,6 +10,7 @@ rows and id lists whose length does not match a table, and reads nothing it has 
 from __future__ import annotations
 
 import json
+import reprlib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ def _read_metadata(folder: Path) -> tuple[list[int], dict[int, object]]:
         meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise _fail(folder, f"metadata.json: {exc}") from None
+    except RecursionError:  # a crafted file nested past the parser's depth
+        raise _fail(folder, "metadata.json is nested too deep") from None
     dims = meta.get("dimensions") if isinstance(meta, dict) else None
     if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
         raise _fail(folder, "metadata.json has no list of positive int dimensions")
@@ -88,7 +91,7 @@ def read_seed_store(folder: Path) -> StoreRecord:
     dims, extras = _read_metadata(folder)
     for d, extra in extras.items():
         warnings.warn(
-            f"{folder}: table {d}d had table-level metadata {extra!r}, which embedtools does not keep",
+            f"{folder}: table {d}d had table-level metadata {reprlib.repr(extra)}, which embedtools does not keep",
             stacklevel=3,
         )
     tables = []

@@ -40,7 +40,7 @@ from embedtools.planner import GATHER_FRACTION, Searcher, SearchPlan, check_funn
 from embedtools.progress import check_progress, progress_bar, shows
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
-from embedtools.records import StoreRecord, TableRecord, TableShape
+from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
 from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.search import check_k, check_metric
 from embedtools.tables import F32_BYTES, Rotation, Table, TableState, rotation_cache_bytes
@@ -51,6 +51,7 @@ from embedtools.validation import (
     check_positive_int,
     check_strings,
     encode_metadata,
+    json_problem,
 )
 
 if TYPE_CHECKING:
@@ -162,11 +163,19 @@ class EmbeddingStore:
     @config.setter
     @_exclusive
     def config(self, value: Mapping[str, object]) -> None:
+        """Values the hasher has no encoding for raise :class:`UnhashableConfigError`; values it
+        hashes but a file cannot carry exactly (NaN, ±inf, ints outside int64, nesting deeper than
+        64) raise :class:`InvalidArgumentError`, by the rule load applies to a file's config
+        (:func:`~embedtools.validation.json_problem`). Either way the old config stays."""
         self._hasher.hash_config(value)  # refuses what cannot be hashed, before anything changes
         try:
-            self._config = json.loads(json.dumps(dict(value)))
+            plain = json.loads(json.dumps(dict(value)))
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"config is not JSON-serialisable: {exc}") from None
+        problem = json_problem(plain)
+        if problem is not None:
+            raise InvalidArgumentError(f"config{problem}")
+        self._config = plain
 
     @property
     def config_hash(self) -> str:
@@ -744,12 +753,12 @@ class EmbeddingStore:
                 raise StoreNotFoundError(f"{p} is a folder without metadata.json (not a seed store)")
             shapes: tuple[TableShape, ...] = seed_format.read_seed_shapes(p)
         else:
-            shapes = tuple(replace(shape, mapped=mmap) for shape in fileformat.read_table_shapes(p))
+            shapes = tuple(replace(shape, mapped=mmap) for shape in fileformat.read_table_shapes(p, hasher=self._hasher))
         loaded: list[StoreRecord] = []
 
         def build() -> Mapping[int, TableState]:
             with progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
-                record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p, mmap=mmap)[0]
+                record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p, mmap=mmap, hasher=self._hasher)[0]
                 bar.update()
                 if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
                     raise StoreFormatError(f"{p} changed while it was being loaded")
@@ -794,11 +803,7 @@ class EmbeddingStore:
             )
 
     def _state_from_record(self, record: TableRecord) -> TableState:
-        index: dict[str, int] = {}
-        for i, id_ in enumerate(record.ids):
-            if id_ in index:
-                raise DuplicateIdError(f"id {id_!r} appears at rows {index[id_]} and {i} of table {record.dimension}d")
-            index[id_] = i
+        index = verify_table(record, finite=False)  # _to_device checks finiteness
         arr, norms = self._to_device(record.vectors, f"table {record.dimension}d")
         return TableState(
             vectors=arr,

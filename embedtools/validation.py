@@ -7,6 +7,7 @@ has nothing to undo. The functions copy what they keep (the seed aliased caller 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,17 @@ __all__ = [
     "check_positive_int",
     "check_prefix",
     "check_strings",
+    "decode_json",
     "encode_metadata",
+    "json_problem",
 ]
+
+#: Containers nested deeper than this are refused in metadata and configs, at ``add`` and at load.
+MAX_JSON_DEPTH = 64
+#: Integers outside int64 are refused: every JSON reader in the formats' reach (NumPy, serde, Go,
+#: Java) reads them exactly, and the seed's hashes of them are kept (README, JSON values).
+JSON_INT_MIN, JSON_INT_MAX = -(2**63), 2**63 - 1
+_INT_DIGITS = len(str(JSON_INT_MIN))
 
 
 def _foreign_to_host(data: object) -> object:
@@ -136,32 +146,124 @@ def encode_metadata(values: object, n: int) -> tuple[str, ...]:
     for i, row in enumerate(values):
         if not isinstance(row, Mapping):
             raise InvalidArgumentError(f"metadata[{i}] is a {type(row).__name__}, expected a mapping")
-        bad_key = _non_str_key(row, 0)
-        if bad_key is not None:
-            raise InvalidArgumentError(f"metadata[{i}] has key {bad_key}; JSON keys must be str")
+        plain = dict(row)
+        problem = json_problem(plain)
+        if problem is not None:
+            raise InvalidArgumentError(f"metadata[{i}]{problem}")
         try:
-            text = json.dumps(dict(row), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            text.encode("utf-8")
-        except (TypeError, ValueError, RecursionError) as exc:
+            text = json.dumps(plain, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:  # pragma: no cover - json_problem refuses these first
             raise InvalidArgumentError(f"metadata[{i}] is not JSON-serialisable: {exc}") from None
         out.append(text)
     return tuple(out)
 
 
-def _non_str_key(value: object, depth: int) -> str | None:
-    """``repr`` of the first non-str key at any depth (``json`` would silently stringify it)."""
-    if depth > 500:
-        return None  # json.dumps reports the depth problem itself
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return repr(key)
-            found = _non_str_key(item, depth + 1)
-            if found is not None:
-                return found
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            found = _non_str_key(item, depth + 1)
-            if found is not None:
-                return found
-    return None
+def json_problem(value: object, *, depth_limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``value`` is not a JSON value every reader reads back identically, or ``None``.
+
+    The one rule for metadata rows and configs, at ``add``/``update``, the ``config`` setter and
+    load (:func:`decode_json`), so a store never holds what it would refuse from a file or could
+    not save: str keys, finite floats, ints within int64, str/int/float/bool/None/list/tuple/dict
+    values, at most :data:`MAX_JSON_DEPTH` containers deep (which also catches cycles), and text
+    that UTF-8 can encode. The answer names the place, as in ``['a'][0]: ...``.
+    """
+    found = _problem(value, 1, depth_limit)
+    if found is None:
+        return None
+    path, reason = found
+    where = "".join(f"[{_short(step)}]" if isinstance(step, str) else f"[{step}]" for step in reversed(path))
+    return f"{where}: {reason}"
+
+
+_Found = tuple[list[object], str]  # the path to the bad value (innermost step first) and why
+
+
+def _problem(value: object, depth: int, limit: int) -> _Found | None:
+    """The walk behind :func:`json_problem`; the path is built only on failure (load calls this for
+    every metadata row, so the passing case stays a plain type dispatch)."""
+    if value is None or value is True or value is False:
+        return None
+    if isinstance(value, str):
+        return None if value.isascii() or _encodable(value) else ([], "text is not valid Unicode (lone surrogate)")
+    if isinstance(value, int):
+        return None if JSON_INT_MIN <= value <= JSON_INT_MAX else ([], "integer outside the int64 range [-2**63, 2**63 - 1]")
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ([], f"{value!r} is not a finite number")
+    if isinstance(value, (dict, list, tuple)):
+        if depth > limit:
+            return [], f"nested deeper than {limit} levels"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return [], f"key {_short(key)} is a {type(key).__name__}; JSON keys must be str"
+                found = _problem(key, depth, limit) or _problem(item, depth + 1, limit)
+                if found is not None:
+                    found[0].append(key)
+                    return found
+        else:
+            for i, item in enumerate(value):
+                found = _problem(item, depth + 1, limit)
+                if found is not None:
+                    found[0].append(i)
+                    return found
+        return None
+    return [], f"values of type {type(value).__name__} are not JSON (str, int, float, bool, None, lists, str-keyed dicts)"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value: object) -> str:
+    text = repr(value) if isinstance(value, (str, int, float)) else f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Refused(Exception):
+    """Raised inside :func:`json.loads` hooks to stop at the first value the rule refuses."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"key {_short(key)} appears twice")
+        out[key] = value
+    return out
+
+
+def _integer(text: str) -> int:
+    if len(text) > _INT_DIGITS:  # before int(): 10**5000 would otherwise hit Python's digit limit
+        raise _Refused("integer outside the int64 range [-2**63, 2**63 - 1]")
+    return int(text)
+
+
+def decode_json(text: str, *, depth_limit: int = MAX_JSON_DEPTH) -> tuple[Any, str | None]:
+    """``text`` parsed under :func:`json_problem`'s rule, plus the first problem (then ``None``, reason).
+
+    What a parsed value cannot show is checked while parsing: a key given twice (``json`` keeps
+    the last silently). NaN, ``Infinity`` and ``1e999`` parse as floats and ints as ints, so the
+    rule refuses them after; an int too long for Python's int-from-str limit is named as the int64
+    problem it is. Nesting deep enough to exhaust the parser's recursion is a problem, never a
+    ``RecursionError``.
+    """
+    try:
+        value = json.loads(text, object_pairs_hook=_pairs)
+    except _Refused as exc:
+        return None, f": {exc}"
+    except RecursionError:
+        return None, f": nested deeper than {depth_limit} levels"
+    except ValueError as exc:
+        try:  # only a failing text pays for the per-int hook that tells an overlong int apart
+            json.loads(text, object_pairs_hook=_pairs, parse_int=_integer)
+        except _Refused as refused:
+            return None, f": {refused}"
+        except (ValueError, RecursionError):
+            pass
+        return None, f": not JSON ({exc})"
+    problem = json_problem(value, depth_limit=depth_limit)
+    return (value, None) if problem is None else (None, problem)
