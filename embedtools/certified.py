@@ -22,7 +22,9 @@ with ``take_rows`` and scored on the host in float64, from the stored float32 ro
    :data:`SHORTLIST_MAX` (or a fraction of the table) is scored exactly over every row, in
    blocks — adversarial data costs time, never memory or correctness.
 3. **Frame.** Data far from the origin (a large common offset) makes ``B`` as large as the
-   norms; a query that fails to certify is screened again in a centred frame: rows and queries
+   norms; a query that fails to certify is screened again in a centred frame (where the centre is
+   at least a quarter of the spread around it; otherwise centring gains nothing and the shortlist
+   grows instead): rows and queries
    are ``x·s - c`` with ``c`` the (float32) mean of a strided sample of the rows (any centre is
    correct, since the bound covers its rounding; a sample mean is as good as the exact one for
    shrinking the norms and costs ``take_rows`` of ~1,000 rows, not a pass over the table), and
@@ -31,9 +33,16 @@ with ``take_rows`` and scored on the host in float64, from the stored float32 ro
    The frame is applied block by block inside the backend's own kernel, so no table-sized copy
    is made; data that needs no frame (magnitudes within ``2^±40``) runs the plain kernel with
    the stored norms, and pays only for the bound and the float64 rescoring of ``m = 2k + 2`` rows.
+   Nothing is kept with the table: the frame's norms are one more pass over it, only for a search
+   that needed the frame, so tables carry no new cache and the budget no new charge (a centred
+   copy cached per table would make offset data as fast as centred data, for a table's worth of
+   memory; it can be added behind this same screen if offset tables turn out to be common).
 4. **Rescore.** The shortlist's rows are scored in float64 (``-Σ(q - x)²``, differences taken in
    float64, so no cancellation) and the best ``k`` kept, ties to the lower row index; returned
    distances are those float64 distances rounded to float32.
+
+The bound assumes true float32 products (not TF32 or bfloat16 passes, which a user can enable in
+torch with ``set_float32_matmul_precision``); the rest holds for any summation order.
 
 The same screen/bound/rescore split serves any float32 screen whose error can be bounded (the
 low-precision screening of issue 16); only the bound and the screen's kernel change.
@@ -258,16 +267,20 @@ def _scale_for(magnitude: float) -> float:
 
 def _centred_frame(
     backend: ArrayBackend[Any], corpus: Any, rows: npt.NDArray[np.int64], queries: npt.NDArray[np.float32], norm_max: float
-) -> Frame:
+) -> tuple[Frame, bool]:
     """A frame centred on a strided sample's mean and scaled so that the sample and the queries
-    sit near 1 and no row (at most ``norm_max + |centre|`` from it) beyond 2**40."""
+    sit near 1 and no row (at most ``norm_max + |centre|`` from it) beyond 2**40; and whether
+    centring shrinks the norms much (the centre is at least a quarter of the spread around it)."""
     stride = max(rows.size // CENTRE_SAMPLE, 1)
     sample = _host64(backend, backend.take_rows(corpus, rows[::stride]))
     centre = sample.mean(axis=0)
-    spread = max(float(np.sqrt(((sample - centre) ** 2).sum(axis=1)).max(initial=0.0)), float(np.sqrt(((queries - centre) ** 2).sum(axis=1)).max(initial=0.0)))
-    magnitude = max(spread, (norm_max + float(np.sqrt((centre**2).sum()))) * 2.0**-40)
-    scale = _scale_for(magnitude)
-    return Frame((centre * scale).astype(F32), scale)
+    spread = max(
+        float(np.sqrt(((sample - centre) ** 2).sum(axis=1)).max(initial=0.0)),
+        float(np.sqrt(((queries - centre) ** 2).sum(axis=1)).max(initial=0.0)),
+    )
+    offset = float(np.sqrt((centre**2).sum()))
+    scale = _scale_for(max(spread, (norm_max + offset) * 2.0**-40))
+    return Frame((centre * scale).astype(F32), scale), offset >= spread / 4
 
 
 def _plain_range(norm_max: float, query_norms: npt.NDArray[np.float64]) -> bool:
@@ -300,8 +313,8 @@ def l2_topk(
     if k == 0 or n_queries == 0:
         return scores, indices
     raw_norms = _norms64(queries)
-    frame = IDENTITY if _plain_range(norm_max, raw_norms) else _centred_frame(backend, corpus, rows, queries, norm_max)
-    centred = frame is not IDENTITY
+    frame = IDENTITY if _plain_range(norm_max, raw_norms) else _centred_frame(backend, corpus, rows, queries, norm_max)[0]
+    tried_frame = frame is not IDENTITY
     m = min(first_shortlist(k), available)
     pending = np.arange(n_queries)
     while pending.size:
@@ -318,9 +331,13 @@ def l2_topk(
         pending = pending[~done]
         if not pending.size:
             break
-        if not centred:
-            frame, centred = _centred_frame(backend, corpus, rows, queries[pending], norm_max), True
-        elif 8 * m <= min(SHORTLIST_MAX, available // 4):
+        if not tried_frame:  # centred data gains nothing from a frame: straight to a longer shortlist
+            tried_frame = True
+            offset_frame, useful = _centred_frame(backend, corpus, rows, queries[pending], norm_max)
+            if useful:
+                frame = offset_frame
+                continue
+        if 8 * m <= min(SHORTLIST_MAX, available // 4):
             m *= 8
         else:
             ranks, best = exact_topk_over(backend, queries[pending], corpus, rows, k, "l2", max_block_bytes)
