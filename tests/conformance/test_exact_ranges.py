@@ -220,16 +220,17 @@ def test_l2_finds_each_distinct_row_itself(pair: tuple[str, str]) -> None:
     check()
 
 
-def test_l2_funnel_rescoring_equals_the_reference_on_hard_data(pair: tuple[str, str]) -> None:
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_funnel_rescoring_equals_the_reference_on_hard_data(pair: tuple[str, str], metric: Metric) -> None:
     @BOUNDED
-    @given(data=datasets("l2"))
+    @given(data=datasets(metric))
     def check(data: tuple[F32, F32, int]) -> None:
         rows, queries, k = data
         if rows.shape[1] < 2:
             return
         store = make_store(pair)
         store.add(rows)
-        result = store.search(queries, k=min(k, rows.shape[0]), metric="l2", funnel=[(1, rows.shape[0])])
-        assert_exact(queries, rows, "l2", k, result.indices, result.scores)
+        result = store.search(queries, k=min(k, rows.shape[0]), metric=metric, funnel=[(1, rows.shape[0])])
+        assert_exact(queries, rows, metric, k, result.indices, result.scores)
 
     check()
