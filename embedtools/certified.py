@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from embedtools.backends._norms import COSINE_RANGE
 from embedtools.protocols import ArrayBackend, Metric
 
 __all__ = [
@@ -198,14 +199,20 @@ def rescore_shortlists(
     decode: Callable[[Any], Any] | None = None,
     norms: Any = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Each query's own candidate rows (``(q, m)`` indices into ``corpus``, ``-1`` unused) scored by
-    :func:`exact_ranks`; the best ``k`` ranks and indices. Gathered in blocks of queries and
+    """Each query's own candidate rows (``(q, m)`` indices into ``corpus``, ``-1`` unused) scored
+    exactly for ``l2`` (:func:`exact_ranks`) and as the full search's GEMM scores them for cosine
+    and dot (:func:`_gemm_ranks`); the best ``k`` ranks and indices. Gathered in blocks of queries and
     candidates whose float64 copies stay within ``max_block_bytes``; ``decode`` turns gathered
     codes into rows, ``norms`` (cosine) are the rows' norms to divide by."""
     n_queries, m = shortlists.shape
     dim = queries.shape[1]
     k = min(k, m)
     q64 = queries.astype(np.float64)
+    if metric == "cosine":  # unit queries, so that products stay within float32 (a query of 1e20s)
+        q_norms = np.sqrt(np.einsum("qd,qd->q", q64, q64))
+        q32 = (q64 / np.where(q_norms > 0, q_norms, 1.0)[:, None]).astype(F32)
+    else:
+        q32 = np.asarray(queries, dtype=F32)
     out_ranks = np.empty((n_queries, k), dtype=np.float64)
     out_idx = np.empty((n_queries, k), dtype=np.int64)
     per_candidate = 3 * 8 * max(dim, 1)
@@ -220,12 +227,41 @@ def rescore_shortlists(
             valid = idx >= 0
             safe = np.where(valid, idx, 0)
             gathered = backend.take_rows(corpus, safe)
-            rows = _host64(backend, gathered if decode is None else decode(gathered))
-            row_norms = None if norms is None else _host64(backend, backend.take_rows(norms, safe))
-            ranks = np.where(valid, exact_ranks(q64[qs], rows, metric, row_norms), -np.inf)
+            host = backend.to_numpy(gathered if decode is None else decode(gathered))
+            if metric == "l2":
+                ranks = exact_ranks(q64[qs], np.asarray(host, dtype=np.float64), "l2")
+            else:
+                row_norms = None if norms is None else _host64(backend, backend.take_rows(norms, safe))
+                ranks = _gemm_ranks(np.asarray(host, dtype=F32), q32[qs], q64[qs], metric, row_norms)
+            ranks = np.where(valid, ranks, -np.inf)
             best_r, best_i = top_by_rank(np.hstack([best_r, ranks]), np.hstack([best_i, idx]), k)
         out_ranks[qs], out_idx[qs] = best_r, best_i
     return out_ranks, out_idx
+
+
+def _gemm_ranks(
+    rows: npt.NDArray[np.float32],
+    unit_or_raw: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float64],
+    metric: Metric,
+    row_norms: npt.NDArray[np.float64] | None,
+) -> npt.NDArray[np.float64]:
+    """Cosine or dot of ``(q, m, d)`` rows against their queries as the exact search scores them:
+    a float32 product (cosine: of the unit query, divided by the row's norm), so a shortlist
+    costs what the full search's GEMM would; rows whose norm is beyond :data:`COSINE_RANGE`,
+    where that product loses precision, are scored in float64 instead."""
+    with np.errstate(over="ignore", under="ignore"):  # as the BLAS GEMM: inf beyond float32, silently
+        dots: npt.NDArray[np.float64] = np.matmul(rows, unit_or_raw[:, :, None])[..., 0].astype(np.float64)
+    if metric == "dot":
+        return dots
+    norms = _norms64(rows) if row_norms is None else row_norms
+    low, high = COSINE_RANGE
+    out: npt.NDArray[np.float64] = dots / np.where(norms > 0, norms, 1.0)
+    odd = (norms > 0) & ((norms < low) | (norms > high))
+    if odd.any():
+        which, _ = np.nonzero(odd)
+        out[odd] = exact_ranks(queries[which], rows[odd].astype(np.float64)[:, None, :], "cosine")[:, 0]
+    return out
 
 
 def exact_topk_over(

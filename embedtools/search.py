@@ -470,16 +470,15 @@ def rescore(
 
     The funnel's later stages and quantised search's rescoring both end here: the shortlist's rows
     are gathered on the backend (``take_rows``) and scored on the host in float64
-    (:func:`embedtools.certified.rescore_shortlists`: cosine by the rows' float64 norms — a
-    float32 norm below ``1e-38`` is a subnormal of a few bits — or, for decoded codes, by
-    ``norms``, the original rows'; ``l2`` as ``||q - x||`` from float64 differences, so offset
-    data loses nothing), in blocks that stay
+    (:func:`embedtools.certified.rescore_shortlists`: cosine and dot by a float32 product as
+    the full search scores them, rows whose norm is beyond float32's comfortable range exactly;
+    ``l2`` as ``||q - x||`` from float64 differences, so offset data loses nothing), in blocks that stay
     within ``max_block_bytes``; ties go to the lower row index. With ``decode``, ``corpus`` is a
     quantised index's codes and the gathered rows are decoded first.
     """
     from embedtools.certified import ranks_to_scores, rescore_shortlists  # it builds on this module's helpers
 
     ranks, indices = rescore_shortlists(
-        backend, queries, corpus, candidates, keep, metric, max_block_bytes, decode=decode, norms=norms if decode is not None else None
+        backend, queries, corpus, candidates, keep, metric, max_block_bytes, decode=decode, norms=norms
     )
     return ranks_to_scores(ranks, metric), indices
