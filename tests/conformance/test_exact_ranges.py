@@ -148,6 +148,20 @@ def test_l2_shortlists_that_do_not_certify_are_rescored_in_bounded_blocks(pair: 
     assert_exact(queries, rows, "l2", 4, result.indices, result.scores)
 
 
+def test_l2_tight_cluster_among_far_rows_is_found_exactly(pair: tuple[str, str]) -> None:
+    rng = np.random.default_rng(9)
+    # 30 rows within 1e-2 of each other, 1e5 from the origin, among 1,970 rows spread over 1e4:
+    # their distances are far inside the screen's bound, the other rows far outside it
+    tight = (1e5 + 1e-2 * rng.standard_normal((30, 6))).astype(np.float32)
+    rows = np.vstack([(1e4 * rng.standard_normal((1970, 6))).astype(np.float32), tight])
+    rows = rows[rng.permutation(rows.shape[0])]
+    queries = np.vstack([tight[:3] + np.float32(2e-3), rows[:2]])
+    store = make_store(pair)
+    store.add(rows)
+    result = store.search(queries, k=3, metric="l2")
+    assert_exact(queries, rows, "l2", 3, result.indices, result.scores)
+
+
 # ------------------------------------------------------------------ property tests
 
 
