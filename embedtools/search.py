@@ -242,7 +242,8 @@ def run_topk(
     straddle the cut (a block may have dropped an equal score), and that query alone is redone over
     the whole corpus with a stable sort so lower indices win; elsewhere the top ``k`` are exactly
     determined. For ``l2`` the winners are rescored as true distances by ``l2_distances`` (the
-    ranking expansion loses digits near 0). ``settle_ties=False`` skips the redo, for approximate
+    ranking expansion loses digits near 0); the backends run only decoded (quantised) l2 this
+    way — float32 rows go through :mod:`embedtools.certified`, which is exact. ``settle_ties=False`` skips the redo, for approximate
     shortlists whose scores tie by nature (Hamming distances) and are rescored anyway.
 
     Large ``k`` (``m >= SAMPLED_FLOOR_MIN``): each query's threshold starts at a floor guessed from
