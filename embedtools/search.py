@@ -242,7 +242,8 @@ def run_topk(
     straddle the cut (a block may have dropped an equal score), and that query alone is redone over
     the whole corpus with a stable sort so lower indices win; elsewhere the top ``k`` are exactly
     determined. For ``l2`` the winners are rescored as true distances by ``l2_distances`` (the
-    ranking expansion loses digits near 0). ``settle_ties=False`` skips the redo, for approximate
+    ranking expansion loses digits near 0); the backends run only decoded (quantised) l2 this
+    way — float32 rows go through :mod:`embedtools.certified`, which is exact. ``settle_ties=False`` skips the redo, for approximate
     shortlists whose scores tie by nature (Hamming distances) and are rescored anyway.
 
     Large ``k`` (``m >= SAMPLED_FLOOR_MIN``): each query's threshold starts at a floor guessed from
@@ -469,32 +470,16 @@ def rescore(
     """Exact scores of each query's candidate rows of ``corpus`` (at the queries' width); the best ``keep``.
 
     The funnel's later stages and quantised search's rescoring both end here: the shortlist's rows
-    are gathered on the backend (``take_rows``) and scored on the host in float32, exactly as the
-    full search scores them (cosine by the stored norms, ``l2`` as ``||q - x||``), in query chunks
-    so the gathered ``(chunk, shortlist, dim)`` block stays within ``max_block_bytes``. With
-    ``decode``, ``corpus`` is a quantised index's codes and the gathered rows are decoded first.
+    are gathered on the backend (``take_rows``) and scored on the host in float64
+    (:func:`embedtools.certified.rescore_shortlists`: cosine and dot by a float32 product as
+    the full search scores them, rows whose norm is beyond float32's comfortable range exactly;
+    ``l2`` as ``||q - x||`` from float64 differences, so offset data loses nothing), in blocks that stay
+    within ``max_block_bytes``; ties go to the lower row index. With ``decode``, ``corpus`` is a
+    quantised index's codes and the gathered rows are decoded first.
     """
-    n_queries, shortlist = candidates.shape
-    dim = queries.shape[1]
-    keep = min(keep, shortlist)
-    scores = np.empty((n_queries, keep), dtype=np.float32)
-    indices = np.empty((n_queries, keep), dtype=np.int64)
-    step = max(max_block_bytes // max(shortlist * dim * 4, 1), 1)
-    for qs in _chunks(n_queries, step):
-        idx = candidates[qs]
-        gathered = backend.take_rows(corpus, idx)
-        rows = np.asarray(backend.to_numpy(gathered if decode is None else decode(gathered)), dtype=np.float32)
-        q = queries[qs]
-        if metric == "l2":
-            diff = rows - q[:, None, :]
-            vals = np.sqrt(np.einsum("qsd,qsd->qs", diff, diff), dtype=np.float32)
-        else:
-            vals = np.einsum("qsd,qd->qs", rows, q).astype(np.float32, copy=False)
-            if metric == "cosine" and norms is not None:
-                row_norms = np.asarray(backend.to_numpy(backend.take_rows(norms, idx)), dtype=np.float32)
-                q_norms = np.sqrt(np.einsum("qd,qd->q", q, q), dtype=np.float32)
-                vals = vals / (np.where(row_norms > 0, row_norms, 1) * np.where(q_norms > 0, q_norms, 1)[:, None])
-        vals, idx = best_first(vals.astype(np.float32, copy=False), idx, ascending=metric == "l2")
-        scores[qs] = vals[:, :keep]
-        indices[qs] = idx[:, :keep]
-    return scores, indices
+    from embedtools.certified import ranks_to_scores, rescore_shortlists  # it builds on this module's helpers
+
+    ranks, indices = rescore_shortlists(
+        backend, queries, corpus, candidates, keep, metric, max_block_bytes, decode=decode, norms=norms
+    )
+    return ranks_to_scores(ranks, metric), indices

@@ -99,7 +99,7 @@ VALID = clustered(4, 3)
         (np.array([[1.0, np.nan, 0.0]]), {}, InvalidEmbeddingError),
         (np.array([[1.0, np.inf, 0.0]]), {}, InvalidEmbeddingError),
         (np.array([[1e39, 0.0, 0.0]]), {}, InvalidEmbeddingError),  # finite float64, inf as float32
-        (np.full((1, 3), 3e19, np.float32), {}, InvalidEmbeddingError),  # norm overflows float32
+        (np.full((1, 3), 3e38, np.float32), {}, InvalidEmbeddingError),  # norm (5.2e38) overflows float32
         (np.zeros((0, 3)), {}, InvalidEmbeddingError),
         (np.zeros((3, 0)), {}, InvalidEmbeddingError),
         (np.ones(3), {}, InvalidEmbeddingError),

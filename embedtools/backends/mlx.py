@@ -15,6 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
+from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
+from embedtools.certified import IDENTITY, Frame, Screened, l2_topk, merge_side
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
@@ -142,14 +144,35 @@ class MlxBackend:
         return mx.matmul(a, b, stream=self._device)
 
     def row_norms(self, a: mx.array) -> mx.array:
-        x = a.astype(mx.float32, stream=self._device)
-        return mx.sqrt(mx.sum(x * x, axis=-1, stream=self._device), stream=self._device)
+        dev = self._device
+        x = a.astype(mx.float32, stream=dev)
+        squares = mx.sum(mx.multiply(x, x, stream=dev), axis=-1, stream=dev)
+        norms = mx.sqrt(squares, stream=dev)
+        low, high = SQUARES_RANGE
+        odd = mx.logical_not(mx.logical_and(squares >= low, squares <= high, stream=dev), stream=dev)
+        if bool(np.array(mx.any(odd, stream=dev))):  # squares beyond float32 (see _norms): scaled by each row's max
+            biggest = mx.max(mx.abs(x, stream=dev), axis=-1, stream=dev)
+            safe = mx.where(biggest > 0, biggest, mx.ones_like(biggest), stream=dev)
+            unit = mx.divide(x, mx.expand_dims(safe, -1, stream=dev), stream=dev)
+            scaled = mx.multiply(biggest, mx.sqrt(mx.sum(mx.multiply(unit, unit, stream=dev), axis=-1, stream=dev), stream=dev), stream=dev)
+            norms = mx.where(odd, scaled, norms, stream=dev)
+        return norms
 
     def normalize(self, a: mx.array) -> mx.array:
         x = a.astype(mx.float32, stream=self._device)
         norms = self.row_norms(x)
-        divisor = mx.where(norms > 0, norms, mx.ones_like(norms), stream=self._device)
-        return mx.divide(x, mx.expand_dims(divisor, -1, stream=self._device), stream=self._device)
+        dev = self._device
+        divisor = mx.where(norms > 0, norms, mx.ones_like(norms), stream=dev)
+        out = mx.divide(x, mx.expand_dims(divisor, -1, stream=dev), stream=dev)
+        low, high = COSINE_RANGE
+        odd = mx.logical_and(norms > 0, mx.logical_or(norms < low, norms > high, stream=dev), stream=dev)
+        if bool(np.array(mx.any(odd, stream=dev))):  # a norm down there may be a float32 subnormal: scale first
+            biggest = mx.max(mx.abs(x, stream=dev), axis=-1, keepdims=True, stream=dev)
+            scaled = mx.divide(x, mx.where(biggest > 0, biggest, mx.ones_like(biggest), stream=dev), stream=dev)
+            length = mx.sqrt(mx.sum(mx.multiply(scaled, scaled, stream=dev), axis=-1, keepdims=True, stream=dev), stream=dev)
+            unit = mx.divide(scaled, mx.where(length > 0, length, mx.ones_like(length), stream=dev), stream=dev)
+            out = mx.where(mx.expand_dims(odd, -1, stream=dev), unit, out, stream=dev)
+        return out
 
     def cosine_similarity(self, a: mx.array, b: mx.array) -> mx.array:
         a2, b2 = _as_2d(a), _as_2d(b)
@@ -222,11 +245,27 @@ class MlxBackend:
 
         width = int(rows_of(x[:1]).shape[1])
         check_topk_inputs(int(q.shape[1]), width, metric, corpus_norms, decode)
+        if metric == "l2" and decode is None:
+            return self._l2_topk(q, x, k, corpus_norms, row_mask, max_block_bytes)
+        side = None
+        if metric == "cosine" and decode is None:
+            if corpus_norms is None:
+                corpus_norms = self.row_norms(x)
+            side = _outside_cosine_range(corpus_norms.astype(mx.float32, stream=dev), dev)
+            if side.size:  # rows the GEMM cannot normalise: scored exactly, then merged
+                if row_mask is not None and row_mask.shape != (x.shape[0],):
+                    raise DimensionError(f"row_mask has shape {row_mask.shape}, the corpus {x.shape[0]} rows")
+                keep = np.ones(x.shape[0], dtype=bool) if row_mask is None else np.array(row_mask, dtype=bool)
+                side = side[keep[side]]
+                keep[side] = False
+                row_mask = keep
+        raw_q = q
         # The same ranking scores as the NumPy backend (see there); the driver rescores l2 winners.
         column_scale = column_shift = None
         if metric != "dot":
             norms = self.row_norms(x) if corpus_norms is None else corpus_norms.astype(mx.float32, stream=dev)
-            safe = mx.where(norms > 0, norms, mx.ones_like(norms), stream=dev)
+            # rows below COSINE_RANGE are scored on the side (or, decoded, left unscaled): 1/|x| would overflow
+            safe = mx.where(norms >= COSINE_RANGE[0], norms, mx.ones_like(norms), stream=dev)
             column_scale = mx.reciprocal(safe, stream=dev) if metric == "cosine" else None
             column_shift = 0.5 * norms * norms if metric == "l2" else None
         if row_mask is not None:  # masked rows rank at -inf: shifted down by +inf
@@ -264,7 +303,7 @@ class MlxBackend:
             diff = mx.subtract(rows, mx.expand_dims(q[chunk], 1, stream=dev), stream=dev)
             return _host_f32(mx.sqrt(mx.sum(diff * diff, axis=2, stream=dev), stream=dev))
 
-        return run_topk(
+        found = run_topk(
             q.shape[0],
             x.shape[0],
             width,
@@ -280,6 +319,115 @@ class MlxBackend:
             nth_best=partial(_nth_best, device=dev) if self._select_on_device else None,
             block_rows=rows_per_block(int(q.shape[0]), gpu=dev.type == mx.gpu),
         )
+        if side is None or not side.size:
+            return found
+        return merge_side(self, _host_f32(raw_q), x, side, k, max_block_bytes, found)
+
+    def _l2_topk(
+        self,
+        q: mx.array,
+        x: mx.array,
+        k: int,
+        corpus_norms: mx.array | None,
+        row_mask: npt.NDArray[np.bool_] | None,
+        max_block_bytes: int,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Exact l2 (:mod:`embedtools.certified`), screened by this backend's float32 kernel."""
+        dev = self._device
+        n, width = int(x.shape[0]), int(x.shape[1])
+        norms = self.row_norms(x) if corpus_norms is None else corpus_norms.astype(mx.float32, stream=dev)
+        penalty = None
+        if row_mask is not None:
+            if row_mask.shape != (n,):
+                raise DimensionError(f"row_mask has shape {row_mask.shape}, the corpus {n} rows")
+            penalty = mx.array(np.where(row_mask, 0.0, np.inf).astype(np.float32))
+        last: list[tuple[Frame, mx.array]] = []
+
+        def transform(frame: Frame) -> Callable[[mx.array], mx.array]:
+            centre = None if frame.centre is None else mx.array(frame.centre)
+
+            def rows_of(block: mx.array) -> mx.array:
+                out = mx.multiply(block, frame.scale, stream=dev) if frame.scale != 1.0 else block
+                return mx.subtract(out, centre, stream=dev) if centre is not None else out
+
+            return rows_of
+
+        def frame_norms(frame: Frame) -> mx.array:
+            if frame is IDENTITY:
+                return norms
+            if not last or last[0][0] is not frame:
+                step = max(max_block_bytes // (4 * max(width, 1)), 1)
+                rows_of = transform(frame)
+                parts = [self.row_norms(rows_of(x[i : i + step])) for i in range(0, n, step)]
+                last[:] = [(frame, mx.concatenate(parts, axis=0, stream=dev))]
+            return last[0][1]
+
+        def screen(fq_host: npt.NDArray[np.float32], m: int, frame: Frame) -> Screened:
+            fnorms = frame_norms(frame)
+            shift = mx.multiply(mx.multiply(fnorms, fnorms, stream=dev), 0.5, stream=dev)
+            if penalty is not None:
+                shift = mx.add(shift, penalty, stream=dev)
+            rows_of = transform(frame)
+            plain = frame is IDENTITY
+            fq = mx.array(np.ascontiguousarray(fq_host))
+            transposed: dict[tuple[int, int], mx.array] = {}
+
+            def score_block(qs: slice, rs: slice) -> mx.array:
+                key = (qs.start, qs.stop)
+                if key not in transposed:
+                    transposed.clear()
+                    transposed[key] = mx.contiguous(fq[qs].T, stream=dev)
+                block = mx.matmul(x[rs] if plain else rows_of(x[rs]), transposed[key], stream=dev)
+                return mx.subtract(block, mx.expand_dims(shift[rs], 1, stream=dev), stream=dev)
+
+            def candidates(block: mx.array, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+                if self._select_on_device:
+                    return _device_candidates(block, m, threshold, dev)
+                return host_candidates(_host_f32(block), m, threshold)
+
+            vals, idx = run_topk(
+                int(fq.shape[0]),
+                n,
+                width,
+                m,
+                "dot",
+                max_block_bytes,
+                score_block=score_block,
+                candidates=candidates,
+                to_host=lambda block: np.ascontiguousarray(_host_f32(block).T),
+                l2_distances=_unused_l2,
+                settle_ties=False,
+                row_mask=row_mask,
+                nth_best=partial(_nth_best, device=dev) if self._select_on_device else None,
+                block_rows=rows_per_block(int(fq.shape[0]), gpu=dev.type == mx.gpu),
+            )
+            return Screened(vals, idx, float(np.array(mx.max(fnorms, stream=dev))) if n else 0.0)
+
+        return l2_topk(
+            self,
+            _host_f32(q),
+            x,
+            k,
+            n_rows=n,
+            norm_max=float(np.array(mx.max(norms, stream=dev))) if n else 0.0,
+            row_mask=row_mask,
+            max_block_bytes=max_block_bytes,
+            screen=screen,
+        )
+
+
+def _unused_l2(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    raise AssertionError("a screen ranks by dot-like scores; l2 is rescored by embedtools.certified")  # pragma: no cover
+
+
+def _outside_cosine_range(norms: mx.array, dev: mx.Device) -> npt.NDArray[np.int64]:
+    """Rows whose (nonzero) norm is outside :data:`COSINE_RANGE`: one compare on the device, and
+    an index list only where there are any."""
+    low, high = COSINE_RANGE
+    odd = mx.logical_and(norms > 0, mx.logical_or(norms < low, norms > high, stream=dev), stream=dev)
+    if not bool(np.array(mx.any(odd, stream=dev))):
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(np.array(odd)).astype(np.int64)
 
 
 def _nth_best(block: mx.array, n: int, *, device: mx.Device) -> npt.NDArray[np.float32]:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
+from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
+from embedtools.certified import IDENTITY, Frame, Screened, l2_topk, merge_side
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
@@ -119,12 +121,30 @@ class NumpyBackend:
         x = np.asarray(a, dtype=F32)
         squares = np.einsum("ij,ij->i", x, x) if x.ndim == 2 else np.asarray(np.dot(x, x))
         out: npt.NDArray[np.float32] = np.sqrt(squares, dtype=F32)
+        low, high = SQUARES_RANGE
+        odd = ~((squares >= low) & (squares <= high))  # beyond float32's squares (see _norms)
+        if odd.any():  # on the host, float64 holds every float32 square: no scaling needed
+            if x.ndim == 1:
+                with np.errstate(over="ignore"):
+                    return np.asarray(np.sqrt(np.dot(x.astype(np.float64), x.astype(np.float64))), dtype=F32)
+            wide = x[odd].astype(np.float64)
+            with np.errstate(over="ignore"):  # a norm beyond float32 is inf, which add refuses
+                out[odd] = np.sqrt(np.einsum("ij,ij->i", wide, wide))
         return out
 
     def normalize(self, a: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         x = np.asarray(a, dtype=F32)
-        divisor = _safe_divisor(self.row_norms(x))
+        norms = self.row_norms(x)
+        divisor = _safe_divisor(norms)
         out: npt.NDArray[np.float32] = x / (divisor[..., None] if x.ndim > 1 else divisor)
+        low, high = COSINE_RANGE
+        odd = (norms > 0) & ((norms < low) | (norms > high))
+        if odd.any():  # a norm down there may be a float32 subnormal, too coarse to divide by
+            wide = (x[odd] if x.ndim > 1 else x).astype(np.float64)
+            unit: npt.NDArray[np.float32] = (wide / np.sqrt(np.einsum("...d,...d->...", wide, wide))[..., None]).astype(F32)
+            if x.ndim == 1:
+                return unit
+            out[odd] = unit
         return out
 
     def cosine_similarity(self, a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -196,17 +216,31 @@ class NumpyBackend:
 
         width = rows_of(x[:1]).shape[1]
         check_topk_inputs(q.shape[1], width, metric, corpus_norms, decode)
+        if metric == "l2" and decode is None:
+            return self._l2_topk(q, x, k, corpus_norms, row_mask, max_block_bytes)
+        side = None
+        if metric == "cosine" and decode is None:
+            if corpus_norms is None:
+                corpus_norms = self.row_norms(x)
+            side = _outside_cosine_range(np.asarray(corpus_norms, dtype=F32))
+            if side.size:  # rows the GEMM cannot normalise: scored exactly, then merged
+                keep = np.ones(x.shape[0], dtype=bool) if row_mask is None else _row_mask(row_mask, x.shape[0]).copy()
+                side = side[keep[side]]
+                keep[side] = False
+                row_mask = keep
         # Per-column terms that turn q·x into the metric's ranking score (larger is better):
         # cosine scales by 1/|x| (queries normalised); l2 ranks by q·x - |x|²/2, since
         # ||q - x||² = |q|² - 2 (q·x - |x|²/2). ``dot`` needs no norms at all.
         column_scale = column_shift = None
         if metric != "dot":
             norms = self.row_norms(x) if corpus_norms is None else np.asarray(corpus_norms, dtype=F32)
-            column_scale = 1.0 / _safe_divisor(norms) if metric == "cosine" else None
+            # rows below COSINE_RANGE are scored on the side (or, decoded, left unscaled): 1/|x| would overflow
+            column_scale = 1.0 / np.where(norms >= COSINE_RANGE[0], norms, F32(1.0)) if metric == "cosine" else None
             column_shift = 0.5 * norms * norms if metric == "l2" else None
         if row_mask is not None:  # masked rows rank at -inf: shifted down by +inf
             penalty = np.where(_row_mask(row_mask, x.shape[0]), F32(0), F32(np.inf))
             column_shift = penalty if column_shift is None else column_shift + penalty
+        raw_q = q
         if metric == "cosine":
             q = self.normalize(q)
 
@@ -224,7 +258,7 @@ class NumpyBackend:
             out: npt.NDArray[np.float32] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff), dtype=F32)
             return out
 
-        return run_topk(
+        found = run_topk(
             q.shape[0],
             x.shape[0],
             width,
@@ -239,6 +273,87 @@ class NumpyBackend:
             row_mask=row_mask,
             block_rows=rows_per_block(q.shape[0], gpu=False),
         )
+        if side is None or not side.size:
+            return found
+        return merge_side(self, raw_q, x, side, k, max_block_bytes, found)
+
+    def _l2_topk(
+        self,
+        q: npt.NDArray[np.float32],
+        x: npt.NDArray[np.float32],
+        k: int,
+        corpus_norms: npt.NDArray[Any] | None,
+        row_mask: npt.NDArray[np.bool_] | None,
+        max_block_bytes: int,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Exact l2 (:mod:`embedtools.certified`), screened by this backend's float32 kernel."""
+        n, width = x.shape
+        norms = self.row_norms(x) if corpus_norms is None else np.asarray(corpus_norms, dtype=F32)
+        mask = None if row_mask is None else _row_mask(row_mask, n)
+        penalty = None if mask is None else np.where(mask, F32(0), F32(np.inf))
+        last: list[tuple[Frame, npt.NDArray[np.float32]]] = []
+
+        def transform(frame: Frame) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+            def rows_of(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+                out = block * F32(frame.scale) if frame.scale != 1.0 else block
+                return out - frame.centre if frame.centre is not None else out
+
+            return rows_of
+
+        def frame_norms(frame: Frame) -> npt.NDArray[np.float32]:
+            if frame is IDENTITY:
+                return norms
+            if not last or last[0][0] is not frame:
+                step = max(max_block_bytes // (4 * max(width, 1)), 1)
+                rows_of = transform(frame)
+                last[:] = [(frame, np.concatenate([self.row_norms(rows_of(x[i : i + step])) for i in range(0, n, step)]))]
+            return last[0][1]
+
+        def screen(fq: npt.NDArray[np.float32], m: int, frame: Frame) -> Screened:
+            fnorms = frame_norms(frame)
+            shift = 0.5 * fnorms * fnorms
+            if penalty is not None:
+                shift = shift + penalty
+            rows_of = transform(frame)
+            plain = frame is IDENTITY
+
+            def score_block(qs: slice, rs: slice) -> npt.NDArray[np.float32]:
+                block: npt.NDArray[np.float32] = (x[rs] if plain else rows_of(x[rs])) @ fq[qs].T
+                block -= shift[rs, None]
+                return block
+
+            vals, idx = run_topk(
+                fq.shape[0],
+                n,
+                width,
+                m,
+                "dot",
+                max_block_bytes,
+                score_block=score_block,
+                candidates=host_candidates,
+                to_host=lambda block: np.ascontiguousarray(block.T),
+                l2_distances=_unused_l2,
+                settle_ties=False,
+                row_mask=mask,
+                block_rows=rows_per_block(fq.shape[0], gpu=False),
+            )
+            return Screened(vals, idx, float(fnorms.max(initial=0.0)))
+
+        return l2_topk(
+            self, q, x, k, n_rows=n, norm_max=float(norms.max(initial=0.0)), row_mask=mask, max_block_bytes=max_block_bytes, screen=screen
+        )
+
+
+def _unused_l2(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    raise AssertionError("a screen ranks by dot-like scores; l2 is rescored by embedtools.certified")  # pragma: no cover
+
+
+def _outside_cosine_range(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+    """Rows whose (nonzero) norm is outside :data:`COSINE_RANGE`, found in one pass over the norms."""
+    low, high = COSINE_RANGE
+    if bool(((norms >= low) & (norms <= high) | (norms == 0)).all()):
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero((norms > 0) & ((norms < low) | (norms > high))).astype(np.int64)
 
 
 def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -13,6 +13,8 @@ import torch
 import torch.utils.dlpack
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
+from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
+from embedtools.certified import IDENTITY, Frame, Screened, l2_topk, merge_side
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, DTypeName, Metric, Quantization
 from embedtools.quantize import check_codes
@@ -153,14 +155,29 @@ class TorchBackend:
         return torch.matmul(a, b)
 
     def row_norms(self, a: torch.Tensor) -> torch.Tensor:
-        norms: torch.Tensor = torch.linalg.vector_norm(a.to(torch.float32), dim=-1)
+        x = a.to(torch.float32)
+        norms: torch.Tensor = torch.linalg.vector_norm(x, dim=-1)
+        low, high = (bound**0.5 for bound in SQUARES_RANGE)
+        odd = ~((norms >= low) & (norms <= high))
+        if bool(odd.any()):  # squares beyond float32 (see _norms): scaled by each row's max, on the device
+            biggest = x.abs().amax(dim=-1)
+            unit = x / torch.where(biggest > 0, biggest, torch.ones_like(biggest)).unsqueeze(-1)
+            norms = torch.where(odd, biggest * torch.linalg.vector_norm(unit, dim=-1), norms)
         return norms
 
     def normalize(self, a: torch.Tensor) -> torch.Tensor:
         x = a.to(torch.float32)
         norms = self.row_norms(x)
         divisor = torch.where(norms > 0, norms, torch.ones_like(norms))
-        return x / divisor.unsqueeze(-1)
+        out = x / divisor.unsqueeze(-1)
+        low, high = COSINE_RANGE
+        odd = (norms > 0) & ((norms < low) | (norms > high))
+        if bool(odd.any()):  # a norm down there may be a float32 subnormal, too coarse to divide by: scale first
+            biggest = x.abs().amax(dim=-1, keepdim=True)
+            scaled = x / torch.where(biggest > 0, biggest, torch.ones_like(biggest))
+            length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+            out = torch.where(odd.unsqueeze(-1), scaled / torch.where(length > 0, length, torch.ones_like(length)), out)
+        return out
 
     def cosine_similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a2, b2 = _as_2d(a), _as_2d(b)
@@ -226,12 +243,28 @@ class TorchBackend:
 
         width = int(rows_of(x[:1]).shape[1])
         check_topk_inputs(int(q.shape[1]), width, metric, corpus_norms, decode)
+        if metric == "l2" and decode is None:
+            return self._l2_topk(q, x, k, corpus_norms, row_mask, max_block_bytes)
+        side = None
+        if metric == "cosine" and decode is None:
+            if corpus_norms is None:
+                corpus_norms = self.row_norms(x)
+            side = _outside_cosine_range(corpus_norms.to(torch.float32))
+            if side.size:  # rows the GEMM cannot normalise: scored exactly, then merged
+                if row_mask is not None and row_mask.shape != (x.shape[0],):
+                    raise DimensionError(f"row_mask has shape {row_mask.shape}, the corpus {x.shape[0]} rows")
+                kept = np.ones(x.shape[0], dtype=bool) if row_mask is None else np.array(row_mask, dtype=bool)
+                side = side[kept[side]]
+                kept[side] = False
+                row_mask = kept
+        raw_q = q
         # The same ranking scores as the NumPy backend: cosine scales columns by 1/|x|, l2 ranks by
         # q·x - |x|²/2 and the driver rescores the winners as true distances; dot needs no norms.
         column_scale = column_shift = None
         if metric != "dot":
             norms = self.row_norms(x) if corpus_norms is None else corpus_norms.to(torch.float32)
-            column_scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)) if metric == "cosine" else None
+            # rows below COSINE_RANGE are scored on the side (or, decoded, left unscaled): 1/|x| would overflow
+            column_scale = 1.0 / torch.where(norms >= COSINE_RANGE[0], norms, torch.ones_like(norms)) if metric == "cosine" else None
             column_shift = 0.5 * norms * norms if metric == "l2" else None
         if row_mask is not None:  # masked rows rank at -inf: shifted down by +inf
             if row_mask.shape != (x.shape[0],):
@@ -256,7 +289,7 @@ class TorchBackend:
             rows = rows_of(x[torch.from_numpy(idx).to(self._device)])
             return _host_f32(torch.linalg.vector_norm(rows - q[chunk].unsqueeze(1), dim=2))
 
-        return run_topk(
+        found = run_topk(
             q.shape[0],
             x.shape[0],
             width,
@@ -272,6 +305,105 @@ class TorchBackend:
             nth_best=_nth_best if self._select_on_device else None,
             block_rows=rows_per_block(int(q.shape[0]), gpu=self._device.type != "cpu"),
         )
+        if side is None or not side.size:
+            return found
+        return merge_side(self, _host_f32(raw_q), x, side, k, max_block_bytes, found)
+
+    def _l2_topk(
+        self,
+        q: torch.Tensor,
+        x: torch.Tensor,
+        k: int,
+        corpus_norms: torch.Tensor | None,
+        row_mask: npt.NDArray[np.bool_] | None,
+        max_block_bytes: int,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Exact l2 (:mod:`embedtools.certified`), screened by this backend's float32 kernel."""
+        n, width = int(x.shape[0]), int(x.shape[1])
+        norms = self.row_norms(x) if corpus_norms is None else corpus_norms.to(torch.float32)
+        penalty = None
+        if row_mask is not None:
+            if row_mask.shape != (n,):
+                raise DimensionError(f"row_mask has shape {row_mask.shape}, the corpus {n} rows")
+            keep = torch.from_numpy(np.ascontiguousarray(row_mask, dtype=bool)).to(self._device)
+            penalty = torch.where(keep, 0.0, float("inf")).to(torch.float32)
+        last: list[tuple[Frame, torch.Tensor]] = []
+        device = self._device
+
+        def transform(frame: Frame) -> Callable[[torch.Tensor], torch.Tensor]:
+            centre = None if frame.centre is None else torch.from_numpy(frame.centre).to(device)
+
+            def rows_of(block: torch.Tensor) -> torch.Tensor:
+                out = block * frame.scale if frame.scale != 1.0 else block
+                return out - centre if centre is not None else out
+
+            return rows_of
+
+        def frame_norms(frame: Frame) -> torch.Tensor:
+            if frame is IDENTITY:
+                return norms
+            if not last or last[0][0] is not frame:
+                step = max(max_block_bytes // (4 * max(width, 1)), 1)
+                rows_of = transform(frame)
+                last[:] = [(frame, torch.cat([self.row_norms(rows_of(x[i : i + step])) for i in range(0, n, step)]))]
+            return last[0][1]
+
+        def screen(fq_host: npt.NDArray[np.float32], m: int, frame: Frame) -> Screened:
+            fnorms = frame_norms(frame)
+            shift = 0.5 * fnorms * fnorms
+            if penalty is not None:
+                shift = shift + penalty
+            rows_of = transform(frame)
+            plain = frame is IDENTITY
+            fq = torch.from_numpy(np.ascontiguousarray(fq_host)).to(device)
+
+            def score_block(qs: slice, rs: slice) -> torch.Tensor:
+                block = (x[rs] if plain else rows_of(x[rs])) @ fq[qs].T
+                return block.sub_(shift[rs].unsqueeze(1))
+
+            vals, idx = run_topk(
+                int(fq.shape[0]),
+                n,
+                width,
+                m,
+                "dot",
+                max_block_bytes,
+                score_block=score_block,
+                candidates=_candidates if self._select_on_device else _cpu_candidates,
+                to_host=lambda block: _host_f32(block.T),
+                l2_distances=_unused_l2,
+                settle_ties=False,
+                row_mask=row_mask,
+                nth_best=_nth_best if self._select_on_device else None,
+                block_rows=rows_per_block(int(fq.shape[0]), gpu=device.type != "cpu"),
+            )
+            return Screened(vals, idx, float(fnorms.max()) if n else 0.0)
+
+        return l2_topk(
+            self,
+            _host_f32(q),
+            x,
+            k,
+            n_rows=n,
+            norm_max=float(norms.max()) if n else 0.0,
+            row_mask=row_mask,
+            max_block_bytes=max_block_bytes,
+            screen=screen,
+        )
+
+
+def _unused_l2(chunk: slice, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    raise AssertionError("a screen ranks by dot-like scores; l2 is rescored by embedtools.certified")  # pragma: no cover
+
+
+def _outside_cosine_range(norms: torch.Tensor) -> npt.NDArray[np.int64]:
+    """Rows whose (nonzero) norm is outside :data:`COSINE_RANGE`: one compare on the device, and
+    an index list only where there are any."""
+    low, high = COSINE_RANGE
+    odd = (norms > 0) & ((norms < low) | (norms > high))
+    if not bool(odd.any()):
+        return np.empty(0, dtype=np.int64)
+    return _host_i64(torch.nonzero(odd).reshape(-1))
 
 
 def _np_name(dtype: str) -> str:
