@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedtools.quantize import Quantization, QuantizedIndex
+from embedtools.validation import Labels
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -44,7 +45,7 @@ class TableRecord:
 
     vectors: npt.NDArray[np.float32]
     ids: tuple[str, ...]
-    labels: tuple[str, ...]
+    labels: Labels
     metadata: tuple[str, ...]
     quantized: tuple[QuantizedIndex[npt.NDArray[Any]], ...] = ()
     rotation: npt.NDArray[np.float32] | None = None
