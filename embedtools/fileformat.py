@@ -6,6 +6,10 @@ Layout (format version 1), for each table of dimension ``d``:
 * ``{d}d/ids.utf8``, ``{d}d/labels.utf8``, ``{d}d/metadata.utf8``: uint8, the rows' UTF-8 strings
   concatenated (metadata rows are JSON objects), each with ``{d}d/<name>.offsets``: int64
   ``(n + 1,)`` byte offsets starting at 0. Strings in tensors keep the header small at millions of rows.
+  A table of int labels says ``"label_type": "int64"`` in its header entry and writes each label as
+  its canonical decimal text (``-12``) in ``labels.utf8``; without the field labels are str, so
+  files of str-label tables are byte for byte what they were, and older versions read int labels
+  as their decimal strings.
 
 The safetensors ``__metadata__`` holds two strings: ``embedtools``, a JSON header (format, version,
 library, store config and its hash, tables, and the SHA-256 of every tensor's bytes), and
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import reprlib
 import secrets
 import stat
@@ -34,7 +39,7 @@ from embedtools.errors import EmbedtoolsError, InvalidArgumentError, StoreFormat
 from embedtools.hashing import config_hash
 from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
 from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
-from embedtools.validation import MAX_JSON_DEPTH, decode_json, json_problem
+from embedtools.validation import INT64_MAX, INT64_MIN, MAX_JSON_DEPTH, Labels, as_labels, decode_json, json_problem, label_kind
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -60,6 +65,10 @@ FORMAT_VERSION = 1
 _HEADER_KEY = "embedtools"
 _HEADER_DIGEST_KEY = "embedtools.sha256"
 _STRING_FIELDS = ("ids", "labels", "metadata")
+#: The header entry's field for a table of int labels, and its one value (absent: str labels).
+_LABEL_TYPE = "label_type"
+_INT_LABELS = "int64"
+_DECIMAL = re.compile(r"0|-?[1-9][0-9]*")
 
 
 def _library_version() -> str:
@@ -350,8 +359,10 @@ def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: 
     for table in record.tables:
         d = table.dimension
         tensors[f"{d}d/vectors"] = np.ascontiguousarray(table.vectors, dtype="<f4")
+        int_labels = label_kind(table.labels) is int
         for name in _STRING_FIELDS:
-            data, offsets = _encode_strings(getattr(table, name))
+            values = tuple(map(str, table.labels)) if name == "labels" and int_labels else getattr(table, name)
+            data, offsets = _encode_strings(values)
             tensors[f"{d}d/{name}.utf8"] = data
             tensors[f"{d}d/{name}.offsets"] = offsets.astype("<i8", copy=False)
         for index in table.quantized:
@@ -360,6 +371,8 @@ def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: 
                 tensors[f"{d}d/quantized.{index.kind}.scale"] = index.scale
                 tensors[f"{d}d/quantized.{index.kind}.offset"] = index.offset
         entry: dict[str, Any] = {"dimension": d, "rows": len(table.ids), "dtype": "float32"}
+        if int_labels:
+            entry[_LABEL_TYPE] = _INT_LABELS
         if table.quantized:
             entry["quantized"] = [index.kind for index in table.quantized]
         if table.rotation is not None:
@@ -478,6 +491,8 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
         for name in _STRING_FIELDS:
             expected[f"{d}d/{name}.utf8"] = ("U8", None)
             expected[f"{d}d/{name}.offsets"] = ("I64", [n + 1])
+        if entry.get(_LABEL_TYPE, _INT_LABELS) != _INT_LABELS:
+            raise _fail(path, f"bad {_LABEL_TYPE} {entry.get(_LABEL_TYPE)!r}")
         components = entry.get("rotation", 0)
         if not _is_int(components) or not 0 <= components <= d:
             raise _fail(path, f"bad rotation {_short(components)}")
@@ -614,7 +629,7 @@ def read_store(
             TableRecord(
                 vectors=vectors,
                 ids=strings["ids"],
-                labels=strings["labels"],
+                labels=_labels(p, d, strings["labels"], entry.get(_LABEL_TYPE) == _INT_LABELS),
                 metadata=strings["metadata"],
                 quantized=quantized,
                 rotation=rotation,
@@ -632,6 +647,17 @@ def verify(path: str | os.PathLike[str], *, hasher: Hasher | None = None) -> tup
     for table in record.tables:
         verify_table(table)
     return record, header
+
+
+def _labels(path: Path, d: int, texts: tuple[str, ...], ints: bool) -> Labels:
+    """A table's labels as saved: str, or int from canonical int64 decimal text (nothing else)."""
+    if not ints:
+        return texts
+    for i, text in enumerate(texts):
+        if len(text) > 20 or _DECIMAL.fullmatch(text) is None or not INT64_MIN <= int(text) <= INT64_MAX:
+            raise _fail(path, f"{d}d/labels row {i} is not an int64 label ({text[:40]!r})")
+    return as_labels([int(text) for text in texts])
+
 
 
 def _read_quantized(

@@ -9,6 +9,7 @@ import numpy as np
 
 from embedtools.errors import DuplicateIdError, InvalidEmbeddingError
 from embedtools.quantize import Quantization, QuantizedIndex
+from embedtools.validation import Labels
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -48,7 +49,7 @@ class TableRecord:
 
     vectors: npt.NDArray[np.float32]
     ids: tuple[str, ...]
-    labels: tuple[str, ...]
+    labels: Labels
     metadata: tuple[str, ...]
     quantized: tuple[QuantizedIndex[npt.NDArray[Any]], ...] = ()
     rotation: npt.NDArray[np.float32] | None = None

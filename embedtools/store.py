@@ -45,13 +45,17 @@ from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.search import check_k, check_metric
 from embedtools.tables import F32_BYTES, Rotation, Table, TableState, rotation_cache_bytes
 from embedtools.validation import (
+    Labels,
     as_float32_matrix,
+    as_labels,
     as_queries,
     check_dimension,
+    check_labels,
     check_positive_int,
     check_strings,
     encode_metadata,
     json_problem,
+    label_kind,
 )
 
 if TYPE_CHECKING:
@@ -217,7 +221,7 @@ class EmbeddingStore:
         self,
         vectors: object,
         ids: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None,
+        labels: Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
         *,
         replace: bool = False,
@@ -229,6 +233,10 @@ class EmbeddingStore:
         :meth:`remove`, or an id the caller chose) is skipped for the next integer that is free, so
         generated ids never collide; omitted labels are ``""`` and metadata ``{}``. ``replace=True`` swaps the whole
         table for these rows (the seed's ``add_embeddings``), charging only the size difference.
+
+        Labels are str or int (class ids; numpy integers count, within int64), one kind per table,
+        fixed by the add that creates it: a table of int labels has no default label, so its later
+        adds must give labels, and labels of the other kind are refused.
         """
         self._check_writable()
         host = as_float32_matrix(vectors)
@@ -236,7 +244,7 @@ class EmbeddingStore:
         old = None if replace else self._tables.get(d)
         start = old.rows if old is not None else 0
         new_ids = _free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
-        new_labels = ("",) * n if labels is None else check_strings(labels, n, "labels")
+        new_labels = self._new_labels(d, labels, n, old.labels if old is not None else None)
         new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
         index = dict(old.id_index) if old is not None else {}
         for i, id_ in enumerate(new_ids):
@@ -260,7 +268,7 @@ class EmbeddingStore:
                 vectors=arr,
                 norms=norms,
                 ids=(old.ids if old else ()) + new_ids,
-                labels=(old.labels if old else ()) + new_labels,
+                labels=as_labels((old.labels if old else ()) + new_labels),
                 metadata=(old.metadata if old else ()) + new_meta,
                 id_index=index,
                 quantized={kind: self._quantized(kind, full) for kind in kinds},
@@ -271,6 +279,17 @@ class EmbeddingStore:
         with progress_bar(self._progress if n >= _PROGRESS_ROWS else False, 1, f"add {n} x {d}", "tables"):
             self._commit({d: table_bytes}, build)
         return new_ids
+
+    @staticmethod
+    def _new_labels(d: int, labels: object, n: int, existing: Labels | None) -> Labels:
+        if labels is not None:
+            try:
+                return check_labels(labels, n, existing)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"table {d}d: {exc}") from None
+        if existing is not None and label_kind(existing) is int:
+            raise InvalidArgumentError(f"table {d}d has int labels and int labels have no default; pass labels= for the new rows")
+        return ("",) * n
 
     def _to_device(self, host: npt.NDArray[np.float32], what: str) -> tuple[Any, Any]:
         """The backend's copy of validated host vectors and their row norms (computed once, here)."""
@@ -329,7 +348,7 @@ class EmbeddingStore:
         return [index[i] for i in ids]
 
     def _rebuilt(
-        self, d: int, state: TableState, vectors: npt.NDArray[np.float32], ids: tuple[str, ...], labels: tuple[str, ...], metadata: tuple[str, ...]
+        self, d: int, state: TableState, vectors: npt.NDArray[np.float32], ids: tuple[str, ...], labels: Labels, metadata: tuple[str, ...]
     ) -> TableState:
         """The table with new rows: vectors, norms, quantised indexes and rotation computed afresh."""
         arr, norms = self._to_device(vectors, f"table {d}d")
@@ -379,7 +398,7 @@ class EmbeddingStore:
                 host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)[keep]
                 pick = keep.tolist()
                 out[d] = self._rebuilt(
-                    d, state, host, tuple(state.ids[i] for i in pick), tuple(state.labels[i] for i in pick),
+                    d, state, host, tuple(state.ids[i] for i in pick), as_labels([state.labels[i] for i in pick]),
                     tuple(state.metadata[i] for i in pick),
                 )
             return out
@@ -395,7 +414,7 @@ class EmbeddingStore:
         self,
         ids: Sequence[str],
         vectors: object = None,
-        labels: Sequence[str] | None = None,
+        labels: Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
         *,
         dimension: int | None = None,
@@ -418,7 +437,8 @@ class EmbeddingStore:
             d = host.shape[1] if dimension is None else check_dimension(dimension)
             if host.shape != (n, d):
                 raise DimensionError(f"vectors have shape {host.shape}; expected ({n}, {d}) for {n} ids in table {d}d")
-        new_labels = None if labels is None else check_strings(labels, n, "labels")
+        current = self._tables.get(d)
+        new_labels = None if labels is None else self._new_labels(d, labels, n, current.labels if current else None)
         new_meta = None if metadata is None else encode_metadata(metadata, n)
         rows = self._positions(d, keys)
         state = self._tables[d]
@@ -427,13 +447,14 @@ class EmbeddingStore:
             all_rows = np.array(self._backend.to_numpy(state.vectors), dtype=np.float32, copy=True)
             if host is not None:
                 all_rows[rows] = host
-            labels_out, meta_out = list(state.labels), list(state.metadata)
+            labels_out: list[str | int] = list(state.labels)
+            meta_out = list(state.metadata)
             for j, r in enumerate(rows):
                 if new_labels is not None:
                     labels_out[r] = new_labels[j]
                 if new_meta is not None:
                     meta_out[r] = new_meta[j]
-            return {d: self._rebuilt(d, state, all_rows, state.ids, tuple(labels_out), tuple(meta_out))}
+            return {d: self._rebuilt(d, state, all_rows, state.ids, as_labels(labels_out), tuple(meta_out))}
 
         self._commit({d: state.shape(d).nbytes}, build)
 

@@ -15,6 +15,7 @@ from embedtools.filters import RowSource
 from embedtools.protocols import ArrayBackend
 from embedtools.quantize import Quantization, QuantizedIndex
 from embedtools.records import TableShape
+from embedtools.validation import Labels
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -32,7 +33,7 @@ class TableState:
     vectors: Any
     norms: Any
     ids: tuple[str, ...]
-    labels: tuple[str, ...]
+    labels: Labels
     metadata: tuple[str, ...]
     id_index: Mapping[str, int]
     quantized: Mapping[Quantization, QuantizedIndex[Any]] = field(default_factory=dict)
@@ -91,7 +92,8 @@ class Table:
         return self._state.ids
 
     @property
-    def labels(self) -> tuple[str, ...]:
+    def labels(self) -> Labels:
+        """All str or all int (as they were added): one kind per table."""
         return self._state.labels
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -21,20 +21,30 @@ if TYPE_CHECKING:
 __all__ = [
     "as_float32_matrix",
     "as_queries",
+    "INT64_MAX",
+    "INT64_MIN",
+    "Labels",
+    "as_labels",
     "check_dimension",
+    "check_labels",
     "check_positive_int",
     "check_prefix",
     "check_strings",
     "decode_json",
     "encode_metadata",
     "json_problem",
+    "label_kind",
 ]
 
+#: A table's labels: all str or all int, never a mixture (one kind per table, fixed by its first add).
+Labels = tuple[str, ...] | tuple[int, ...]
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 #: Containers nested deeper than this are refused in metadata and configs, at ``add`` and at load.
 MAX_JSON_DEPTH = 64
 #: Integers outside int64 are refused: every JSON reader in the formats' reach (NumPy, serde, Go,
 #: Java) reads them exactly, and the seed's hashes of them are kept (README, JSON values).
-JSON_INT_MIN, JSON_INT_MAX = -(2**63), 2**63 - 1
+JSON_INT_MIN, JSON_INT_MAX = INT64_MIN, INT64_MAX
 _INT_DIGITS = len(str(JSON_INT_MIN))
 
 
@@ -134,6 +144,57 @@ def check_strings(values: object, n: int, what: str) -> tuple[str, ...]:
         except UnicodeEncodeError:
             raise InvalidArgumentError(f"{what}[{i}] is not valid Unicode (lone surrogate)") from None
     return tuple(str.__str__(s) for s in items)
+
+
+def label_kind(labels: Labels) -> type[str] | type[int]:
+    """``int`` or ``str``: what a table's labels are (a table always has a row to tell by)."""
+    return int if labels and type(labels[0]) is int else str
+
+
+def as_labels(values: Sequence[str | int]) -> Labels:
+    """A tuple of labels the caller knows to be of one kind (slices and merges of one table's)."""
+    return cast("Labels", tuple(values))
+
+
+def _label(item: object, i: int, what: str) -> str | int:
+    if isinstance(item, str):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgumentError(f"{what}[{i}] is not valid Unicode (lone surrogate)") from None
+        return str.__str__(item)
+    if isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_)):
+        value = int(item)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidArgumentError(f"{what}[{i}] = {value} is outside int64, the range int labels are saved in")
+        return value
+    raise InvalidArgumentError(
+        f"{what}[{i}] is a {type(item).__name__}; labels are str or int (bools and floats are refused)"
+    )
+
+
+def check_labels(values: object, n: int, existing: Labels | None = None, what: str = "labels") -> Labels:
+    """``n`` labels, all str or all int (numpy integers count as int, within int64), and of the same
+    kind as ``existing``, the table's labels, when the table exists: a table holds one kind so that
+    ``Label(3)`` and ``Label("3")`` mean one thing and the file saves one typed column."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
+        raise InvalidArgumentError(f"{what} must be a sequence of str or of int, got {type(values).__name__}")
+    items = values.tolist() if isinstance(values, np.ndarray) and values.dtype.kind in "iu" else tuple(values)
+    if len(items) != n:
+        raise InvalidArgumentError(f"{what} has {len(items)} entries for {n} rows")
+    out = tuple(_label(item, i, what) for i, item in enumerate(items))
+    kinds = [type(v) for v in out]
+    if out and any(k is not kinds[0] for k in kinds):
+        j = next(i for i, k in enumerate(kinds) if k is not kinds[0])
+        raise InvalidArgumentError(
+            f"{what} mix {kinds[0].__name__} ({what}[0]) and {kinds[j].__name__} ({what}[{j}]); a table's labels are one kind"
+        )
+    if out and existing is not None and kinds[0] is not label_kind(existing):
+        have = label_kind(existing).__name__
+        raise InvalidArgumentError(
+            f"this table's labels are {have} (fixed by its first add); {kinds[0].__name__} labels are refused"
+        )
+    return as_labels(out)
 
 
 def encode_metadata(values: object, n: int) -> tuple[str, ...]:

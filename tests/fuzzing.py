@@ -29,6 +29,7 @@ import numpy as np
 
 import embedtools as et
 from embedtools import ByteBudget, EmbeddingStore, Sha256Hasher
+from embedtools.validation import Labels
 
 __all__ = [
     "DOCUMENTED",
@@ -447,7 +448,7 @@ def mutate(seeds: Sequence[bytes], choose: Chooser) -> tuple[int, str, bytes]:
 class Snapshot:
     """A store's content through the public API, comparable with ``==``."""
 
-    tables: tuple[tuple[int, bytes, tuple[str, ...], tuple[str, ...], str, tuple[str, ...]], ...]
+    tables: tuple[tuple[int, bytes, tuple[str, ...], Labels, str, tuple[str, ...]], ...]
     config: str
     config_hash: str
 

@@ -111,7 +111,7 @@ def test_meta_equality_follows_json_types() -> None:
     ("build", "message"),
     [
         (lambda: Label(), "one or more"),
-        (lambda: Label(1), "str"),  # type: ignore[arg-type]
+        (lambda: Label(1.5), "str or int"),  # type: ignore[arg-type]
         (lambda: Ids(), "one or more"),
         (lambda: Meta(3), "str"),  # type: ignore[arg-type]
         (lambda: Meta("a").between(5, 1), "empty range"),

@@ -105,7 +105,7 @@ def copy_of(store: EmbeddingStore, rotation: bool) -> EmbeddingStore:
     fresh = make_store()
     for d in store.dimensions:
         table = store.table(d)
-        fresh.add(table.to_numpy(), ids=list(table.ids), labels=list(table.labels), metadata=list(table.metadata))
+        fresh.add(table.to_numpy(), ids=list(table.ids), labels=table.labels, metadata=list(table.metadata))
         if rotation:
             fresh.fit_rotation(d, 8)
     return fresh

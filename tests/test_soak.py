@@ -166,7 +166,7 @@ def copy_of(store: EmbeddingStore, rotated: dict[int, int]) -> EmbeddingStore:
     fresh = make_store()
     for d in store.dimensions:
         table = store.table(d)
-        fresh.add(table.to_numpy(), ids=list(table.ids), labels=list(table.labels), metadata=list(table.metadata))
+        fresh.add(table.to_numpy(), ids=list(table.ids), labels=table.labels, metadata=list(table.metadata))
         if d in rotated:
             fresh.fit_rotation(d, rotated[d])
     return fresh
