@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
+
 from embedtools.errors import InvalidArgumentError, MemoryLimitError
 from embedtools.protocols import MemoryReport
-from embedtools.validation import check_positive_int
+from embedtools.validation import INT64_MAX, check_positive_int
 
 __all__ = ["GIB", "ByteBudget", "format_bytes"]
 
 GIB = 1024**3
+_MAX_GIB = 2**33  # GiB in 2**63 bytes, one more than int64 holds
 
 
 def format_bytes(n: int) -> str:
@@ -28,21 +31,31 @@ class ByteBudget:
     """A hard limit in bytes with a charge per owner; safe to share between threads and stores.
 
     Landing exactly on the limit is allowed (as in the seed). The limit is fixed at construction and
-    must be positive: the seed accepted 0 and negative limits and then divided by zero.
+    must be positive: the seed accepted 0 and negative limits and then divided by zero. It is at most
+    int64's maximum (8 EiB): a limit no machine reaches is a typo, and reports stay int64.
     """
 
     def __init__(self, limit_bytes: int) -> None:
-        self._limit = check_positive_int(limit_bytes, "memory limit (bytes)")
+        self._limit = check_positive_int(limit_bytes, "memory limit (bytes)", upper=INT64_MAX)
         self._charges: dict[str, int] = {}
         self._used = 0
         self._lock = threading.Lock()
 
     @classmethod
     def from_gib(cls, gib: object) -> ByteBudget:
-        """A budget of ``gib`` GiB (1024³ bytes, the seed's ``max_memory_gb`` unit)."""
-        if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not math.isfinite(gib) or gib <= 0:
+        """A budget of ``gib`` GiB (1024³ bytes, the seed's ``max_memory_gb`` unit): a positive
+        number (numpy's too), below 2**33 GiB so that the bytes fit int64 (``1e300`` is a typo, not
+        "unlimited"); a fraction of a byte rounds down, to at least one byte."""
+        if isinstance(gib, (bool, np.bool_)) or not isinstance(gib, (int, float, np.integer, np.floating)):
             raise InvalidArgumentError(f"max_memory_gb must be a positive finite number, got {gib!r}")
-        return cls(max(int(gib * GIB), 1))
+        value = int(gib) if isinstance(gib, (int, np.integer)) else float(gib)
+        if not (value > 0 and (isinstance(value, int) or math.isfinite(value))):
+            raise InvalidArgumentError(f"max_memory_gb must be a positive finite number, got {gib!r}")
+        if value >= _MAX_GIB:
+            raise InvalidArgumentError(
+                f"max_memory_gb={gib!r} is more bytes than int64 holds; give less than {_MAX_GIB} GiB"
+            )
+        return cls(max(int(value * GIB), 1))
 
     @property
     def limit_bytes(self) -> int:

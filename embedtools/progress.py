@@ -28,7 +28,7 @@ class _Silent:
 
 def check_progress(setting: object) -> bool | None:
     """``True``, ``False`` or ``None`` (auto); the container's ``"auto"`` means ``None``."""
-    if setting is None or setting == "auto":
+    if setting is None or (isinstance(setting, str) and setting == "auto"):
         return None
     if isinstance(setting, bool):
         return setting

@@ -42,8 +42,9 @@ F32 = np.float32
 
 
 def check_quantization(kind: object) -> Quantization:
+    """One of ``QUANTIZATIONS``; anything but a str (a numpy array, whose ``==`` is elementwise) is refused."""
     for known in QUANTIZATIONS:
-        if kind == known:
+        if isinstance(kind, str) and kind == known:
             return known
     raise InvalidArgumentError(f"unknown quantization {kind!r}; expected one of {', '.join(QUANTIZATIONS)}")
 

@@ -57,8 +57,9 @@ def check_k(k: object) -> int:
 
 
 def check_metric(metric: object) -> Metric:
+    """One of ``METRICS``; anything but a str (a numpy array, whose ``==`` is elementwise) is refused."""
     for known in METRICS:
-        if metric == known:
+        if isinstance(metric, str) and metric == known:
             return known
     raise InvalidArgumentError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
 

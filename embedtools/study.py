@@ -23,7 +23,8 @@ import numpy as np
 from embedtools.errors import InvalidArgumentError
 from embedtools.progress import Bar, progress_bar
 from embedtools.protocols import Metric
-from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
+from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex, check_quantization
+from embedtools.search import check_k, check_metric
 from embedtools.validation import as_queries, check_positive_int
 
 if TYPE_CHECKING:
@@ -115,6 +116,17 @@ def _recall(found: np.ndarray[Any, Any], truth: np.ndarray[Any, Any]) -> float:
     return float(np.mean([len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(found.tolist(), truth.tolist(), strict=True)]))
 
 
+def _is_sequence(value: object) -> bool:
+    """A list, tuple or 1-d array of settings (not a str, whose letters would be read one by one)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+#: Timed runs per setting at most: more measures nothing new, and ``repeat=10**400`` never ends.
+_MAX_REPEAT = 1000
+
+
 def study(
     store: EmbeddingStore,
     queries: object,
@@ -142,13 +154,22 @@ def study(
         raise InvalidArgumentError("study needs a store with a table")
     full = check_positive_int(full, "dimension")
     store.table(full)
-    repeat = check_positive_int(repeat, "repeat")
+    repeat = check_positive_int(repeat, "repeat", upper=_MAX_REPEAT)
+    # every setting checked before the first search, so a bad one never leaves a study index behind
+    k, metric = check_k(k), check_metric(metric)
+    rescore = check_positive_int(rescore, "rescore")
+    funnel_shortlist = check_positive_int(funnel_shortlist, "funnel_shortlist")
+    if not _is_sequence(quantizations):
+        raise InvalidArgumentError(f"quantizations must be a sequence of kinds, got {quantizations!r}")
+    quantizations = tuple(check_quantization(kind) for kind in quantizations)
     if dimensions is None:
         dims, d = [], full
         while d >= 16:
             dims.append(d)
             d //= 2
     else:
+        if not _is_sequence(dimensions):
+            raise InvalidArgumentError(f"dimensions must be a sequence of ints, got {dimensions!r}")
         dims = sorted({check_positive_int(d, "dimension") for d in dimensions}, reverse=True)
         if any(d > full for d in dims):
             raise InvalidArgumentError(f"study dimensions must be at most {full}")

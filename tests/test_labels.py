@@ -228,3 +228,11 @@ def test_seed_folders_keep_str_labels(tmp_path: Path) -> None:
     (folder / "labels.txt").write_text("1\n2\n3")
     store = make_store().load(folder)
     assert store.table(4).labels == ("1", "2", "3") and label_types(store, 4) == {str}
+
+
+def test_int_labels_are_charged_as_str_labels_are_not_at_all() -> None:
+    """Labels are uncharged host data, whatever their kind: the budget sees only vectors and indexes."""
+    with_ints, with_strs = make_store(), make_store()
+    with_ints.add(clustered(20, 8), labels=list(range(20)))
+    with_strs.add(clustered(20, 8), labels=[f"label-{i}" for i in range(20)])
+    assert with_ints.memory_info().used_bytes == with_strs.memory_info().used_bytes == 20 * (8 + 1) * 4
