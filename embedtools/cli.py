@@ -97,7 +97,8 @@ def inspect_file(path: Path) -> None:
     """Print what a store file (or a seed folder) holds, after the checks ``load`` runs on it."""
     from embedtools import fileformat, seed_format
 
-    if path.is_dir():
+    path, folder = fileformat.locate(path)
+    if folder:
         if not seed_format.is_seed_folder(path):
             raise StoreNotFoundError(f"{path} is a folder without metadata.json (not a seed store)")
         with warnings.catch_warnings(record=True) as caught:

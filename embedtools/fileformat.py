@@ -51,6 +51,7 @@ __all__ = [
     "FORMAT_VERSION",
     "as_store_path",
     "atomic_write",
+    "locate",
     "read_header",
     "read_store",
     "read_table_shapes",
@@ -404,9 +405,25 @@ def _fail(path: Path, reason: str) -> StoreFormatError:
     return StoreFormatError(f"{path} is not a valid embedtools file: {reason}")
 
 
+def locate(path: object) -> tuple[Path, bool]:
+    """A store to read: its ``Path`` and whether it is a folder (a seed store), checked before
+    anything is read — a FIFO or a device would block a reader or stream forever, and a name the
+    filesystem refuses is no store either: typed errors, not ``OSError`` from deep inside ``os``."""
+    target = as_store_path(path)
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"no store at {target}") from None
+    except OSError as exc:  # a name over the filesystem's limit, a folder we may not search
+        raise StoreNotFoundError(f"no store at {target}: {exc.strerror or exc}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise _fail(target, f"a {_kind(mode)}, not a regular file")
+    return target, stat.S_ISDIR(mode)
+
+
 def _check_exists(path: Path) -> None:
-    if not path.exists():
-        raise StoreNotFoundError(f"no store at {path}")
+    if locate(path)[1]:
+        raise _fail(path, "a directory, not a regular file")
 
 
 def _short(value: object) -> str:

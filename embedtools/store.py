@@ -762,12 +762,10 @@ class EmbeddingStore:
         """
         if self._tables:
             raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
-        p = Path(path)
-        if not p.exists():
-            raise StoreNotFoundError(f"no store at {p}")
+        p, folder = fileformat.locate(path)
         if mmap and self._backend.name != "numpy":
             raise InvalidArgumentError(f"mmap=True needs the numpy backend; {self._backend.name} copies tables to its device")
-        if p.is_dir():
+        if folder:
             if mmap:
                 raise InvalidArgumentError("mmap=True reads embedtools files; convert a seed folder first")
             if not seed_format.is_seed_folder(p):
@@ -779,7 +777,7 @@ class EmbeddingStore:
 
         def build() -> Mapping[int, TableState]:
             with progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
-                record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p, mmap=mmap, hasher=self._hasher)[0]
+                record = seed_format.read_seed_store(p) if folder else fileformat.read_store(p, mmap=mmap, hasher=self._hasher)[0]
                 bar.update()
                 if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
                     raise StoreFormatError(f"{p} changed while it was being loaded")

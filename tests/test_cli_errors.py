@@ -65,3 +65,14 @@ def test_convert_into_a_full_disk_is_one_line_and_exit_1(
     assert main(["convert", str(FIXTURE), str(tmp_path / "out")]) == 1
     assert "No space left" in one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_of_a_fifo_or_a_name_too_long_is_one_typed_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A FIFO blocked ``inspect`` for ever; a 300-byte name ended in an untyped ``OSError`` line."""
+    fifo = tmp_path / "store.safetensors"
+    os.mkfifo(fifo)
+    assert main(["inspect", str(fifo)]) == 1
+    assert "FIFO" in one_line_error(capsys)
+    assert main(["inspect", str(tmp_path / ("x" * 300))]) == 1
+    line = one_line_error(capsys)
+    assert "OSError" not in line and "no store" in line

@@ -29,6 +29,7 @@ from embedtools import (
     EmbedtoolsError,
     InvalidArgumentError,
     Sha256Hasher,
+    StoreFormatError,
     StoreNotFoundError,
     StoreWriteError,
     fileformat,
@@ -364,3 +365,32 @@ def test_save_streams_tensors_instead_of_copying_them(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert (tmp_path / "s").stat().st_size > table_bytes
     assert peak < table_bytes // 4, f"save allocated {peak} bytes for a {table_bytes}-byte table"
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"store.safetensors", "", "a\0b"])
+def test_load_refuses_non_paths_with_a_typed_error(tmp_path: Path, bad: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load(None)`` was a ``TypeError`` and ``load("")`` read the working folder as a seed store."""
+    monkeypatch.chdir(tmp_path)
+    budget = et.ByteBudget(1 << 20)
+    store = EmbeddingStore(et.make_backend("numpy"), budget, et.Sha256Hasher())
+    with pytest.raises(InvalidArgumentError, match="path"):
+        store.load(bad)
+    assert store.dimensions == () and budget.report().used_bytes == 0
+
+
+def test_load_of_a_name_too_long_is_a_typed_error(tmp_path: Path) -> None:
+    store = EmbeddingStore(et.make_backend("numpy"), et.ByteBudget(1 << 20), et.Sha256Hasher())
+    with pytest.raises(StoreNotFoundError, match="too long"):
+        store.load(tmp_path / ("x" * 300))
+
+
+def test_load_refuses_a_fifo_instead_of_blocking_on_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "store.safetensors"
+    os.mkfifo(fifo)
+    budget = et.ByteBudget(1 << 20)
+    store = EmbeddingStore(et.make_backend("numpy"), budget, et.Sha256Hasher())
+    for mmap in (False, True):
+        with pytest.raises(StoreFormatError, match="FIFO"):
+            store.load(fifo, mmap=mmap)
+    assert store.dimensions == () and budget.report().used_bytes == 0
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
