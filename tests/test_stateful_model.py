@@ -25,6 +25,13 @@ from tests.helpers import assert_exact_topk, reference_scores
 DIMS = (4, 8)
 KINDS: tuple[et.Quantization, ...] = ("int8", "binary", "bfloat16")
 METRICS: tuple[et.Metric, ...] = ("cosine", "dot", "l2")
+#: The 4-d table is labelled by class ids, the 8-d one by strings (one kind per table).
+LABELS: dict[int, tuple[str | int, ...]] = {4: (0, 1, 2), 8: ("", "a", "b")}
+
+
+def repeated(label: str | int, n: int) -> list[str] | list[int]:
+    """``n`` copies of one label, typed as one kind (what ``add`` and ``update`` take)."""
+    return [label] * n if isinstance(label, str) else [label] * n
 LIMIT = 1 << 20
 F32_BYTES = 4
 
@@ -33,7 +40,7 @@ F32_BYTES = 4
 class ModelTable:
     ids: list[str] = field(default_factory=list)
     vectors: list[npt.NDArray[np.float32]] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
+    labels: list[str | int] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
     kinds: set[et.Quantization] = field(default_factory=set)
 
@@ -75,14 +82,15 @@ class StoreMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ changes
 
     @rule(dim=st.sampled_from(DIMS), n=st.integers(1, 12), offset=st.booleans(), name_ids=st.booleans(),
-          seed=st.integers(0, 2**32 - 1), label=st.sampled_from(["", "a", "b"]), value=st.integers(0, 3))
-    def add(self, dim: int, n: int, offset: bool, name_ids: bool, seed: int, label: str, value: int) -> None:
+          seed=st.integers(0, 2**32 - 1), which=st.integers(0, 2), value=st.integers(0, 3))
+    def add(self, dim: int, n: int, offset: bool, name_ids: bool, seed: int, which: int, value: int) -> None:
         rows = make_rows(seed, n, dim, offset)
+        label = LABELS[dim][which]
         ids = None
         if name_ids:
             ids = [f"r{self.serial + i}" for i in range(n)]
             self.serial += n
-        got = self.store.add(rows, ids=ids, labels=[label] * n, metadata=[{"n": value}] * n)
+        got = self.store.add(rows, ids=ids, labels=repeated(label, n), metadata=[{"n": value}] * n)
         table = self.model.setdefault(dim, ModelTable())
         assert len(got) == n and len(set(got)) == n
         assert not set(got) & set(table.ids), "generated ids collide with the table's ids"
@@ -98,7 +106,7 @@ class StoreMachine(RuleBasedStateMachine):
         rows = np.ones((LIMIT // (F32_BYTES * dim) + 1, dim), dtype=np.float32)
         before = self.budget.report().used_bytes
         with pytest.raises(et.MemoryLimitError):
-            self.store.add(rows)
+            self.store.add(rows, labels=repeated(LABELS[dim][0], len(rows)))
         assert self.budget.report().used_bytes == before
 
     @precondition(lambda self: bool(self.model))
@@ -128,7 +136,7 @@ class StoreMachine(RuleBasedStateMachine):
         table = self.model[dim]
         chosen = data.draw(st.lists(st.sampled_from(table.ids), min_size=1, max_size=3, unique=True))
         vectors = make_rows(seed, len(chosen), dim, offset) if data.draw(st.booleans()) else None
-        labels = [data.draw(st.sampled_from(["a", "c"]))] * len(chosen) if data.draw(st.booleans()) else None
+        labels = repeated(data.draw(st.sampled_from(LABELS[dim])), len(chosen)) if data.draw(st.booleans()) else None
         self.store.update(chosen, vectors, labels=labels, dimension=dim)
         for j, id_ in enumerate(chosen):
             r = table.ids.index(id_)
@@ -170,10 +178,11 @@ class StoreMachine(RuleBasedStateMachine):
             assert np.array_equal(corpus[i], q), "l2 did not return a query's own row"
 
     @precondition(lambda self: bool(self.model))
-    @rule(data=st.data(), metric=st.sampled_from(METRICS), label=st.sampled_from(["a", "b", "c"]),
+    @rule(data=st.data(), metric=st.sampled_from(METRICS), which=st.integers(0, 2),
           value=st.integers(0, 3), k=st.integers(1, 5))
-    def filtered_search(self, data: st.DataObject, metric: et.Metric, label: str, value: int, k: int) -> None:
+    def filtered_search(self, data: st.DataObject, metric: et.Metric, which: int, value: int, k: int) -> None:
         dim = data.draw(st.sampled_from(sorted(self.model)))
+        label = LABELS[dim][which]
         table = self.model[dim]
         corpus = table.matrix(dim)
         keep = np.array([lab == label or m["n"] == value for lab, m in zip(table.labels, table.metadata, strict=True)])
