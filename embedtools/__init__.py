@@ -1,7 +1,7 @@
 """embedtools: embeddings in memory on NumPy, PyTorch or MLX; exact search; safe files; config hashes.
 
 Importing this package loads NumPy and nothing heavier: the container (dependency-injector) is
-loaded on first use of ``embedtools.Container``, torch/MLX only when a backend is built or looked up
+loaded on first use of ``embedtools.Container`` (or ``Config``, ``make_container``), torch/MLX only when a backend is built or looked up
 (``embedtools.TorchBackend`` imports torch).
 """
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from embedtools.backends.mlx import MlxBackend
     from embedtools.backends.numpy import NumpyBackend
     from embedtools.backends.torch import TorchBackend
-    from embedtools.container import Container
+    from embedtools.container import Config, Container, make_container
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "ArrayBackend",
     "BackendUnavailableError",
     "ByteBudget",
+    "Config",
     "Container",
     "Description",
     "DimensionError",
@@ -89,24 +90,30 @@ __all__ = [
     "config_hash",
     "describe",
     "make_backend",
+    "make_container",
     "param_hash",
     "study",
 ]
 
 
 _LAZY = {
+    "Config": "embedtools.container",
     "Container": "embedtools.container",
+    "make_container": "embedtools.container",
     "NumpyBackend": "embedtools.backends.numpy",
     "TorchBackend": "embedtools.backends.torch",
     "MlxBackend": "embedtools.backends.mlx",
 }
 
+# Hidden from type checkers: a module ``__getattr__`` returning ``Any`` would make every misspelt
+# name (``et.Lable``) type-check; they see the ``TYPE_CHECKING`` imports above instead.
+if not TYPE_CHECKING:
 
-def __getattr__(name: str) -> Any:
-    """Load the container and the concrete backends on first use (PEP 562), keeping the import light."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'embedtools' has no attribute {name!r}")
-    import importlib
+    def __getattr__(name: str) -> Any:
+        """Load the container and the concrete backends on first use (PEP 562), keeping the import light."""
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'embedtools' has no attribute {name!r}")
+        import importlib
 
-    return getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)

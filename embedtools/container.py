@@ -1,13 +1,19 @@
-"""The dependency-injection container: the one module that knows which class fills which seam.
+"""The dependency-injection container: which class fills which seam, and what configuration means.
 
 dependency-injector does not type-check provider arguments, so each provider is annotated with the
-Protocol it provides and built through a typed factory function that validates the configuration;
-``tests/test_container.py`` builds every provider for every configuration value.
+Protocol it provides and built through a typed factory function that validates its own value;
+``tests/test_container.py`` builds every provider for every configuration value. Keys are checked
+here, before any provider is built, because the library merges an unknown key silently: a typo in
+``max_memory_gb`` would otherwise give the 8 GiB default. Typed code passes a :class:`Config` to
+:func:`make_container` (checkers flag a wrong key or value); ``c.config.from_dict`` refuses the same
+keys at run time. Fakes for tests swap providers through ``embedtools.testing.overriding``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from collections.abc import Mapping
+from typing import Any, Literal, TypedDict, cast
 
 from dependency_injector import containers, providers
 
@@ -20,15 +26,53 @@ from embedtools.protocols import ArrayBackend, Hasher, MemoryAccountant
 from embedtools.store import EmbeddingStore
 from embedtools.validation import check_positive_int
 
-__all__ = ["DEFAULT_CONFIG", "Container"]
+__all__ = ["CONFIG_KEYS", "DEFAULT_CONFIG", "Config", "Configuration", "Container", "check_config_keys", "make_container"]
 
-DEFAULT_CONFIG: dict[str, Any] = {
+
+class Config(TypedDict, total=False):
+    """The container's configuration; every key is optional and falls back to ``DEFAULT_CONFIG``.
+
+    Backend names are matched case-insensitively at run time; the ``Literal`` lists the spellings
+    typed code should use.
+    """
+
+    backend: Literal["auto", "numpy", "torch", "mlx"]
+    device: str | None
+    max_memory_gb: float | str
+    hash_length: int
+    progress: Literal["auto"] | bool
+
+
+DEFAULT_CONFIG: Config = {
     "backend": "auto",
     "device": None,
     "max_memory_gb": 8.0,
     "hash_length": DEFAULT_HASH_LENGTH,
     "progress": "auto",
 }
+
+CONFIG_KEYS: frozenset[str] = frozenset(Config.__annotations__)
+
+
+def check_config_keys(options: Mapping[str, object]) -> None:
+    """Refuse a key the container does not read, naming the closest known key."""
+    problems: list[str] = []
+    for key in options:
+        if key not in CONFIG_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(CONFIG_KEYS), n=1)
+            problems.append(f"{key!r} (did you mean {close[0]}?)" if close else repr(key))
+    if problems:
+        raise InvalidArgumentError(
+            f"unknown configuration key {', '.join(problems)}; the keys are {', '.join(sorted(CONFIG_KEYS))}"
+        )
+
+
+class Configuration(providers.Configuration):
+    """``providers.Configuration`` that refuses unknown top-level keys in ``from_dict``."""
+
+    def from_dict(self, options: dict[str, Any], required: bool = False) -> None:
+        check_config_keys(options)
+        super().from_dict(options, required)
 
 
 def _backend(backend: object, device: object) -> ArrayBackend[Any]:
@@ -71,7 +115,7 @@ class Container(containers.DeclarativeContainer):
     ``providers.Singleton`` to make stores share one).
     """
 
-    config = providers.Configuration(default=DEFAULT_CONFIG)
+    config: Configuration = Configuration(default=dict(DEFAULT_CONFIG))
     backend: providers.Provider[ArrayBackend[Any]] = providers.Singleton(
         _backend, backend=config.backend, device=config.device
     )
@@ -82,3 +126,15 @@ class Container(containers.DeclarativeContainer):
     store: providers.Provider[EmbeddingStore] = providers.Factory(
         _store, backend=backend, accountant=accountant, hasher=hasher, progress=config.progress
     )
+
+
+def make_container(config: Config | None = None) -> Container:
+    """A container configured from ``config``: the typed entry point, checked by mypy and pyright.
+
+    A function, not a method: ``Container()`` is a ``DynamicContainer`` at run time, which does not
+    carry methods defined on the declarative class.
+    """
+    container = Container()
+    if config is not None:
+        container.config.from_dict(cast("dict[str, Any]", dict(config)))
+    return container

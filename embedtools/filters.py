@@ -26,17 +26,27 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 
 from embedtools.errors import InvalidArgumentError
-from embedtools.validation import INT64_MAX, INT64_MIN, Labels
+from embedtools.validation import INT64_MAX, INT64_MIN, Labels, is_integer
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = ["And", "Filter", "Ids", "Label", "Meta", "MetaCondition", "Not", "Or", "RowSource"]
+
+
+# Guards rather than bare isinstance: narrowing by the numpy classes leaves their type argument
+# unknown, which pyright --strict reports at every use.
+def _is_real(value: object) -> TypeGuard[float | np.floating[Any]]:
+    return isinstance(value, (float, np.floating))
+
+
+def _is_numpy_bool(value: object) -> TypeGuard[np.bool_[Any]]:
+    return isinstance(value, np.bool_)
 
 _MISSING = object()
 _JSON_SCALARS = (str, int, float, bool, type(None))
@@ -111,10 +121,10 @@ def _decode_row(text: str) -> dict[str, Any]:
     """A row's metadata; text that is not a JSON object (only a damaged file could hold it) counts
     as a row without keys, so it matches no condition rather than failing every search."""
     try:
-        row = json.loads(text)
+        row: object = json.loads(text)
     except (ValueError, RecursionError):
         return {}
-    return row if isinstance(row, dict) else {}
+    return cast("dict[str, Any]", row) if isinstance(row, dict) else {}
 
 
 def _identity(value: object) -> tuple[str, Any] | None:
@@ -196,7 +206,7 @@ def _values(values: tuple[object, ...], what: str, ints: bool) -> frozenset[str 
     for value in values:
         if isinstance(value, str):
             out.add(str.__str__(value))
-        elif ints and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        elif ints and is_integer(value) and not isinstance(value, (bool, np.bool_)):
             number = int(value)
             if not INT64_MIN <= number <= INT64_MAX:
                 raise InvalidArgumentError(f"{what}({number}): int labels are int64")
@@ -296,11 +306,11 @@ def _meta_value(value: object, what: str) -> object:
         return value
     if isinstance(value, str):
         return str.__str__(value)  # a str subclass (numpy's str_) as the str it equals
-    if isinstance(value, np.bool_):
+    if _is_numpy_bool(value):
         return bool(value)
-    if isinstance(value, (int, np.integer)):
+    if is_integer(value):
         return int(value)
-    if isinstance(value, (float, np.floating)):
+    if _is_real(value):
         number = float(value)
         if not math.isfinite(number):
             raise InvalidArgumentError(f"{what}: {number} is not a value metadata can hold (JSON has no NaN or infinity)")
@@ -312,9 +322,9 @@ def _bound(value: object) -> float | None:
     """A range bound: None (open) or a finite number (ints of any size compare exactly)."""
     if value is None:
         return None
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    if is_integer(value) and not isinstance(value, (bool, np.bool_)):
         return int(value)
-    if isinstance(value, (float, np.floating)) and math.isfinite(value):
+    if _is_real(value) and math.isfinite(value):
         return float(value)
     raise InvalidArgumentError(f"range bounds are finite numbers or None, got {value!r}")
 
@@ -326,7 +336,7 @@ class Meta:
     key: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, str):
+        if not isinstance(cast(object, self.key), str):  # untyped callers pass anything
             raise InvalidArgumentError(f"a metadata key is a str, not {type(self.key).__name__}")
 
     def eq(self, value: object) -> MetaCondition:

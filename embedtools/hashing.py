@@ -23,7 +23,8 @@ import enum
 import hashlib
 import json
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import cast
 
 from embedtools.errors import UnhashableConfigError
 from embedtools.validation import check_positive_int
@@ -38,7 +39,8 @@ _Json = None | bool | int | float | str | list["_Json"] | dict[str, "_Json"]
 
 def canonical_json(config: Mapping[str, object]) -> str:
     """The exact text that is hashed: the seed's ``json.dumps(..., sort_keys=True)`` of ``config``."""
-    if not isinstance(config, Mapping):
+    given = cast(object, config)  # untyped callers pass anything
+    if not isinstance(given, Mapping):
         raise UnhashableConfigError(f"a configuration must be a mapping with str keys, got {type(config).__name__}")
     plain = _to_json(config, "config", 0, set())
     try:
@@ -63,13 +65,14 @@ def _to_json(value: object, where: str, depth: int, seen: set[int]) -> _Json:
     if _is_numpy_bool(value):
         return bool(value)
     if isinstance(value, Mapping):
-        return _mapping_to_json(value, where, depth, seen)
+        return _mapping_to_json(cast("Mapping[object, object]", value), where, depth, seen)
     if isinstance(value, (list, tuple)):
-        if id(value) in seen:
+        items = cast("Sequence[object]", value)
+        if id(items) in seen:
             raise UnhashableConfigError(f"{where}: circular reference")
-        seen.add(id(value))
-        out = [_to_json(item, f"{where}[{i}]", depth + 1, seen) for i, item in enumerate(value)]
-        seen.discard(id(value))
+        seen.add(id(items))
+        out = [_to_json(item, f"{where}[{i}]", depth + 1, seen) for i, item in enumerate(items)]
+        seen.discard(id(items))
         return out
     raise UnhashableConfigError(
         f"{where}: values of type {type(value).__name__} have no canonical encoding "

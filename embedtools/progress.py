@@ -8,7 +8,7 @@ calls and non-interactive runs (CI, pipes, notebooks' logs) stay silent. ``True`
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -41,7 +41,7 @@ def shows(setting: bool | None) -> bool:
 
 
 @contextmanager
-def progress_bar(setting: bool | None, total: int, desc: str, unit: str = "it") -> Iterator[Bar]:
+def progress_bar(setting: bool | None, total: int, desc: str, unit: str = "it") -> Generator[Bar]:
     """A bar of ``total`` steps, or a silent stand-in when progress is off here."""
     if not shows(setting) or total < 1:
         yield _Silent()

@@ -6,7 +6,7 @@ import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -40,9 +40,10 @@ class SearchResult:
     @cached_property
     def ids(self) -> list[list[str]]:
         """``ids[i][j]`` is ``row_ids[indices[i, j]]`` (one ``itemgetter`` per query)."""
+        rows: list[list[int]] = self.indices.tolist()
         if self.indices.shape[-1] < 2:
-            return [[self.row_ids[i] for i in row] for row in self.indices.tolist()]
-        return [list(operator.itemgetter(*row)(self.row_ids)) for row in self.indices.tolist()]
+            return [[self.row_ids[i] for i in row] for row in rows]
+        return [list(cast("tuple[str, ...]", operator.itemgetter(*row)(self.row_ids))) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class TableMemory:
     rows: int
     dtype: str
     nbytes: int
-    quantized: Mapping[str, int] = field(default_factory=dict)
+    quantized: Mapping[str, int] = field(default_factory=dict[str, int])
     mapped: bool = False
 
 

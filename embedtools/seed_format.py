@@ -13,7 +13,7 @@ import json
 import reprlib
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -38,20 +38,26 @@ def _fail(path: Path, reason: str) -> StoreFormatError:
 def _read_metadata(folder: Path) -> tuple[list[int], dict[int, object]]:
     """The table dimensions, and each table's table-level metadata (the seed's ``sliced_from``)."""
     try:
-        meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+        meta: object = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise _fail(folder, f"metadata.json: {exc}") from None
     except RecursionError:  # a crafted file nested past the parser's depth
         raise _fail(folder, "metadata.json is nested too deep") from None
-    dims = meta.get("dimensions") if isinstance(meta, dict) else None
-    if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+    top = _object(meta)
+    listed = top.get("dimensions")
+    dims = [d for d in cast("list[object]", listed) if isinstance(d, int)] if isinstance(listed, list) else []
+    if not isinstance(listed, list) or len(dims) != len(cast("list[object]", listed)) or not all(not isinstance(d, bool) and d > 0 for d in dims):
         raise _fail(folder, "metadata.json has no list of positive int dimensions")
     if len(set(dims)) != len(dims):
         raise _fail(folder, "metadata.json lists a dimension twice")
-    info = meta.get("dimension_info")
-    info = info if isinstance(info, dict) else {}
-    extras = {d: entry.get("metadata") for d in dims if isinstance(entry := info.get(str(d)), dict)}
-    return list(dims), {d: extra for d, extra in extras.items() if extra}
+    info = _object(top.get("dimension_info"))
+    extras = {d: _object(info.get(str(d))).get("metadata") for d in dims}
+    return dims, {d: extra for d, extra in extras.items() if extra}
+
+
+def _object(value: object) -> dict[str, object]:
+    """A JSON object as a typed mapping; anything else reads as an empty one (the seed's ``.get`` rule)."""
+    return cast("dict[str, object]", value) if isinstance(value, dict) else {}
 
 
 def _open_npy(folder: Path, d: int) -> npt.NDArray[Any]:
@@ -94,7 +100,7 @@ def read_seed_store(folder: Path) -> StoreRecord:
             f"{folder}: table {d}d had table-level metadata {reprlib.repr(extra)}, which embedtools does not keep",
             stacklevel=3,
         )
-    tables = []
+    tables: list[TableRecord] = []
     for d in dims:
         raw = _open_npy(folder, d)
         try:

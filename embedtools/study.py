@@ -95,10 +95,11 @@ class StudyTable:
             axis.grid(alpha=0.3)
             axis.set_ylim(0, 1.02)
             axis.legend(fontsize=8)
-        figure.suptitle(f"exact {self.full_dimension}-d {self.metric} top-{self.k} as the reference")
+        title = f"exact {self.full_dimension}-d {self.metric} top-{self.k} as the reference"
+        figure.suptitle(title)  # pyright: ignore[reportUnknownMemberType]  (matplotlib leaves **kwargs untyped)
         figure.tight_layout()
         out = Path(path)
-        figure.savefig(out, dpi=110)
+        figure.savefig(out, dpi=110)  # pyright: ignore[reportUnknownMemberType]  (as above)
         plt.close(figure)
         return out
 
@@ -163,7 +164,8 @@ def study(
         raise InvalidArgumentError(f"quantizations must be a sequence of kinds, got {quantizations!r}")
     quantizations = tuple(check_quantization(kind) for kind in quantizations)
     if dimensions is None:
-        dims, d = [], full
+        dims: list[int] = []
+        d = full
         while d >= 16:
             dims.append(d)
             d //= 2
@@ -204,8 +206,9 @@ def _measure(
             found, t = _timed(lambda: store.search(q, k=k, metric=metric, funnel=funnel).indices, repeat)  # noqa: B023
             rows.append(StudyRow("funnel", d, f"{d}-d x{funnel[0][1]} -> {full}-d", _recall(found, truth), t * per_query, d * 4))
         bar.update()
-    for kind in quantizations:
-        built_here = kind not in store._tables[full].quantized
+    for each in quantizations:
+        kind: Quantization = each  # a declared type: the lambda below reads it after the loop narrowed it
+        built_here = kind not in store.memory_info().tables[full].quantized
         if built_here:
             store.quantize(full, kind)
         try:

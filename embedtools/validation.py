@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 
@@ -32,6 +32,7 @@ __all__ = [
     "check_strings",
     "decode_json",
     "encode_metadata",
+    "is_integer",
     "json_problem",
     "label_kind",
 ]
@@ -48,15 +49,25 @@ JSON_INT_MIN, JSON_INT_MAX = INT64_MIN, INT64_MAX
 _INT_DIGITS = len(str(JSON_INT_MIN))
 
 
+def _array_list(data: object) -> Sequence[object] | None:
+    """``data`` as a list of arrays to stack, or None where it is not one."""
+    if not isinstance(data, (list, tuple)):
+        return None
+    items = cast("Sequence[object]", data)
+    return items if items and all(hasattr(item, "__dlpack__") for item in items) else None
+
+
 def _foreign_to_host(data: object) -> object:
     """A torch tensor (any device, with or without grad, bfloat16 too) as something NumPy reads;
     MLX arrays and NumPy-likes pass through (NumPy reads them through the buffer protocol). A list
     of arrays (sentence-transformers' ``encode`` without ``convert_to_*``) is stacked row by row."""
-    if isinstance(data, (list, tuple)) and data and all(hasattr(item, "__dlpack__") for item in data):
-        return np.stack([np.asarray(_foreign_to_host(item)) for item in data])
-    if isinstance(data, np.ndarray) or not callable(getattr(data, "detach", None)):
-        return data
-    tensor = data.detach().cpu()  # type: ignore[attr-defined]
+    arrays = _array_list(data)
+    if arrays is not None:
+        return np.stack([np.asarray(_foreign_to_host(item)) for item in arrays])
+    detach = getattr(data, "detach", None)
+    if isinstance(data, np.ndarray) or not callable(detach):
+        return data  # pyright: ignore[reportUnknownVariableType]  (an ndarray of any dtype, returned as object)
+    tensor: Any = cast("Callable[[], Any]", detach)().cpu()
     if str(tensor.dtype) == "torch.bfloat16":
         tensor = tensor.float()  # NumPy has no bfloat16; float32 holds every bfloat16 exactly
     return tensor
@@ -109,9 +120,15 @@ def as_queries(data: object) -> npt.NDArray[np.float32]:
     return _finite_float32(array, "queries")
 
 
+def is_integer(value: object) -> TypeGuard[int | np.integer[Any]]:
+    """An int or a NumPy integer (bools too: callers that refuse them say so); a guard rather than
+    a bare isinstance, so type checkers know the NumPy integer's type argument."""
+    return isinstance(value, (int, np.integer))
+
+
 def check_positive_int(value: object, what: str, *, upper: int | None = None) -> int:
     """``value`` as an int in ``1..upper``; bools, floats and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if isinstance(value, bool) or not is_integer(value) or value < 1:
         raise InvalidArgumentError(f"{what} must be a positive int, got {value!r}")
     if upper is not None and value > upper:
         raise InvalidArgumentError(f"{what} must be at most {upper}, got {value!r}")
@@ -133,7 +150,7 @@ def check_strings(values: object, n: int, what: str) -> tuple[str, ...]:
     """``n`` str values that can be written as UTF-8 (lone surrogates cannot)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
         raise InvalidArgumentError(f"{what} must be a sequence of str, got {type(values).__name__}")
-    items = tuple(values)
+    items = tuple(cast("Iterable[object]", values))
     if len(items) != n:
         raise InvalidArgumentError(f"{what} has {len(items)} entries for {n} rows")
     for i, item in enumerate(items):
@@ -143,7 +160,7 @@ def check_strings(values: object, n: int, what: str) -> tuple[str, ...]:
             item.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidArgumentError(f"{what}[{i}] is not valid Unicode (lone surrogate)") from None
-    return tuple(str.__str__(s) for s in items)
+    return tuple(str.__str__(cast(str, s)) for s in items)
 
 
 def label_kind(labels: Labels) -> type[str] | type[int]:
@@ -163,7 +180,7 @@ def _label(item: object, i: int, what: str) -> str | int:
         except UnicodeEncodeError:
             raise InvalidArgumentError(f"{what}[{i}] is not valid Unicode (lone surrogate)") from None
         return str.__str__(item)
-    if isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_)):
+    if is_integer(item) and not isinstance(item, (bool, np.bool_)):
         value = int(item)
         if not INT64_MIN <= value <= INT64_MAX:
             raise InvalidArgumentError(f"{what}[{i}] = {value} is outside int64, the range int labels are saved in")
@@ -179,7 +196,12 @@ def check_labels(values: object, n: int, existing: Labels | None = None, what: s
     ``Label(3)`` and ``Label("3")`` mean one thing and the file saves one typed column."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
         raise InvalidArgumentError(f"{what} must be a sequence of str or of int, got {type(values).__name__}")
-    items = values.tolist() if isinstance(values, np.ndarray) and values.dtype.kind in "iu" else tuple(values)
+    items: Sequence[object]
+    if isinstance(values, np.ndarray):
+        array = cast("npt.NDArray[Any]", values)
+        items = array.tolist() if array.dtype.kind in "iu" else tuple(array)
+    else:
+        items = tuple(cast("Sequence[object]", values))
     if len(items) != n:
         raise InvalidArgumentError(f"{what} has {len(items)} entries for {n} rows")
     out = tuple(_label(item, i, what) for i, item in enumerate(items))
@@ -199,15 +221,17 @@ def check_labels(values: object, n: int, existing: Labels | None = None, what: s
 
 def encode_metadata(values: object, n: int) -> tuple[str, ...]:
     """Each row's metadata as compact JSON text: validated once, stored and saved as is."""
+    given = type(values).__name__
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
-        raise InvalidArgumentError(f"metadata must be a sequence of one mapping per row, got {type(values).__name__}")
-    if len(values) != n:
-        raise InvalidArgumentError(f"metadata has {len(values)} entries for {n} rows")
-    out = []
-    for i, row in enumerate(values):
+        raise InvalidArgumentError(f"metadata must be a sequence of one mapping per row, got {given}")
+    rows = cast("Sequence[object]", values)
+    if len(rows) != n:
+        raise InvalidArgumentError(f"metadata has {len(rows)} entries for {n} rows")
+    out: list[str] = []
+    for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise InvalidArgumentError(f"metadata[{i}] is a {type(row).__name__}, expected a mapping")
-        plain = dict(row)
+        plain = dict(cast("Mapping[object, object]", row))
         problem = json_problem(plain)
         if problem is not None:
             raise InvalidArgumentError(f"metadata[{i}]{problem}")
@@ -254,7 +278,7 @@ def _problem(value: object, depth: int, limit: int) -> _Found | None:
         if depth > limit:
             return [], f"nested deeper than {limit} levels"
         if isinstance(value, dict):
-            for key, item in value.items():
+            for key, item in cast("dict[object, object]", value).items():
                 if not isinstance(key, str):
                     return [], f"key {_short(key)} is a {type(key).__name__}; JSON keys must be str"
                 found = _problem(key, depth, limit) or _problem(item, depth + 1, limit)
@@ -262,7 +286,7 @@ def _problem(value: object, depth: int, limit: int) -> _Found | None:
                     found[0].append(key)
                     return found
         else:
-            for i, item in enumerate(value):
+            for i, item in enumerate(cast("Sequence[object]", value)):
                 found = _problem(item, depth + 1, limit)
                 if found is not None:
                     found[0].append(i)

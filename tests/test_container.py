@@ -19,7 +19,8 @@ from embedtools import (
     MemoryReport,
     Sha256Hasher,
 )
-from embedtools.container import DEFAULT_CONFIG
+from embedtools.container import DEFAULT_CONFIG, make_container
+from embedtools.testing import FakeBackend, RecordingAccountant, overriding
 from tests.conformance.backends import PAIRS
 
 
@@ -39,7 +40,7 @@ def test_defaults() -> None:
     c = et.Container()
     store = build_all(c)
     assert store.backend.name == "numpy"
-    assert store.memory_info().limit_bytes == int(DEFAULT_CONFIG["max_memory_gb"] * 2**30)
+    assert store.memory_info().limit_bytes == int(float(DEFAULT_CONFIG["max_memory_gb"]) * 2**30)
     assert len(store.config_hash) == 16
 
 
@@ -85,20 +86,16 @@ def test_auto_follows_the_documented_order_here() -> None:
 
 
 def test_memory_budget_as_a_share_of_free_device_memory() -> None:
-    class Reporting(et.NumpyBackend):
-        def free_bytes(self) -> int | None:
-            return 1000
-
     c = et.Container()
     c.config.max_memory_gb.from_value("80%")
-    backend: ArrayBackend[Any] = Reporting()
-    with c.backend.override(providers.Object(backend)):
+    backend = FakeBackend(free_bytes=1000)
+    with overriding(c, backend=backend):
         assert c.store().memory_info().limit_bytes == 800
     with pytest.raises(InvalidArgumentError, match="free memory"):
         c.store()  # numpy on the cpu reports no free memory
     for bad in ("0%", "150%", "x%"):
         c.config.max_memory_gb.from_value(bad)
-        with c.backend.override(providers.Object(backend)), pytest.raises(InvalidArgumentError):
+        with overriding(c, backend=backend), pytest.raises(InvalidArgumentError):
             c.store()
 
 
@@ -140,36 +137,9 @@ class FakeHasher:
         return "fake"
 
 
-class RecordingAccountant:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, int | None]] = []
-        self.inner = ByteBudget(1 << 20)
-
-    def reserve(self, owner: str, nbytes: int) -> None:
-        self.calls.append(("reserve", owner, nbytes))
-        self.inner.reserve(owner, nbytes)
-
-    def release(self, owner: str, nbytes: int | None = None) -> None:
-        self.calls.append(("release", owner, nbytes))
-        self.inner.release(owner, nbytes)
-
-    def report(self) -> MemoryReport:
-        return self.inner.report()
-
-
-class CountingBackend(et.NumpyBackend):
-    def __init__(self) -> None:
-        self.topk_calls = 0
-
-    def topk(self, *args: Any, **kwargs: Any) -> Any:
-        self.topk_calls += 1
-        return super().topk(*args, **kwargs)
-
-
 def test_override_hasher() -> None:
     c = et.Container()
-    fake: et.Hasher = FakeHasher()
-    with c.hasher.override(providers.Object(fake)):
+    with overriding(c, hasher=FakeHasher()):
         assert c.store().config_hash == "fake"
     assert c.store().config_hash == "44136fa355b3678a"
 
@@ -177,23 +147,40 @@ def test_override_hasher() -> None:
 def test_override_accountant() -> None:
     c = et.Container()
     recording = RecordingAccountant()
-    with c.accountant.override(providers.Object(recording)):
+    with overriding(c, accountant=recording):
         store = c.store()
         store.add(np.ones((2, 3), np.float32))
-    assert recording.calls and recording.calls[0][0] == "reserve" and recording.calls[0][2] == 2 * 4 * 4
+    assert recording.calls and recording.calls[0].kind == "reserve" and recording.calls[0].nbytes == 2 * 4 * 4
     assert c.store().accountant is not recording
+
+
+def test_a_refusing_accountant_leaves_the_store_unchanged() -> None:
+    c = et.Container()
+    recording = RecordingAccountant(refuse=True)
+    with overriding(c, accountant=recording):
+        store = c.store()
+        with pytest.raises(et.MemoryLimitError):
+            store.add(np.ones((2, 3), np.float32))
+    assert store.dimensions == () and [call.kind for call in recording.calls] == ["refused"]
+    assert recording.report().used_bytes == 0
 
 
 def test_override_backend() -> None:
     c = et.Container()
-    counting = CountingBackend()
-    backend: ArrayBackend[Any] = counting
-    with c.backend.override(providers.Object(backend)):
+    fake = FakeBackend()
+    with overriding(c, backend=fake):
         store = c.store()
         store.add(np.ones((2, 3), np.float32))
         store.search(np.ones(3, np.float32), k=1)
-    assert counting.topk_calls == 1
-    assert c.store().backend is not counting
+    assert fake.count("topk") == 1
+    assert c.store().backend is not fake
+
+
+def test_the_raw_provider_override_still_works() -> None:
+    c = et.Container()
+    fake: et.Hasher = FakeHasher()
+    with c.hasher.override(providers.Object(fake)):
+        assert c.store().config_hash == "fake"
 
 
 def test_override_store_factory_arguments() -> None:
@@ -207,3 +194,21 @@ def test_invalid_override_fails_at_use() -> None:
     with c.accountant.override(providers.Factory(ByteBudget, limit_bytes=-5)):
         with pytest.raises(InvalidArgumentError):
             c.store()
+
+
+def test_unknown_keys_are_refused_with_a_suggestion_before_anything_is_built() -> None:
+    c = et.Container()
+    with pytest.raises(InvalidArgumentError, match="did you mean backend.*did you mean max_memory_gb") as info:
+        c.config.from_dict({"backnd": "numpy", "max_memroy_gb": 1})
+    assert "'backnd'" in str(info.value)
+    assert c.config() == DEFAULT_CONFIG  # nothing was merged
+    with pytest.raises(InvalidArgumentError, match="unknown configuration key 'colour'; the keys are backend, device"):
+        c.config.from_dict({"colour": 1})
+
+
+def test_make_container_is_the_typed_entry_point() -> None:
+    store = make_container({"backend": "numpy", "max_memory_gb": 1, "hash_length": 8}).store()
+    assert (store.backend.name, store.memory_info().limit_bytes, len(store.config_hash)) == ("numpy", 2**30, 8)
+    assert make_container().store().memory_info().limit_bytes == 8 * 2**30
+    with pytest.raises(InvalidArgumentError, match="did you mean max_memory_gb"):
+        make_container({"max_memroy_gb": 1})  # type: ignore[arg-type]
