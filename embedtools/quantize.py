@@ -152,7 +152,7 @@ def _finite_problem(values: npt.NDArray[Any]) -> str | None:
     return None if np.isfinite(values).all() else "holds NaN or infinite values"
 
 
-class Float16Codec(Codec):
+class _Float16Codec(Codec):
     kind = "float16"
     dtype = device_dtype = np.dtype(np.float16)
 
@@ -166,7 +166,7 @@ class Float16Codec(Codec):
         return _finite_problem(tensors["codes"])
 
 
-class BFloat16Codec(Codec):
+class _BFloat16Codec(Codec):
     """Raw 16-bit words in files (uint16, as NumPy must hold them); ``int16`` on a backend, because
     every library and device has it, while torch on MPS had no uint16 before 2.9 and torch before
     2.3 none at all."""
@@ -184,7 +184,7 @@ class BFloat16Codec(Codec):
         return _finite_problem((tensors["codes"].astype(np.uint32) << np.uint32(16)).view(np.float32))
 
 
-class Int8Codec(Codec):
+class _Int8Codec(Codec):
     kind = "int8"
     dtype = device_dtype = np.dtype(np.int8)
     calibrated = True
@@ -204,7 +204,7 @@ class Int8Codec(Codec):
         return steps
 
 
-class BinaryCodec(Codec):
+class _BinaryCodec(Codec):
     """Sign bits packed eight to a byte, most significant first (``numpy.packbits``)."""
 
     kind = "binary"
@@ -231,7 +231,7 @@ class BinaryCodec(Codec):
         return np.where(queries > 0, F32(1), F32(-1)), "dot"
 
 
-_REGISTRY: dict[Quantization, Codec] = {codec.kind: codec for codec in (Float16Codec(), BFloat16Codec(), Int8Codec(), BinaryCodec())}
+_REGISTRY: dict[Quantization, Codec] = {codec.kind: codec for codec in (_Float16Codec(), _BFloat16Codec(), _Int8Codec(), _BinaryCodec())}
 assert tuple(_REGISTRY) == QUANTIZATIONS, "the built-in codecs are the Quantization literal's kinds, in its order"
 
 #: Every quantisation kind's codec, by kind: the built-ins (:data:`QUANTIZATIONS`) and any registered.
