@@ -306,14 +306,17 @@ class QuantizedIndex(Generic[ArrayT]):
         return self.codec.nbytes(self.rows, self.dimension)
 
     @staticmethod
-    def build(kind: Quantization, vectors: npt.NDArray[np.float32]) -> QuantizedIndex[npt.NDArray[Any]]:
-        """The index of host float32 ``vectors`` (calibrated on them), encoded in chunks of rows so
-        the host memory beyond the codes stays a few MiB whatever the table's size."""
+    def build(
+        kind: Quantization, vectors: npt.NDArray[np.float32], *, chunk_values: int = _CHUNK_VALUES
+    ) -> QuantizedIndex[npt.NDArray[Any]]:
+        """The index of host float32 ``vectors`` (calibrated on them), encoded in chunks of whole rows
+        of about ``chunk_values`` values, so the host memory beyond the codes stays a few MiB
+        whatever the table's size."""
         codec = CODECS[check_quantization(kind)]
         n, d = vectors.shape
         calibration = codec.calibrate(vectors)
         codes = np.empty((n, codec.code_width(d)), dtype=codec.dtype)
-        step = max(1, _CHUNK_VALUES // max(d, 1))
+        step = max(1, chunk_values // max(d, 1))
         for start in range(0, n, step):
             chunk = np.asarray(vectors[start : start + step], dtype=F32)
             codes[start : start + step] = codec.encode(chunk, calibration, start)
