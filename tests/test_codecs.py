@@ -94,6 +94,8 @@ def test_a_registered_kind_quantizes_searches_saves_and_loads(toy: Codec, tmp_pa
     assert loaded.memory_info().tables == store.memory_info().tables
     assert loaded.search(queries, quantized=TOY, rescore=2).ids == store.search(queries, quantized=TOY, rescore=2).ids
     assert TableShape(20, 200, (TOY,)).nbytes == TableShape(20, 200).nbytes + toy.nbytes(200, 20)
+    (row,) = et.study(loaded, queries, k=5, dimensions=[20], quantizations=(TOY,), repeat=1).rows[1:]
+    assert (row.kind, row.bytes_per_row) == (TOY, toy.nbytes(200, 20) / 200)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=IDS)
