@@ -37,7 +37,7 @@ import numpy as np
 
 from embedtools.errors import EmbedtoolsError, InvalidArgumentError, StoreFormatError, StoreNotFoundError, StoreWriteError
 from embedtools.hashing import config_hash
-from embedtools.quantize import QUANTIZATIONS, Quantization, QuantizedIndex
+from embedtools.quantize import CODECS, Quantization, QuantizedIndex
 from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
 from embedtools.validation import INT64_MAX, INT64_MIN, MAX_JSON_DEPTH, Labels, as_labels, decode_json, json_problem, label_kind
 
@@ -322,6 +322,11 @@ _SAFETENSORS_DTYPES = {"u8": "U64", "i8": "I64", "f8": "F64", "f4": "F32", "u4":
 _SAFETENSORS_ORDER = {name: rank for rank, name in enumerate(_SAFETENSORS_DTYPES.values())}
 
 
+def _safetensors_dtype(dtype: np.dtype[Any]) -> str:
+    """safetensors' name of a NumPy dtype (a codec's tensors are described by NumPy dtypes)."""
+    return _SAFETENSORS_DTYPES[f"{dtype.kind}{dtype.itemsize}"]
+
+
 def _safetensors_chunks(tensors: Mapping[str, npt.NDArray[Any]], metadata: Mapping[str, str]) -> list[bytes | memoryview]:
     """The safetensors file of ``tensors`` as buffers: its header, then each tensor's bytes, uncopied.
 
@@ -367,10 +372,7 @@ def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: 
             tensors[f"{d}d/{name}.utf8"] = data
             tensors[f"{d}d/{name}.offsets"] = offsets.astype("<i8", copy=False)
         for index in table.quantized:
-            tensors[f"{d}d/quantized.{index.kind}.codes"] = np.ascontiguousarray(index.codes)
-            if index.scale is not None and index.offset is not None:
-                tensors[f"{d}d/quantized.{index.kind}.scale"] = index.scale
-                tensors[f"{d}d/quantized.{index.kind}.offset"] = index.offset
+            tensors.update({f"{d}d/quantized.{index.kind}.{name}": array for name, array in index.file_tensors().items()})
         entry: dict[str, Any] = {"dimension": d, "rows": len(table.ids), "dtype": "float32"}
         if int_labels:
             entry[_LABEL_TYPE] = _INT_LABELS
@@ -518,22 +520,13 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
         kinds = entry.get("quantized", [])
         if (
             not isinstance(kinds, list)
-            or not all(isinstance(kind, str) and kind in QUANTIZATIONS for kind in kinds)
+            or not all(isinstance(kind, str) and kind in CODECS for kind in kinds)
             or len(set(kinds)) != len(kinds)
         ):
             raise _fail(path, f"bad quantized list {_short(kinds)}")
         for kind in kinds:
-            prefix = f"{d}d/quantized.{kind}"
-            if kind == "float16":
-                expected[f"{prefix}.codes"] = ("F16", [n, d])
-            elif kind == "bfloat16":
-                expected[f"{prefix}.codes"] = ("U16", [n, d])
-            elif kind == "binary":
-                expected[f"{prefix}.codes"] = ("U8", [n, (d + 7) // 8])
-            else:
-                expected[f"{prefix}.codes"] = ("I8", [n, d])
-                expected[f"{prefix}.scale"] = ("F32", [d])
-                expected[f"{prefix}.offset"] = ("F32", [d])
+            for name, spec in QuantizedIndex.file_tensors_for(kind, n, d).items():
+                expected[f"{d}d/quantized.{kind}.{name}"] = (_safetensors_dtype(spec.dtype), list(spec.shape))
     if set(shapes) != set(expected) or set(digests) != set(expected):
         raise _fail(path, "tensor names do not match the header")
     for name, (dtype, shape) in expected.items():
@@ -680,17 +673,13 @@ def _labels(path: Path, d: int, texts: tuple[str, ...], ints: bool) -> Labels:
 def _read_quantized(
     path: Path, d: int, kind: Quantization, arrays: Mapping[str, npt.NDArray[Any]]
 ) -> QuantizedIndex[npt.NDArray[Any]]:
+    """The index of ``kind`` in table ``d``, after its codec's checks (what ``save`` could have written)."""
     prefix = f"{d}d/quantized.{kind}"
-    codes = arrays[f"{prefix}.codes"]
-    if kind != "int8":
-        values = (codes.astype(np.uint32) << np.uint32(16)).view(np.float32) if kind == "bfloat16" else codes
-        if kind in ("float16", "bfloat16") and not np.isfinite(values).all():
-            raise _fail(path, f"{prefix} holds NaN or infinite values")
-        return QuantizedIndex(kind, d, codes.shape[0], codes)
-    scale, offset = arrays[f"{prefix}.scale"], arrays[f"{prefix}.offset"]
-    if not (np.isfinite(scale).all() and np.isfinite(offset).all() and (scale > 0).all()):
-        raise _fail(path, f"{prefix} has a bad calibration (scale must be finite and positive)")
-    return QuantizedIndex(kind, d, codes.shape[0], codes, scale=scale, offset=offset)
+    names = QuantizedIndex.file_tensors_for(kind, 0, d)
+    index = QuantizedIndex.from_file(kind, d, {name: arrays[f"{prefix}.{name}"] for name in names})
+    if isinstance(index, str):
+        raise _fail(path, f"{prefix} {index}")
+    return index
 
 
 def _is_orthogonal(matrix: npt.NDArray[Any]) -> bool:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedtools.errors import DuplicateIdError, InvalidEmbeddingError
-from embedtools.quantize import Quantization, QuantizedIndex
+from embedtools.quantize import CODECS, Quantization, QuantizedIndex
 from embedtools.validation import Labels
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class TableShape:
         matrix and the rows rotated onto ``rotation`` axes)."""
         f32 = np.dtype(np.float32).itemsize
         total = self.rows * ((0 if self.mapped else self.dimension) + 1) * f32
-        total += sum(QuantizedIndex.nbytes_for(kind, self.rows, self.dimension) for kind in self.quantized)
+        total += sum(CODECS[kind].nbytes(self.rows, self.dimension) for kind in self.quantized)
         if self.rotation:
             total += (self.dimension * self.dimension + self.rows * self.rotation) * f32
         return total

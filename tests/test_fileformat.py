@@ -279,6 +279,11 @@ def _bad_int8_scale(header: dict[str, Any], tensors: dict[str, Any]) -> None:
     header["tensors"]["4d/quantized.int8.scale"] = fileformat._digest(tensors["4d/quantized.int8.scale"])
 
 
+def _binary_padding_bits(header: dict[str, Any], tensors: dict[str, Any]) -> None:
+    tensors["4d/quantized.binary.codes"] = tensors["4d/quantized.binary.codes"] | np.uint8(1)  # past the 4 bits of a row
+    header["tensors"]["4d/quantized.binary.codes"] = fileformat._digest(tensors["4d/quantized.binary.codes"])
+
+
 def _not_a_rotation(header: dict[str, Any], tensors: dict[str, Any]) -> None:
     tensors["4d/rotation.matrix"] = np.full((4, 4), 0.5, np.float32)
     header["tensors"]["4d/rotation.matrix"] = fileformat._digest(tensors["4d/rotation.matrix"])
@@ -292,6 +297,7 @@ def _unknown_quantization(header: dict[str, Any], tensors: dict[str, Any]) -> No
     ("change", "error"),
     [
         (_bad_int8_scale, StoreFormatError),
+        (_binary_padding_bits, StoreFormatError),
         (_not_a_rotation, StoreFormatError),
         (_set("tables", [{"dimension": 4, "rows": 3, "rotation": 9}]), StoreFormatError),
         (_unknown_quantization, StoreFormatError),

@@ -317,15 +317,12 @@ def test_a_mapped_table_searches_from_its_in_memory_indexes(tmp_path: Path) -> N
     np.testing.assert_array_equal(a.scores, b.scores)
 
 
-def test_building_in_chunks_gives_the_codes_of_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedtools.quantize as quantize_module
-
+def test_building_in_chunks_gives_the_codes_of_one_pass() -> None:
     x = clustered(1000, 24, seed=14) * 3
     whole = {kind: QuantizedIndex.build(kind, x) for kind in QUANTIZATIONS}
-    monkeypatch.setattr(quantize_module, "_CHUNK_VALUES", 24 * 7)  # 7 rows a chunk, the last one short
     for kind in QUANTIZATIONS:
-        chunked = QuantizedIndex.build(kind, x)
+        chunked = QuantizedIndex.build(kind, x, chunk_values=24 * 7)  # 7 rows a chunk, the last one short
         np.testing.assert_array_equal(chunked.codes, whole[kind].codes)
     x[993, 5] = 1e6  # reported at its row in the table, not in its chunk
     with pytest.raises(InvalidArgumentError, match="row 993, column 5"):
-        QuantizedIndex.build("float16", x)
+        QuantizedIndex.build("float16", x, chunk_values=24 * 7)
