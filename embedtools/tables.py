@@ -1,46 +1,57 @@
-"""A table as the store holds it, and the read-only view of it that callers get."""
+"""A table as the store holds it, the one way a table version is built, and the read-only view
+callers get.
+
+Every change of a table's rows (add, update, remove, load) goes through :func:`build_table`, so
+the checks on the rows, the norms, the id index, the quantised indexes and the rotation are the
+same whichever way the rows arrived.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Generic
 
 import numpy as np
 
-from embedtools.errors import UnknownIdError
+from embedtools.errors import InvalidEmbeddingError, UnknownIdError
 from embedtools.filters import RowSource
-from embedtools.protocols import ArrayBackend
-from embedtools.quantize import Quantization, QuantizedIndex
+from embedtools.ledger import F32_BYTES, table_caches
+from embedtools.protocols import ArrayBackend, ArrayT, Quantization
+from embedtools.quantize import QuantizedIndex
 from embedtools.records import TableShape
-from embedtools.validation import Labels
+from embedtools.rotation import Rotation, rotate
+from embedtools.validation import JSONObject, Labels
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["F32_BYTES", "Rotation", "Table", "TableState", "rotation_cache_bytes"]
+__all__ = ["F32_BYTES", "Rotation", "Table", "TableState", "build_table", "to_device"]
 
-F32_BYTES = 4
+#: Values per chunk of the finiteness check, so a memory-mapped table is never read whole.
+_CHUNK_VALUES = 1 << 24
 
 
 @dataclass(frozen=True)
-class TableState:
-    """One table as the store holds it, replaced whole on change; only its caches (prefix norms,
-    normalised prefixes for funnels) fill in place, each charged when it is kept."""
+class TableState(Generic[ArrayT]):
+    """One table version as the store holds it, in the backend's array type ``ArrayT``; replaced
+    whole on change. Only its caches (prefix norms, normalised prefixes for funnels, the rotation's
+    norms) fill in place, each charged by the ledger when it is kept."""
 
-    vectors: Any
-    norms: Any
+    vectors: ArrayT
+    norms: ArrayT
     ids: tuple[str, ...]
     labels: Labels
     metadata: tuple[str, ...]
     id_index: Mapping[str, int]
-    quantized: Mapping[Quantization, QuantizedIndex[Any]] = field(default_factory=dict)
+    quantized: Mapping[Quantization, QuantizedIndex[ArrayT]] = field(default_factory=dict)
     """Quantised indexes on the backend's device, beside the vectors."""
-    rotation: Rotation | None = None
-    prefix_norms: dict[int, Any] = field(default_factory=dict)
-    unit_prefixes: dict[int, Any] = field(default_factory=dict)
+    rotation: Rotation[ArrayT] | None = None
+    prefix_norms: dict[int, ArrayT] = field(default_factory=dict)
+    unit_prefixes: dict[int, ArrayT] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -51,28 +62,83 @@ class TableState:
         """What filters read (metadata parsed on first use, column by column), kept with the state."""
         return RowSource(self.ids, self.labels, self.metadata)
 
-    def shape(self, dimension: int) -> TableShape:
+    def shape(self, dimension: int, *, mapped: bool = False) -> TableShape:
+        """What the ledger bills this version for, before its caches."""
         components = self.rotation.components if self.rotation is not None else 0
-        return TableShape(dimension, self.rows, tuple(self.quantized), components)
+        return TableShape(dimension, self.rows, tuple(self.quantized), components, mapped)
 
 
-@dataclass(frozen=True)
-class Rotation:
-    """A PCA rotation of a table: ``matrix`` (host, ``d x d``, principal axes by falling variance)
-    and the rows rotated onto its first ``components`` axes (on the backend), with a norm cache."""
+def to_device(backend: ArrayBackend[ArrayT], host: npt.NDArray[np.float32], what: str) -> tuple[ArrayT, ArrayT]:
+    """The backend's copy of host rows and their norms (computed once, here), after the finiteness
+    check every table's rows pass: read in chunks, so a mapped table is not read whole."""
+    step = max(1, _CHUNK_VALUES // max(host.shape[1], 1))
+    if not all(np.isfinite(host[i : i + step]).all() for i in range(0, host.shape[0], step)):
+        raise InvalidEmbeddingError(f"{what} contain NaN or infinite values")
+    arr = backend.from_numpy(host)
+    norms = backend.row_norms(arr)
+    host_norms = backend.to_numpy(norms)
+    if not np.isfinite(host_norms).all():
+        row = int(np.flatnonzero(~np.isfinite(host_norms))[0])
+        raise InvalidEmbeddingError(f"{what}: the norm of row {row} overflows float32")
+    return arr, norms
 
-    matrix: npt.NDArray[np.float32]
-    components: int
-    prefix: Any
-    norms: dict[int, Any] = field(default_factory=dict)
+
+def build_table(
+    backend: ArrayBackend[ArrayT],
+    rows: npt.NDArray[np.float32],
+    ids: tuple[str, ...],
+    labels: Labels,
+    metadata: tuple[str, ...],
+    *,
+    after: TableState[ArrayT] | None = None,
+    id_index: Mapping[str, int] | None = None,
+    rebuild: Iterable[Quantization] = (),
+    indexes: Iterable[QuantizedIndex[Any]] = (),
+    rotation: tuple[npt.NDArray[np.float32], int] | None = None,
+    what: str = "vectors",
+) -> TableState[ArrayT]:
+    """A new table version: ``rows`` (host float32) on the backend with their norms, or — with
+    ``after`` — appended to that version's rows on the device, so an add uploads only its own rows.
+
+    ``ids``, ``labels`` and ``metadata`` are the whole table's (``id_index`` their index where the
+    caller already checked it). Quantised indexes of the ``rebuild`` kinds are built afresh over
+    every row (int8 is recalibrated), ``indexes`` (host, from a file) are moved to the device as they
+    are, and a ``rotation`` (matrix, components) is re-applied to every row: indexes and rotation
+    follow their table, never describe an older version of it.
+    """
+    arr, norms = to_device(backend, rows, what)
+    host = rows
+    kinds = tuple(rebuild)
+    if after is not None:
+        arr = backend.concatenate([after.vectors, arr])
+        norms = backend.concatenate([after.norms, norms])
+        if kinds or rotation is not None:
+            host = np.asarray(backend.to_numpy(arr), dtype=np.float32)
+    quantized = {index.kind: index.to_backend(backend) for index in indexes}
+    quantized.update({kind: QuantizedIndex.build(kind, host).to_backend(backend) for kind in kinds})
+    return TableState(
+        vectors=arr,
+        norms=norms,
+        ids=ids,
+        labels=labels,
+        metadata=metadata,
+        id_index={id_: i for i, id_ in enumerate(ids)} if id_index is None else id_index,
+        quantized=quantized,
+        rotation=None if rotation is None else rotate(backend, host, *rotation),
+    )
 
 
 class Table:
-    """A read-only snapshot of one table; later changes to the store do not show through it."""
+    """A read-only snapshot of one table; later changes to the store do not show through it.
+
+    Besides rows, ids, labels and metadata it says what the store holds for the table — its
+    quantised indexes, its rotation, the caches searches have filled — so an experimenter (or a
+    test) can see what a store holds and what each part costs without reaching into the store.
+    """
 
     __slots__ = ("_backend", "_dimension", "_state")
 
-    def __init__(self, dimension: int, state: TableState, backend: ArrayBackend[Any]) -> None:
+    def __init__(self, dimension: int, state: TableState[Any], backend: ArrayBackend[Any]) -> None:
         self._dimension = dimension
         self._state = state
         self._backend = backend
@@ -97,7 +163,7 @@ class Table:
         return self._state.labels
 
     @property
-    def metadata(self) -> tuple[dict[str, Any], ...]:
+    def metadata(self) -> tuple[JSONObject, ...]:
         """Each row's metadata, decoded afresh: mutating it cannot change the store."""
         return tuple(json.loads(text) for text in self._state.metadata)
 
@@ -111,7 +177,24 @@ class Table:
         """A float32 ``(n, d)`` copy of the vectors, exactly as they were added."""
         return np.array(self._backend.to_numpy(self._state.vectors), dtype=np.float32, copy=True)
 
+    @property
+    def vectors(self) -> Any:
+        """The backend's own array of the rows (a memory map for a mapped store), not a copy:
+        for checking where a table lives; writing to it would change the store behind its norms."""
+        return self._state.vectors
 
-def rotation_cache_bytes(state: TableState) -> int:
-    """Bytes charged for the norms cached on a table's rotation (released with the rotation)."""
-    return len(state.rotation.norms) * state.rows * F32_BYTES if state.rotation is not None else 0
+    @property
+    def quantized(self) -> Mapping[Quantization, QuantizedIndex[Any]]:
+        """The table's quantised indexes by kind, on the backend's device (read-only mapping)."""
+        return MappingProxyType(dict(self._state.quantized))
+
+    @property
+    def rotation(self) -> Rotation[Any] | None:
+        """The table's PCA rotation (matrix, components, rotated rows), if one was fitted."""
+        return self._state.rotation
+
+    @property
+    def caches(self) -> Mapping[str, int]:
+        """The caches searches have kept for this version so far, by name (``prefix_norms/8``,
+        ``unit_prefix/8``, ``rotation_norms/8``) with their bytes; each is charged to the budget."""
+        return MappingProxyType(table_caches(self._state))

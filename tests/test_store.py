@@ -59,7 +59,8 @@ def test_add_appends_and_keeps_ids_labels_metadata(store: EmbeddingStore) -> Non
     assert table.labels == ("x", "y", "x", "", "")
     assert table.metadata == ({"n": 1}, {}, {"t": [1, "s"]}, {}, {})
     assert table.index_of("c") == 2 and len(table) == 5
-    table.metadata[0]["n"] = 99  # decoded afresh: the store is unchanged
+    decoded = store.table(4).metadata  # (a fresh name: mypy narrows table.metadata by the == above)
+    decoded[0]["n"] = 99  # decoded afresh: the store is unchanged
     assert store.table(4).metadata[0] == {"n": 1}
     with pytest.raises(et.UnknownIdError):
         table.index_of("zzz")
@@ -308,7 +309,7 @@ def test_prefix_search_does_not_copy_the_table(store: EmbeddingStore, monkeypatc
 
     monkeypatch.setattr(backend, "topk", spy)
     store.search(clustered(2, 16, seed=3), k=3, dimension=4)
-    assert seen[0].shape == (50, 4) and np.shares_memory(seen[0], store._tables[16].vectors)
+    assert seen[0].shape == (50, 4) and np.shares_memory(seen[0], store.table(16).vectors)
 
 
 def test_single_query_result_shape_and_frozen_result(store: EmbeddingStore) -> None:
