@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from embedtools.errors import EmbedtoolsError, MemoryLimitError
 from embedtools.protocols import MemoryAccountant, Quantization
 from embedtools.quantize import QuantizedIndex
+from embedtools.results import TableMemory
 
 if TYPE_CHECKING:
     from embedtools.tables import TableState
@@ -145,3 +146,17 @@ class Ledger:
             cache[key] = value
             self._charges[source] += nbytes
         return value
+
+    def table_memory(self, dimension: int, state: TableState[Any], *, mapped: bool) -> TableMemory:
+        """What ``state`` (the current version of table ``dimension``) is charged, part by part."""
+        rotation = state.rotation
+        return TableMemory(
+            dimension=dimension,
+            rows=state.rows,
+            dtype="float32",
+            nbytes=self.charged(dimension),
+            quantized={kind: index.nbytes for kind, index in state.quantized.items()},
+            mapped=mapped,
+            caches=table_caches(state),
+            rotation=0 if rotation is None else table_bytes(dimension, state.rows, rotation=rotation.components) - table_bytes(dimension, state.rows),
+        )

@@ -20,29 +20,38 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVa
 
 import numpy as np
 
-from embedtools import fileformat, seed_format
+from embedtools import fileformat
 from embedtools.budget import format_bytes
 from embedtools.errors import (
     DimensionError,
     DuplicateIdError,
     InvalidArgumentError,
     ReadOnlyStoreError,
-    StoreFormatError,
     StoreNotEmptyError,
-    StoreNotFoundError,
     UnknownIdError,
 )
 from embedtools.filters import Filter
-from embedtools.ledger import Ledger, cache_bytes, table_bytes, table_caches
+from embedtools.ledger import Ledger, cache_bytes, table_bytes
+from embedtools.persistence import read_shapes, read_store, snapshot
 from embedtools.planner import GATHER_FRACTION, Searcher, SearchPlan, check_funnel
 from embedtools.progress import check_progress, progress_bar, shows
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
-from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
-from embedtools.results import MemoryInfo, SearchResult, TableMemory
+from embedtools.results import MemoryInfo, SearchResult
 from embedtools.rotation import principal_axes, rotate
 from embedtools.search import check_k, check_metric
-from embedtools.tables import Table, TableState, build_table
+from embedtools.tables import (
+    Table,
+    TableState,
+    build_table,
+    extended_index,
+    free_ids,
+    from_record,
+    kept_rows,
+    replaced_rows,
+    rotation_of,
+    rows_without,
+)
 from embedtools.validation import (
     JSONObject,
     Labels,
@@ -72,26 +81,6 @@ _PROGRESS_ROWS = 100_000
 
 #: What ``labels=`` takes: str or int labels (numpy integers and integer arrays count).
 LabelsArg: TypeAlias = "Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]]"
-
-
-def _free_ids(taken: Mapping[str, int], start: int, n: int) -> tuple[str, ...]:
-    """The first ``n`` integers from ``start`` whose strings are not ``taken``: the rows'
-    positions where those are free (the seed's ids), the next free integers where not."""
-    out: list[str] = []
-    candidate = start
-    while len(out) < n:
-        text = str(candidate)
-        if text not in taken:
-            out.append(text)
-        candidate += 1
-    return tuple(out)
-
-
-def _rotation_of(state: TableState[Any] | None) -> tuple[npt.NDArray[np.float32], int] | None:
-    """What a rebuilt version re-applies: the same axes, over its own rows."""
-    if state is None or state.rotation is None:
-        return None
-    return state.rotation.matrix, state.rotation.components
 
 
 def _sequence_of_ids(ids: object) -> Sequence[str]:
@@ -254,12 +243,12 @@ class EmbeddingStore:
         current = self._tables.get(d)
         old = None if replace else current
         start = old.rows if old is not None else 0
-        new_ids = _free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
+        new_ids = free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
         new_labels = self._new_labels(d, labels, n, old.labels if old is not None else None)
         new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
-        index = self._index_with(d, old, new_ids)
+        index = extended_index(d, old, new_ids)
         kinds = tuple(current.quantized) if current is not None else ()
-        rotation = _rotation_of(current)
+        rotation = rotation_of(current)
         bill = table_bytes(d, start + n, kinds, rotation[1] if rotation else 0)
 
         show = self._progress if n >= _PROGRESS_ROWS else False
@@ -277,18 +266,6 @@ class EmbeddingStore:
             )
         self._tables[d] = state
         return new_ids
-
-    @staticmethod
-    def _index_with(d: int, old: TableState[Any] | None, new_ids: tuple[str, ...]) -> dict[str, int]:
-        """``old``'s id index extended by ``new_ids``, refusing an id already used."""
-        start = old.rows if old is not None else 0
-        index = dict(old.id_index) if old is not None else {}
-        for i, id_ in enumerate(new_ids):
-            if id_ in index:
-                where = "earlier in this call" if index[id_] >= start else f"row {index[id_]} of table {d}d"
-                raise DuplicateIdError(f"id {id_!r} (row {i}) is already used {where}")
-            index[id_] = start + i
-        return index
 
     @staticmethod
     def _new_labels(d: int, labels: object, n: int, existing: Labels | None) -> Labels:
@@ -341,35 +318,17 @@ class EmbeddingStore:
             missing = [i for i in wanted if i not in found]
             if missing:
                 raise UnknownIdError(f"no table has a row with id {missing[0]!r} ({len(missing)} unknown ids)")
-        plans = {}
-        for d in dims:
-            state = self._tables[d]
-            gone = {state.id_index[i] for i in wanted if i in state.id_index}
-            if gone:
-                plans[d] = np.array([r for r in range(state.rows) if r not in gone], dtype=np.int64)
+        plans = {d: keep for d in dims if (keep := rows_without(self._tables[d], wanted)) is not None}
         kept = {d: keep for d, keep in plans.items() if keep.size}
         bills = {d: replace(self._tables[d].shape(d), rows=keep.size).nbytes for d, keep in kept.items()}
 
         with self._ledger.reserving(bills):
-            built = {d: self._rows_kept(d, self._tables[d], keep) for d, keep in kept.items()}
+            built = {d: kept_rows(self._backend, self._tables[d], keep, d) for d, keep in kept.items()}
         removed = sum(self._tables[d].rows - keep.size for d, keep in plans.items())
         self._tables.update(built)
         for d in (d for d, keep in plans.items() if keep.size == 0):
             self.drop(d)
         return removed
-
-    def _rows_kept(self, d: int, state: TableState[Any], keep: npt.NDArray[np.int64]) -> TableState[Any]:
-        pick = keep.tolist()
-        return build_table(
-            self._backend,
-            np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)[keep],
-            tuple(state.ids[i] for i in pick),
-            as_labels([state.labels[i] for i in pick]),
-            tuple(state.metadata[i] for i in pick),
-            rebuild=tuple(state.quantized),
-            rotation=_rotation_of(state),
-            what=f"table {d}d",
-        )
 
     @_exclusive
     def update(
@@ -404,27 +363,7 @@ class EmbeddingStore:
         state = self._tables[d]
 
         with self._ledger.reserving({d: state.shape(d).nbytes}):
-            all_rows = np.array(self._backend.to_numpy(state.vectors), dtype=np.float32, copy=True)
-            if host is not None:
-                all_rows[rows] = host
-            labels_out: list[str | int] = list(state.labels)
-            meta_out = list(state.metadata)
-            for j, r in enumerate(rows):
-                if new_labels is not None:
-                    labels_out[r] = new_labels[j]
-                if new_meta is not None:
-                    meta_out[r] = new_meta[j]
-            new = build_table(
-                self._backend,
-                all_rows,
-                state.ids,
-                as_labels(labels_out),
-                tuple(meta_out),
-                id_index=state.id_index,
-                rebuild=tuple(state.quantized),
-                rotation=_rotation_of(state),
-                what=f"table {d}d",
-            )
+            new = replaced_rows(self._backend, state, rows, d, host, new_labels, new_meta)
         self._tables[d] = new
 
     @_exclusive
@@ -503,21 +442,8 @@ class EmbeddingStore:
     def memory_info(self) -> MemoryInfo:
         """The accountant's totals and, per table, what this store is charged and for what."""
         report = self._accountant.report()
-        tables = {
-            d: TableMemory(
-                dimension=d,
-                rows=state.rows,
-                dtype="float32",
-                nbytes=self._ledger.charged(d),
-                quantized={kind: index.nbytes for kind, index in state.quantized.items()},
-                mapped=self._mapped_from is not None,
-                caches=table_caches(state),
-                rotation=table_bytes(d, state.rows, rotation=state.rotation.components) - table_bytes(d, state.rows)
-                if state.rotation is not None
-                else 0,
-            )
-            for d, state in sorted(self._tables.items())
-        }
+        mapped = self._mapped_from is not None
+        tables = {d: self._ledger.table_memory(d, state, mapped=mapped) for d, state in sorted(self._tables.items())}
         return MemoryInfo(
             used_bytes=report.used_bytes,
             limit_bytes=report.limit_bytes,
@@ -536,21 +462,8 @@ class EmbeddingStore:
         """
         target = fileformat.as_store_path(path)
         with progress_bar(self._progress, len(self._tables) + 1, f"save {target.name}", "steps") as bar:
-            tables = []
-            for _, state in sorted(self._tables.items()):
-                tables.append(
-                    TableRecord(
-                        vectors=np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32),
-                        ids=state.ids,
-                        labels=state.labels,
-                        metadata=state.metadata,
-                        quantized=tuple(state.quantized[kind].to_host(self._backend) for kind in sorted(state.quantized)),
-                        rotation=state.rotation.matrix if state.rotation else None,
-                        rotation_components=state.rotation.components if state.rotation else 0,
-                    )
-                )
-                bar.update()
-            fileformat.write_store(target, StoreRecord(tables=tuple(tables), config=self._config), self.config_hash)
+            record = snapshot(self._backend, self._tables, self._config, step=bar.update)
+            fileformat.write_store(target, record, self.config_hash)
             bar.update()
 
     @_exclusive
@@ -568,48 +481,20 @@ class EmbeddingStore:
         """
         if self._tables:
             raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
-        p = Path(path)
-        if not p.exists():
-            raise StoreNotFoundError(f"no store at {p}")
-        if mmap and self._backend.name != "numpy":
-            raise InvalidArgumentError(f"mmap=True needs the numpy backend; {self._backend.name} copies tables to its device")
-        if p.is_dir():
-            if mmap:
-                raise InvalidArgumentError("mmap=True reads embedtools files; convert a seed folder first")
-            if not seed_format.is_seed_folder(p):
-                raise StoreNotFoundError(f"{p} is a folder without metadata.json (not a seed store)")
-            shapes: tuple[TableShape, ...] = seed_format.read_seed_shapes(p)
-        else:
-            shapes = tuple(replace(shape, mapped=mmap) for shape in fileformat.read_table_shapes(p, hasher=self._hasher))
+        p, shapes = read_shapes(path, mmap=mmap, backend_name=self._backend.name, hasher=self._hasher)
 
         bills = {s.dimension: s.nbytes for s in shapes}
         with self._ledger.reserving(bills), progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
-            record = seed_format.read_seed_store(p) if p.is_dir() else fileformat.read_store(p, mmap=mmap, hasher=self._hasher)[0]
+            record = read_store(p, shapes, mmap=mmap, hasher=self._hasher)
             bar.update()
-            if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
-                raise StoreFormatError(f"{p} changed while it was being loaded")
             built = {}
             for table in record.tables:
-                built[table.dimension] = self._from_record(table)
+                built[table.dimension] = from_record(self._backend, table)
                 bar.update()
         self._tables.update(built)
         self._config = dict(record.config)
         self._mapped_from = p if mmap and shapes else None
         return self
-
-    def _from_record(self, table: TableRecord) -> TableState[Any]:
-        index = verify_table(table, finite=False)  # build_table checks finiteness, reading the rows once
-        return build_table(
-            self._backend,
-            table.vectors,
-            table.ids,
-            table.labels,
-            table.metadata,
-            id_index=index,
-            indexes=table.quantized,
-            rotation=None if table.rotation is None else (table.rotation, table.rotation_components),
-            what=f"table {table.dimension}d",
-        )
 
     @property
     def mapped_from(self) -> Path | None:

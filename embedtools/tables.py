@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING, Any, Generic
 
 import numpy as np
 
-from embedtools.errors import InvalidEmbeddingError, UnknownIdError
+from embedtools.errors import DuplicateIdError, InvalidEmbeddingError, UnknownIdError
 from embedtools.filters import RowSource
 from embedtools.ledger import F32_BYTES, table_caches
 from embedtools.protocols import ArrayBackend, ArrayT, Quantization
 from embedtools.quantize import QuantizedIndex
-from embedtools.records import TableShape
+from embedtools.records import TableRecord, TableShape, verify_table
 from embedtools.rotation import Rotation, rotate
-from embedtools.validation import JSONObject, Labels
+from embedtools.validation import JSONObject, Labels, as_labels
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["F32_BYTES", "Rotation", "Table", "TableState", "build_table", "to_device"]
+__all__ = ["F32_BYTES", "Rotation", "Table", "TableState", "build_table", "extended_index", "free_ids", "from_record", "kept_rows", "replaced_rows", "rotation_of", "rows_without", "to_device"]
 
 #: Values per chunk of the finiteness check, so a memory-mapped table is never read whole.
 _CHUNK_VALUES = 1 << 24
@@ -126,6 +126,112 @@ def build_table(
         quantized=quantized,
         rotation=None if rotation is None else rotate(backend, host, *rotation),
     )
+
+
+def from_record(backend: ArrayBackend[ArrayT], table: TableRecord) -> TableState[ArrayT]:
+    """A loaded table's version: the file's indexes as they are, its rotation re-applied."""
+    index = verify_table(table, finite=False)  # build_table checks finiteness, reading the rows once
+    return build_table(
+        backend,
+        table.vectors,
+        table.ids,
+        table.labels,
+        table.metadata,
+        id_index=index,
+        indexes=table.quantized,
+        rotation=None if table.rotation is None else (table.rotation, table.rotation_components),
+        what=f"table {table.dimension}d",
+    )
+
+
+def kept_rows(backend: ArrayBackend[ArrayT], state: TableState[ArrayT], keep: npt.NDArray[np.int64], dimension: int) -> TableState[ArrayT]:
+    """The version of ``state`` with only the rows ``keep`` (in their order): what a remove leaves."""
+    pick = keep.tolist()
+    return build_table(
+        backend,
+        np.asarray(backend.to_numpy(state.vectors), dtype=np.float32)[keep],
+        tuple(state.ids[i] for i in pick),
+        as_labels([state.labels[i] for i in pick]),
+        tuple(state.metadata[i] for i in pick),
+        rebuild=tuple(state.quantized),
+        rotation=rotation_of(state),
+        what=f"table {dimension}d",
+    )
+
+
+def replaced_rows(
+    backend: ArrayBackend[ArrayT],
+    state: TableState[ArrayT],
+    rows: list[int],
+    dimension: int,
+    vectors: npt.NDArray[np.float32] | None,
+    labels: Labels | None,
+    metadata: tuple[str, ...] | None,
+) -> TableState[ArrayT]:
+    """The version of ``state`` whose ``rows`` take these vectors, labels and/or metadata (``None``:
+    kept): what an update makes. Rows keep their positions and ids."""
+    all_rows = np.array(backend.to_numpy(state.vectors), dtype=np.float32, copy=True)
+    if vectors is not None:
+        all_rows[rows] = vectors
+    labels_out: list[str | int] = list(state.labels)
+    meta_out = list(state.metadata)
+    for j, r in enumerate(rows):
+        if labels is not None:
+            labels_out[r] = labels[j]
+        if metadata is not None:
+            meta_out[r] = metadata[j]
+    return build_table(
+        backend,
+        all_rows,
+        state.ids,
+        as_labels(labels_out),
+        tuple(meta_out),
+        id_index=state.id_index,
+        rebuild=tuple(state.quantized),
+        rotation=rotation_of(state),
+        what=f"table {dimension}d",
+    )
+
+
+def rotation_of(state: TableState[Any] | None) -> tuple[npt.NDArray[np.float32], int] | None:
+    """What a rebuilt version re-applies: the same axes, over its own rows."""
+    if state is None or state.rotation is None:
+        return None
+    return state.rotation.matrix, state.rotation.components
+
+
+def extended_index(dimension: int, old: TableState[Any] | None, new_ids: tuple[str, ...]) -> dict[str, int]:
+    """``old``'s id index extended by ``new_ids`` (rows appended after ``old``'s), refusing an id
+    already used in the table or earlier in the same call."""
+    start = old.rows if old is not None else 0
+    index = dict(old.id_index) if old is not None else {}
+    for i, id_ in enumerate(new_ids):
+        if id_ in index:
+            where = "earlier in this call" if index[id_] >= start else f"row {index[id_]} of table {dimension}d"
+            raise DuplicateIdError(f"id {id_!r} (row {i}) is already used {where}")
+        index[id_] = start + i
+    return index
+
+
+def rows_without(state: TableState[Any], ids: tuple[str, ...]) -> npt.NDArray[np.int64] | None:
+    """The rows of ``state`` that stay when ``ids`` go, in order; ``None`` when it has none of them."""
+    gone = {state.id_index[i] for i in ids if i in state.id_index}
+    if not gone:
+        return None
+    return np.array([r for r in range(state.rows) if r not in gone], dtype=np.int64)
+
+
+def free_ids(taken: Mapping[str, int], start: int, n: int) -> tuple[str, ...]:
+    """The first ``n`` integers from ``start`` whose strings are not ``taken``: the rows'
+    positions where those are free (the seed's ids), the next free integers where not."""
+    out: list[str] = []
+    candidate = start
+    while len(out) < n:
+        text = str(candidate)
+        if text not in taken:
+            out.append(text)
+        candidate += 1
+    return tuple(out)
 
 
 class Table:
