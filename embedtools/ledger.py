@@ -115,6 +115,11 @@ class Ledger:
                 self._accountant.release(self.owner(d), -delta)
             self._charges[d] = nbytes
 
+    def settle(self, bills: Mapping[int, int]) -> None:
+        """Record new bills for a change that allocates nothing (dropping an index or a rotation)."""
+        with self.reserving(bills):
+            pass
+
     def release(self, dimension: int) -> None:
         """Give back a dropped table's whole charge."""
         self._accountant.release(self.owner(dimension), self._charges.pop(dimension))

@@ -48,23 +48,21 @@ from embedtools.tables import (
     free_ids,
     from_record,
     kept_rows,
+    labels_for,
     replaced_rows,
     rotation_of,
     rows_without,
 )
 from embedtools.validation import (
     JSONObject,
-    Labels,
     as_float32_matrix,
     as_labels,
     as_queries,
     check_dimension,
-    check_labels,
     check_positive_int,
     check_strings,
     encode_metadata,
     json_problem,
-    label_kind,
 )
 
 if TYPE_CHECKING:
@@ -244,7 +242,7 @@ class EmbeddingStore:
         old = None if replace else current
         start = old.rows if old is not None else 0
         new_ids = free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
-        new_labels = self._new_labels(d, labels, n, old.labels if old is not None else None)
+        new_labels = labels_for(d, labels, n, old.labels if old is not None else None)
         new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
         index = extended_index(d, old, new_ids)
         kinds = tuple(current.quantized) if current is not None else ()
@@ -266,17 +264,6 @@ class EmbeddingStore:
             )
         self._tables[d] = state
         return new_ids
-
-    @staticmethod
-    def _new_labels(d: int, labels: object, n: int, existing: Labels | None) -> Labels:
-        if labels is not None:
-            try:
-                return check_labels(labels, n, existing)
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"table {d}d: {exc}") from None
-        if existing is not None and label_kind(existing) is int:
-            raise InvalidArgumentError(f"table {d}d has int labels and int labels have no default; pass labels= for the new rows")
-        return ("",) * n
 
     @_exclusive
     def drop(self, dimension: int) -> None:
@@ -357,7 +344,7 @@ class EmbeddingStore:
             if host.shape != (n, d):
                 raise DimensionError(f"vectors have shape {host.shape}; expected ({n}, {d}) for {n} ids in table {d}d")
         current = self._tables.get(d)
-        new_labels = None if labels is None else self._new_labels(d, labels, n, current.labels if current else None)
+        new_labels = None if labels is None else labels_for(d, labels, n, current.labels if current else None)
         new_meta = None if metadata is None else encode_metadata(metadata, n)
         rows = self._positions(d, keys)
         state = self._tables[d]
@@ -398,8 +385,7 @@ class EmbeddingStore:
         if kind not in state.quantized:
             raise InvalidArgumentError(f"table {d}d has no {kind} index")
         remaining = {k: v for k, v in state.quantized.items() if k != kind}
-        with self._ledger.reserving({d: self._kept_caches_bill(d, state, quantized=tuple(remaining))}):
-            pass
+        self._ledger.settle({d: self._kept_caches_bill(d, state, quantized=tuple(remaining))})  # allocates nothing
         self._tables[d] = replace(state, quantized=remaining)
 
     @_exclusive
@@ -432,8 +418,7 @@ class EmbeddingStore:
         state = self._state(d)
         if state.rotation is None:
             raise InvalidArgumentError(f"table {d}d has no rotation")
-        with self._ledger.reserving({d: self._kept_caches_bill(d, state, rotation_caches=False, rotation=0)}):
-            pass
+        self._ledger.settle({d: self._kept_caches_bill(d, state, rotation_caches=False, rotation=0)})  # allocates nothing
         self._tables[d] = replace(state, rotation=None)
 
     # ------------------------------------------------------------------ memory

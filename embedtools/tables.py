@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING, Any, Generic
 
 import numpy as np
 
-from embedtools.errors import DuplicateIdError, InvalidEmbeddingError, UnknownIdError
+from embedtools.errors import DuplicateIdError, InvalidArgumentError, InvalidEmbeddingError, UnknownIdError
 from embedtools.filters import RowSource
 from embedtools.ledger import F32_BYTES, table_caches
 from embedtools.protocols import ArrayBackend, ArrayT, Quantization
 from embedtools.quantize import QuantizedIndex
 from embedtools.records import TableRecord, TableShape, verify_table
 from embedtools.rotation import Rotation, rotate
-from embedtools.validation import JSONObject, Labels, as_labels
+from embedtools.validation import JSONObject, Labels, as_labels, check_labels, label_kind
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["F32_BYTES", "Rotation", "Table", "TableState", "build_table", "extended_index", "free_ids", "from_record", "kept_rows", "replaced_rows", "rotation_of", "rows_without", "to_device"]
+__all__ = ["F32_BYTES", "Rotation", "Table", "TableState", "build_table", "extended_index", "free_ids", "from_record", "kept_rows", "labels_for", "replaced_rows", "rotation_of", "rows_without", "to_device"]
 
 #: Values per chunk of the finiteness check, so a memory-mapped table is never read whole.
 _CHUNK_VALUES = 1 << 24
@@ -219,6 +219,19 @@ def rows_without(state: TableState[Any], ids: tuple[str, ...]) -> npt.NDArray[np
     if not gone:
         return None
     return np.array([r for r in range(state.rows) if r not in gone], dtype=np.int64)
+
+
+def labels_for(dimension: int, labels: object, n: int, existing: Labels | None) -> Labels:
+    """The labels of ``n`` rows going into a table whose labels are ``existing``: checked to be of
+    the table's one kind, or the default ``""`` — which a table of int labels does not have."""
+    if labels is not None:
+        try:
+            return check_labels(labels, n, existing)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"table {dimension}d: {exc}") from None
+    if existing is not None and label_kind(existing) is int:
+        raise InvalidArgumentError(f"table {dimension}d has int labels and int labels have no default; pass labels= for the new rows")
+    return ("",) * n
 
 
 def free_ids(taken: Mapping[str, int], start: int, n: int) -> tuple[str, ...]:
