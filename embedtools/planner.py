@@ -41,7 +41,7 @@ class SearchPlan(NamedTuple):
     """What a validated search runs on: the table, the width, and the strategy."""
 
     source: int
-    state: TableState
+    state: TableState[Any]
     dim: int
     k: int
     metric: Metric
@@ -135,14 +135,14 @@ class Searcher:
         scores, local = search(self._backend.take_rows(corpus, rows), corpus_norms=subset_norms)
         return scores, rows[local]
 
-    def _norms(self, source: int, state: TableState, dim: int, prefix: Any) -> Any:
+    def _norms(self, source: int, state: TableState[Any], dim: int, prefix: Any) -> Any:
         """Row norms at ``dim``: stored for the full width, computed once per prefix and cached."""
         if dim == source:
             return state.norms
         return self._cache(state.prefix_norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(prefix))
 
     def _stage(
-        self, source: int, state: TableState, q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
+        self, source: int, state: TableState[Any], q: npt.NDArray[np.float32], dim: int, metric: Metric, rotated: bool
     ) -> tuple[npt.NDArray[np.float32], Any, Any]:
         """Queries, corpus and norms for one funnel stage: the table's prefix, or — where the table
         has a rotation at least ``dim`` wide — its rotated rows, with the queries rotated alike."""
@@ -157,7 +157,7 @@ class Searcher:
         norms = self._cache(rotation.norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(corpus))
         return stage_q, corpus, norms
 
-    def _unit_prefix(self, source: int, state: TableState, dim: int) -> Any:
+    def _unit_prefix(self, source: int, state: TableState[Any], dim: int) -> Any:
         """The first ``dim`` columns, normalised, as one contiguous array: a cosine funnel's first
         stage then ranks by a plain product, without a strided read or a scaling pass per search."""
         return self._cache(
@@ -168,7 +168,7 @@ class Searcher:
             lambda: self._backend.normalize(self._backend.slice_last_dim(state.vectors, dim)),
         )
 
-    def _view(self, source: int, state: TableState, dim: int, metric: Metric) -> tuple[Any, Any]:
+    def _view(self, source: int, state: TableState[Any], dim: int, metric: Metric) -> tuple[Any, Any]:
         """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
         corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
         return corpus, None if metric == "dot" else self._norms(source, state, dim, corpus)

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedtools.errors import DuplicateIdError, InvalidEmbeddingError
-from embedtools.quantize import CODECS, Quantization, QuantizedIndex
-from embedtools.validation import Labels
+from embedtools.ledger import table_bytes
+from embedtools.quantize import Quantization, QuantizedIndex
+from embedtools.validation import JSONObject, Labels
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -32,15 +33,9 @@ class TableShape:
 
     @property
     def nbytes(self) -> int:
-        """What the store holds in memory for the table: float32 vectors (unless memory-mapped from
-        the file) and one norm per row, each quantised index, and a PCA rotation (its ``d x d``
-        matrix and the rows rotated onto ``rotation`` axes)."""
-        f32 = np.dtype(np.float32).itemsize
-        total = self.rows * ((0 if self.mapped else self.dimension) + 1) * f32
-        total += sum(CODECS[kind].nbytes(self.rows, self.dimension) for kind in self.quantized)
-        if self.rotation:
-            total += (self.dimension * self.dimension + self.rows * self.rotation) * f32
-        return total
+        """What the store holds in memory for the table before any search cache (the ledger's
+        rule, :func:`embedtools.ledger.table_bytes`): charged from a file header before loading."""
+        return table_bytes(self.dimension, self.rows, self.quantized, self.rotation, mapped=self.mapped)
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,7 @@ class StoreRecord:
     """A whole store on the host; ``config`` is the experiment configuration attached to it."""
 
     tables: tuple[TableRecord, ...]
-    config: dict[str, Any] = field(default_factory=dict)
+    config: JSONObject = field(default_factory=dict)
 
 
 def verify_table(table: TableRecord, *, finite: bool = True) -> dict[str, int]:

@@ -48,8 +48,10 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class TableMemory:
-    """A table's charge: ``nbytes`` in all, of which ``quantized[kind]`` for each quantised index;
-    ``mapped`` tables' vectors live in their file and are not charged."""
+    """A table's charge: ``nbytes`` in all, of which ``quantized[kind]`` for each quantised index,
+    ``rotation`` for a PCA rotation (its matrix and rotated rows) and ``caches[name]`` for each cache
+    searches have kept (``prefix_norms/8``, ``unit_prefix/8``, ``rotation_norms/8``); the rest is the
+    float32 rows and their norms. ``mapped`` tables' vectors live in their file and are not charged."""
 
     dimension: int
     rows: int
@@ -57,6 +59,8 @@ class TableMemory:
     nbytes: int
     quantized: Mapping[str, int] = field(default_factory=dict[str, int])
     mapped: bool = False
+    caches: Mapping[str, int] = field(default_factory=dict)
+    rotation: int = 0
 
 
 @dataclass(frozen=True)

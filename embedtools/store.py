@@ -1,8 +1,9 @@
 """EmbeddingStore: tables of embeddings keyed by dimension, searched exactly, saved atomically.
 
-The store validates at its edge (:mod:`embedtools.validation`), asks its accountant before it
-allocates, and delegates arithmetic to its backend. It never imports a concrete backend: the
-container (or the caller) hands it one. Every public method either completes or changes nothing.
+A facade: each change reads validate (:mod:`embedtools.validation`) → bill and reserve
+(:mod:`embedtools.ledger`) → build (:func:`embedtools.tables.build_table`) → commit, so a change
+either completes or leaves tables, budget and files as they were. The store never imports a
+concrete backend: the container (or the caller) hands it one.
 """
 
 from __future__ import annotations
@@ -12,50 +13,56 @@ import json
 import os
 import secrets
 import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import numpy as np
 
-from embedtools import fileformat, seed_format
+from embedtools import fileformat
 from embedtools.budget import format_bytes
 from embedtools.errors import (
     DimensionError,
     DuplicateIdError,
-    EmbedtoolsError,
     InvalidArgumentError,
-    InvalidEmbeddingError,
-    MemoryLimitError,
     ReadOnlyStoreError,
-    StoreFormatError,
     StoreNotEmptyError,
-    StoreNotFoundError,
     UnknownIdError,
 )
 from embedtools.filters import Filter
+from embedtools.ledger import Ledger, cache_bytes, table_bytes
+from embedtools.persistence import read_shapes, read_store, snapshot
 from embedtools.planner import GATHER_FRACTION, Searcher, SearchPlan, check_funnel
 from embedtools.progress import check_progress, progress_bar, shows
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
-from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
-from embedtools.results import MemoryInfo, SearchResult, TableMemory
+from embedtools.results import MemoryInfo, SearchResult
+from embedtools.rotation import principal_axes, rotate
 from embedtools.search import check_k, check_metric
-from embedtools.tables import F32_BYTES, Rotation, Table, TableState, rotation_cache_bytes
+from embedtools.tables import (
+    Table,
+    TableState,
+    build_table,
+    extended_index,
+    free_ids,
+    from_record,
+    kept_rows,
+    labels_for,
+    replaced_rows,
+    rotation_of,
+    rows_without,
+)
 from embedtools.validation import (
-    Labels,
+    JSONObject,
     as_float32_matrix,
     as_labels,
     as_queries,
     check_dimension,
-    check_labels,
     check_positive_int,
     check_strings,
     encode_metadata,
     json_problem,
-    label_kind,
 )
 
 if TYPE_CHECKING:
@@ -67,33 +74,17 @@ __all__ = ["GATHER_FRACTION", "EmbeddingStore"]
 
 #: Queries per step of a search large enough to show progress (a bar shows only on a terminal).
 _PROGRESS_QUERIES = 256
-#: Values per float64 chunk when a rotation's moments are summed (8 MiB).
-_MOMENT_CHUNK_VALUES = 1 << 20
 #: Rows from which an add shows a (one-step) bar while the table is built.
 _PROGRESS_ROWS = 100_000
 
-
-def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: dict[int, str]) -> None:
-    """Finaliser: a store that is garbage-collected gives its bytes back to a shared accountant."""
-    for d, nbytes in list(charges.items()):
-        try:
-            accountant.release(owners[d], nbytes)
-        except EmbedtoolsError:  # pragma: no cover - the accountant was reset under us
-            pass
-    charges.clear()
+#: What ``labels=`` takes: str or int labels (numpy integers and integer arrays count).
+LabelsArg: TypeAlias = "Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]]"
 
 
-def _free_ids(taken: Mapping[str, int], start: int, n: int) -> tuple[str, ...]:
-    """The first ``n`` integers from ``start`` whose strings are not ``taken``: the rows'
-    positions where those are free (the seed's ids), the next free integers where not."""
-    out: list[str] = []
-    candidate = start
-    while len(out) < n:
-        text = str(candidate)
-        if text not in taken:
-            out.append(text)
-        candidate += 1
-    return tuple(out)
+def _sequence_of_ids(ids: object) -> Sequence[str]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
+    return ids
 
 
 P = ParamSpec("P")
@@ -119,7 +110,8 @@ class EmbeddingStore:
 
     Build one with ``Container().store()``, or directly from any :class:`ArrayBackend`,
     :class:`MemoryAccountant` and :class:`Hasher`. Safe to share between threads: changes are
-    serialised, searches run side by side.
+    serialised, searches run side by side. :meth:`table` and :meth:`memory_info` show what it holds
+    (rows, indexes, rotation, search caches) and what each part costs.
     """
 
     def __init__(
@@ -135,15 +127,12 @@ class EmbeddingStore:
         self._accountant = accountant
         self._hasher = hasher
         self._block_bytes = check_positive_int(search_block_bytes, "search_block_bytes")
-        self._tables: dict[int, TableState] = {}
-        self._config: dict[str, Any] = {}
-        self._token = secrets.token_hex(4)
-        self._charges: dict[int, int] = {}
-        self._owners: dict[int, str] = {}
+        self._tables: dict[int, TableState[Any]] = {}
+        self._config: JSONObject = {}
+        self._ledger = Ledger(accountant, secrets.token_hex(4), self)
         self._mapped_from: Path | None = None
         self._progress = check_progress(progress)
         self._lock = threading.RLock()
-        weakref.finalize(self, _release_all, accountant, self._charges, self._owners)
 
     # ------------------------------------------------------------------ collaborators and config
 
@@ -160,9 +149,15 @@ class EmbeddingStore:
         return self._hasher
 
     @property
-    def config(self) -> dict[str, Any]:
+    def progress(self) -> bool | None:
+        """Whether changes and long searches draw progress bars (``None``: only on a terminal)."""
+        return self._progress
+
+    @property
+    def config(self) -> JSONObject:
         """The experiment configuration attached to this store (saved with it); a copy."""
-        return json.loads(json.dumps(self._config))  # type: ignore[no-any-return]
+        copy: JSONObject = json.loads(json.dumps(self._config))
+        return copy
 
     @config.setter
     @_exclusive
@@ -198,21 +193,23 @@ class EmbeddingStore:
     def __repr__(self) -> str:
         held = dict(self._tables)
         tables = ", ".join(f"{d}d: {held[d].rows} rows" for d in sorted(held))
-        used = sum(tuple(self._charges.values()))
-        return f"EmbeddingStore(backend={self._backend.name}/{self._backend.device}, tables={{{tables}}}, memory={format_bytes(used)})"
+        return f"EmbeddingStore(backend={self._backend.name}/{self._backend.device}, tables={{{tables}}}, memory={format_bytes(self._ledger.total)})"
 
     def table(self, dimension: int) -> Table:
+        """A read-only snapshot of one table: rows, ids, labels, metadata, indexes, rotation, caches."""
         d = check_dimension(dimension)
         return Table(d, self._state(d), self._backend)
 
-    def _state(self, d: int) -> TableState:
+    def _state(self, d: int) -> TableState[Any]:
         try:
             return self._tables[d]
         except KeyError:
             raise DimensionError(f"no table of dimension {d}; stored: {list(self.dimensions) or 'none'}") from None
 
-    def _owner(self, d: int) -> str:
-        return self._owners.setdefault(d, f"store-{self._token}/{d}d")
+    def _kept_caches_bill(self, d: int, state: TableState[Any], *, rotation_caches: bool = True, **shape: Any) -> int:
+        """The bill of ``state`` changed by ``shape`` fields, keeping the caches it already holds
+        (those of its rotation only while the rotation stays)."""
+        return replace(state.shape(d), **shape).nbytes + cache_bytes(state, rotation=rotation_caches)
 
     # ------------------------------------------------------------------ writing
 
@@ -221,8 +218,8 @@ class EmbeddingStore:
         self,
         vectors: object,
         ids: Sequence[str] | None = None,
-        labels: Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]] | None = None,
-        metadata: Sequence[Mapping[str, Any]] | None = None,
+        labels: LabelsArg | None = None,
+        metadata: Sequence[Mapping[str, object]] | None = None,
         *,
         replace: bool = False,
     ) -> tuple[str, ...]:
@@ -241,89 +238,32 @@ class EmbeddingStore:
         self._check_writable()
         host = as_float32_matrix(vectors)
         n, d = host.shape
-        old = None if replace else self._tables.get(d)
-        start = old.rows if old is not None else 0
-        new_ids = _free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
-        new_labels = self._new_labels(d, labels, n, old.labels if old is not None else None)
-        new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
-        index = dict(old.id_index) if old is not None else {}
-        for i, id_ in enumerate(new_ids):
-            if id_ in index:
-                where = "earlier in this call" if index[id_] >= start else f"row {index[id_]} of table {d}d"
-                raise DuplicateIdError(f"id {id_!r} (row {i}) is already used {where}")
-            index[id_] = start + i
         current = self._tables.get(d)
+        old = None if replace else current
+        start = old.rows if old is not None else 0
+        new_ids = free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
+        new_labels = labels_for(d, labels, n, old.labels if old is not None else None)
+        new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
+        index = extended_index(d, old, new_ids)
         kinds = tuple(current.quantized) if current is not None else ()
-        rotation = current.rotation if current is not None else None
-        table_bytes = TableShape(d, start + n, kinds, rotation.components if rotation else 0).nbytes
+        rotation = rotation_of(current)
+        bill = table_bytes(d, start + n, kinds, rotation[1] if rotation else 0)
 
-        def build() -> Mapping[int, TableState]:
-            arr, norms = self._to_device(host, "vectors")
-            if old is not None:
-                arr = self._backend.concatenate([old.vectors, arr])
-                norms = self._backend.concatenate([old.norms, norms])
-            # quantised indexes and the rotation follow their table: rebuilt over all its rows
-            full = np.asarray(self._backend.to_numpy(arr), dtype=np.float32) if kinds or rotation else host
-            state = TableState(
-                vectors=arr,
-                norms=norms,
-                ids=(old.ids if old else ()) + new_ids,
-                labels=as_labels((old.labels if old else ()) + new_labels),
-                metadata=(old.metadata if old else ()) + new_meta,
+        show = self._progress if n >= _PROGRESS_ROWS else False
+        with progress_bar(show, 1, f"add {n} x {d}", "tables"), self._ledger.reserving({d: bill}):
+            state = build_table(
+                self._backend,
+                host,
+                (old.ids if old else ()) + new_ids,
+                as_labels((old.labels if old else ()) + new_labels),
+                (old.metadata if old else ()) + new_meta,
+                after=old,
                 id_index=index,
-                quantized={kind: self._quantized(kind, full) for kind in kinds},
-                rotation=self._rotate(full, rotation.matrix, rotation.components) if rotation else None,
+                rebuild=kinds,
+                rotation=rotation,
             )
-            return {d: state}
-
-        with progress_bar(self._progress if n >= _PROGRESS_ROWS else False, 1, f"add {n} x {d}", "tables"):
-            self._commit({d: table_bytes}, build)
+        self._tables[d] = state
         return new_ids
-
-    @staticmethod
-    def _new_labels(d: int, labels: object, n: int, existing: Labels | None) -> Labels:
-        if labels is not None:
-            try:
-                return check_labels(labels, n, existing)
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"table {d}d: {exc}") from None
-        if existing is not None and label_kind(existing) is int:
-            raise InvalidArgumentError(f"table {d}d has int labels and int labels have no default; pass labels= for the new rows")
-        return ("",) * n
-
-    def _to_device(self, host: npt.NDArray[np.float32], what: str) -> tuple[Any, Any]:
-        """The backend's copy of validated host vectors and their row norms (computed once, here)."""
-        step = max(1, (1 << 24) // max(host.shape[1], 1))  # chunks, so a mapped table is not read whole
-        if not all(np.isfinite(host[i : i + step]).all() for i in range(0, host.shape[0], step)):
-            raise InvalidEmbeddingError(f"{what} contain NaN or infinite values")
-        arr = self._backend.from_numpy(host)
-        norms = self._backend.row_norms(arr)
-        host_norms = self._backend.to_numpy(norms)
-        if not np.isfinite(host_norms).all():
-            row = int(np.flatnonzero(~np.isfinite(host_norms))[0])
-            raise InvalidEmbeddingError(f"{what}: the norm of row {row} overflows float32")
-        return arr, norms
-
-    def _commit(self, new_bytes: Mapping[int, int], build: Callable[[], Mapping[int, TableState]]) -> None:
-        """Reserve growth, build the tables, then swap them in; on any failure undo the reservations."""
-        reserved: list[tuple[int, int]] = []
-        try:
-            for d, nbytes in new_bytes.items():
-                delta = nbytes - self._charges.get(d, 0)
-                if delta > 0:
-                    self._accountant.reserve(self._owner(d), delta)
-                    reserved.append((d, delta))
-            built = build()
-        except BaseException:
-            for d, delta in reserved:
-                self._accountant.release(self._owner(d), delta)
-            raise
-        for d, state in built.items():
-            self._tables[d] = state
-            delta = new_bytes[d] - self._charges.get(d, 0)
-            if delta < 0:
-                self._accountant.release(self._owner(d), -delta)
-            self._charges[d] = new_bytes[d]
 
     @_exclusive
     def drop(self, dimension: int) -> None:
@@ -332,7 +272,7 @@ class EmbeddingStore:
         d = check_dimension(dimension)
         self._state(d)
         del self._tables[d]
-        self._accountant.release(self._owner(d), self._charges.pop(d))
+        self._ledger.release(d)
 
     @_exclusive
     def clear(self) -> None:
@@ -347,30 +287,13 @@ class EmbeddingStore:
             raise UnknownIdError(f"table {d}d has no row with id {missing[0]!r} ({len(missing)} unknown ids)")
         return [index[i] for i in ids]
 
-    def _rebuilt(
-        self, d: int, state: TableState, vectors: npt.NDArray[np.float32], ids: tuple[str, ...], labels: Labels, metadata: tuple[str, ...]
-    ) -> TableState:
-        """The table with new rows: vectors, norms, quantised indexes and rotation computed afresh."""
-        arr, norms = self._to_device(vectors, f"table {d}d")
-        return TableState(
-            vectors=arr,
-            norms=norms,
-            ids=ids,
-            labels=labels,
-            metadata=metadata,
-            id_index={id_: i for i, id_ in enumerate(ids)},
-            quantized={kind: self._quantized(kind, vectors) for kind in state.quantized},
-            rotation=self._rotate(vectors, state.rotation.matrix, state.rotation.components) if state.rotation else None,
-        )
-
     @_exclusive
     def remove(self, ids: Sequence[str], dimension: int | None = None) -> int:
         """Remove the rows with these ids from the table of ``dimension``, or from every table that
         has them (``None``); return how many rows went. Their bytes go back to the budget; a table
         left without rows is dropped. An id found in no table raises :class:`UnknownIdError`."""
         self._check_writable()
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-            raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
+        ids = _sequence_of_ids(ids)
         wanted = tuple(dict.fromkeys(check_strings(ids, len(ids), "ids")))
         dims = [check_dimension(dimension)] if dimension is not None else list(self.dimensions)
         for d in dims:
@@ -382,30 +305,15 @@ class EmbeddingStore:
             missing = [i for i in wanted if i not in found]
             if missing:
                 raise UnknownIdError(f"no table has a row with id {missing[0]!r} ({len(missing)} unknown ids)")
-        plans = {}
-        for d in dims:
-            state = self._tables[d]
-            gone = {state.id_index[i] for i in wanted if i in state.id_index}
-            if gone:
-                plans[d] = np.array([r for r in range(state.rows) if r not in gone], dtype=np.int64)
-        emptied = [d for d, keep in plans.items() if keep.size == 0]
+        plans = {d: keep for d in dims if (keep := rows_without(self._tables[d], wanted)) is not None}
         kept = {d: keep for d, keep in plans.items() if keep.size}
+        bills = {d: replace(self._tables[d].shape(d), rows=keep.size).nbytes for d, keep in kept.items()}
 
-        def build() -> Mapping[int, TableState]:
-            out = {}
-            for d, keep in kept.items():
-                state = self._tables[d]
-                host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)[keep]
-                pick = keep.tolist()
-                out[d] = self._rebuilt(
-                    d, state, host, tuple(state.ids[i] for i in pick), as_labels([state.labels[i] for i in pick]),
-                    tuple(state.metadata[i] for i in pick),
-                )
-            return out
-
+        with self._ledger.reserving(bills):
+            built = {d: kept_rows(self._backend, self._tables[d], keep, d) for d, keep in kept.items()}
         removed = sum(self._tables[d].rows - keep.size for d, keep in plans.items())
-        self._commit({d: replace(self._tables[d].shape(d), rows=keep.size).nbytes for d, keep in kept.items()}, build)
-        for d in emptied:
+        self._tables.update(built)
+        for d in (d for d, keep in plans.items() if keep.size == 0):
             self.drop(d)
         return removed
 
@@ -414,17 +322,15 @@ class EmbeddingStore:
         self,
         ids: Sequence[str],
         vectors: object = None,
-        labels: Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]] | None = None,
-        metadata: Sequence[Mapping[str, Any]] | None = None,
+        labels: LabelsArg | None = None,
+        metadata: Sequence[Mapping[str, object]] | None = None,
         *,
         dimension: int | None = None,
     ) -> None:
         """Replace the vectors, labels and/or metadata of existing rows, found by id, in one table
         (the vectors' width, or ``dimension``). Rows keep their positions; what is not given is kept."""
         self._check_writable()
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-            raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
-        n = len(ids)
+        n = len(_sequence_of_ids(ids))
         keys = check_strings(ids, n, "ids")
         if len(set(keys)) != n:
             raise DuplicateIdError("an id is given twice in one update")
@@ -438,25 +344,14 @@ class EmbeddingStore:
             if host.shape != (n, d):
                 raise DimensionError(f"vectors have shape {host.shape}; expected ({n}, {d}) for {n} ids in table {d}d")
         current = self._tables.get(d)
-        new_labels = None if labels is None else self._new_labels(d, labels, n, current.labels if current else None)
+        new_labels = None if labels is None else labels_for(d, labels, n, current.labels if current else None)
         new_meta = None if metadata is None else encode_metadata(metadata, n)
         rows = self._positions(d, keys)
         state = self._tables[d]
 
-        def build() -> Mapping[int, TableState]:
-            all_rows = np.array(self._backend.to_numpy(state.vectors), dtype=np.float32, copy=True)
-            if host is not None:
-                all_rows[rows] = host
-            labels_out: list[str | int] = list(state.labels)
-            meta_out = list(state.metadata)
-            for j, r in enumerate(rows):
-                if new_labels is not None:
-                    labels_out[r] = new_labels[j]
-                if new_meta is not None:
-                    meta_out[r] = new_meta[j]
-            return {d: self._rebuilt(d, state, all_rows, state.ids, as_labels(labels_out), tuple(meta_out))}
-
-        self._commit({d: state.shape(d).nbytes}, build)
+        with self._ledger.reserving({d: state.shape(d).nbytes}):
+            new = replaced_rows(self._backend, state, rows, d, host, new_labels, new_meta)
+        self._tables[d] = new
 
     @_exclusive
     def quantize(self, dimension: int, kind: Quantization) -> None:
@@ -472,18 +367,26 @@ class EmbeddingStore:
         d = check_dimension(dimension)
         kind = check_quantization(kind)
         state = self._state(d)
-        kinds = tuple(sorted({*state.quantized, kind}))
-        new_bytes = self._charges[d] - state.shape(d).nbytes + replace(state.shape(d), quantized=kinds).nbytes
+        bill = self._kept_caches_bill(d, state, quantized=tuple(sorted({*state.quantized, kind})))
 
-        def build() -> Mapping[int, TableState]:
+        with self._ledger.reserving({d: bill}):
+            # built on the host (the same codes on every backend), kept on the backend's device
             host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
-            return {d: replace(state, quantized={**state.quantized, kind: self._quantized(kind, host)})}
+            index = QuantizedIndex.build(kind, host).to_backend(self._backend)
+        self._tables[d] = replace(state, quantized={**state.quantized, kind: index})
 
-        self._commit({d: new_bytes}, build)
-
-    def _quantized(self, kind: Quantization, host: npt.NDArray[np.float32]) -> QuantizedIndex[Any]:
-        """An index built on the host (the same codes on every backend), kept on the backend's device."""
-        return QuantizedIndex.build(kind, host).to_backend(self._backend)
+    @_exclusive
+    def drop_quantized(self, dimension: int, kind: Quantization) -> None:
+        """Remove one quantised index and give its bytes back."""
+        self._check_writable()
+        d = check_dimension(dimension)
+        kind = check_quantization(kind)
+        state = self._state(d)
+        if kind not in state.quantized:
+            raise InvalidArgumentError(f"table {d}d has no {kind} index")
+        remaining = {k: v for k, v in state.quantized.items() if k != kind}
+        self._ledger.settle({d: self._kept_caches_bill(d, state, quantized=tuple(remaining))})  # allocates nothing
+        self._tables[d] = replace(state, quantized=remaining)
 
     @_exclusive
     def fit_rotation(self, dimension: int, components: int | None = None) -> None:
@@ -501,21 +404,12 @@ class EmbeddingStore:
         d = check_dimension(dimension)
         state = self._state(d)
         p = max(d // 4, 1) if components is None else check_positive_int(components, "components", upper=d)
-        new_bytes = self._charges[d] - rotation_cache_bytes(state) - state.shape(d).nbytes
-        new_bytes += replace(state.shape(d), rotation=p).nbytes
+        bill = self._kept_caches_bill(d, state, rotation_caches=False, rotation=p)
 
-        def build() -> Mapping[int, TableState]:
+        with self._ledger.reserving({d: bill}):
             host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
-            moments = np.zeros((d, d), dtype=np.float64)
-            step = max(1, _MOMENT_CHUNK_VALUES // d)  # float64 chunks, not a float64 copy of the table
-            for start in range(0, host.shape[0], step):
-                chunk = host[start : start + step].astype(np.float64)
-                moments += chunk.T @ chunk
-            eigenvalues, eigenvectors = np.linalg.eigh(moments)
-            matrix = np.ascontiguousarray(eigenvectors[:, np.argsort(eigenvalues)[::-1]], dtype=np.float32)
-            return {d: replace(state, rotation=self._rotate(host, matrix, p))}
-
-        self._commit({d: new_bytes}, build)
+            rotation = rotate(self._backend, host, principal_axes(host), p)
+        self._tables[d] = replace(state, rotation=rotation)
 
     @_exclusive
     def drop_rotation(self, dimension: int) -> None:
@@ -524,30 +418,98 @@ class EmbeddingStore:
         state = self._state(d)
         if state.rotation is None:
             raise InvalidArgumentError(f"table {d}d has no rotation")
-        new_bytes = self._charges[d] - rotation_cache_bytes(state) - state.shape(d).nbytes
-        new_bytes += replace(state.shape(d), rotation=0).nbytes
-        self._commit({d: new_bytes}, lambda: {d: replace(state, rotation=None)})
+        self._ledger.settle({d: self._kept_caches_bill(d, state, rotation_caches=False, rotation=0)})  # allocates nothing
+        self._tables[d] = replace(state, rotation=None)
 
-    def _rotate(self, host: npt.NDArray[np.float32], matrix: npt.NDArray[np.float32], components: int) -> Rotation:
-        prefix = np.ascontiguousarray(host @ matrix[:, :components], dtype=np.float32)
-        return Rotation(matrix=matrix, components=components, prefix=self._backend.from_numpy(prefix))
+    # ------------------------------------------------------------------ memory
 
     @_exclusive
-    def drop_quantized(self, dimension: int, kind: Quantization) -> None:
-        """Remove one quantised index and give its bytes back."""
-        self._check_writable()
-        d = check_dimension(dimension)
-        kind = check_quantization(kind)
-        state = self._state(d)
-        if kind not in state.quantized:
-            raise InvalidArgumentError(f"table {d}d has no {kind} index")
-        remaining = {k: v for k, v in state.quantized.items() if k != kind}
-        new_bytes = self._charges[d] - state.quantized[kind].nbytes
-        self._commit({d: new_bytes}, lambda: {d: replace(state, quantized=remaining)})
+    def memory_info(self) -> MemoryInfo:
+        """The accountant's totals and, per table, what this store is charged and for what."""
+        report = self._accountant.report()
+        mapped = self._mapped_from is not None
+        tables = {d: self._ledger.table_memory(d, state, mapped=mapped) for d, state in sorted(self._tables.items())}
+        return MemoryInfo(
+            used_bytes=report.used_bytes,
+            limit_bytes=report.limit_bytes,
+            store_bytes=self._ledger.total,
+            tables=tables,
+        )
 
-    # ------------------------------------------------------------------ searching
+    # ------------------------------------------------------------------ files
 
-    def _source_table(self, dim: int, exact: bool) -> tuple[int, TableState]:
+    @_exclusive
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the store to one file, atomically: the old file survives any failure or crash.
+
+        Only a regular file is replaced (a symlink to one has its target replaced); anything else is an
+        :class:`InvalidArgumentError`, and a failure to write is a :class:`StoreWriteError`.
+        """
+        target = fileformat.as_store_path(path)
+        with progress_bar(self._progress, len(self._tables) + 1, f"save {target.name}", "steps") as bar:
+            record = snapshot(self._backend, self._tables, self._config, step=bar.update)
+            fileformat.write_store(target, record, self.config_hash)
+            bar.update()
+
+    @_exclusive
+    def load(self, path: str | os.PathLike[str], *, mmap: bool = False) -> Self:
+        """Fill this empty store from an embedtools file or a seed ``save_to_disk`` folder; return it.
+
+        The memory budget is charged from the file's header before any vector is read; if anything
+        fails (budget, checksum, format) the store is left empty and nothing stays reserved.
+
+        ``mmap=True`` (NumPy backend, embedtools files) maps the tables read-only from the file
+        instead of reading them into memory: a table larger than RAM is searched block by block at
+        disk speed, the budget charges only what is resident (norms, ids, indexes), and the store is
+        read-only (:class:`ReadOnlyStoreError`) until :meth:`materialize` copies it into memory.
+        Torch and MLX keep tables in their own (device) memory and refuse ``mmap``.
+        """
+        if self._tables:
+            raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
+        p, shapes = read_shapes(path, mmap=mmap, backend_name=self._backend.name, hasher=self._hasher)
+
+        bills = {s.dimension: s.nbytes for s in shapes}
+        with self._ledger.reserving(bills), progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
+            record = read_store(p, shapes, mmap=mmap, hasher=self._hasher)
+            bar.update()
+            built = {}
+            for table in record.tables:
+                built[table.dimension] = from_record(self._backend, table)
+                bar.update()
+        self._tables.update(built)
+        self._config = dict(record.config)
+        self._mapped_from = p if mmap and shapes else None
+        return self
+
+    @property
+    def mapped_from(self) -> Path | None:
+        """The file this store's tables are memory-mapped from (read-only until materialised)."""
+        return self._mapped_from
+
+    @_exclusive
+    def materialize(self) -> None:
+        """Copy memory-mapped tables into memory (charging them) and make the store writable."""
+        if self._mapped_from is None:
+            return
+        bills = {d: self._kept_caches_bill(d, state, mapped=False) for d, state in self._tables.items()}
+        with self._ledger.reserving(bills):
+            built = {
+                d: replace(state, vectors=self._backend.from_numpy(np.array(state.vectors, dtype=np.float32)))
+                for d, state in self._tables.items()
+            }
+        self._tables.update(built)
+        self._mapped_from = None
+
+    def _check_writable(self) -> None:
+        if self._mapped_from is not None:
+            raise ReadOnlyStoreError(
+                f"this store's tables are memory-mapped from {self._mapped_from} and read-only; "
+                "call store.materialize() to copy them into memory first"
+            )
+
+    # ------------------------------------------------------------------ searching (search/plan.py's part)
+
+    def _source_table(self, dim: int, exact: bool) -> tuple[int, TableState[Any]]:
         """The table a search of width ``dim`` reads, taken once (another thread may drop it later)."""
         tables = dict(self._tables)
         if dim in tables:
@@ -635,28 +597,13 @@ class EmbeddingStore:
 
     @_exclusive
     def _cached(
-        self, state: TableState, cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]
+        self, state: TableState[Any], cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]
     ) -> Any:
-        """``cache[key]``, computed once and kept if the budget has room (charged to the table);
-        otherwise computed for this search only — a search never fails for want of a cache.
+        """The search code's ``Cache``: the ledger keeps (and charges) a cache only for the
+        version ``state`` that is still the current table of ``source``."""
+        return self._ledger.cached(cache, key, source, nbytes, compute, current=lambda: self._tables.get(source) is state)
 
-        Only the version ``state`` that is still the current table of ``source`` keeps (and is
-        charged for) a cache: a search that started on a version since replaced, removed or dropped
-        would otherwise charge its successor, or an emptied store, for a cache no one can free."""
-        value = cache.get(key)
-        if value is None:
-            value = compute()
-            if self._tables.get(source) is not state:
-                return value
-            try:
-                self._accountant.reserve(self._owner(source), nbytes)
-            except MemoryLimitError:
-                return value
-            cache[key] = value
-            self._charges[source] += nbytes
-        return value
-
-    def _filter_mask(self, state: TableState, where: object) -> npt.NDArray[np.bool_] | None:
+    def _filter_mask(self, state: TableState[Any], where: object) -> npt.NDArray[np.bool_] | None:
         if where is None:
             return None
         if not isinstance(where, Filter):
@@ -665,7 +612,7 @@ class EmbeddingStore:
 
     def _quantized_index(
         self,
-        state: TableState,
+        state: TableState[Any],
         source: int,
         dim: int,
         quantized: object,
@@ -685,7 +632,7 @@ class EmbeddingStore:
         return state.quantized[kind]
 
     def _rescoring_index(
-        self, state: TableState, source: int, index: QuantizedIndex[Any] | None, rescore_with: object
+        self, state: TableState[Any], source: int, index: QuantizedIndex[Any] | None, rescore_with: object
     ) -> QuantizedIndex[Any] | None:
         if rescore_with is None:
             return None
@@ -695,146 +642,3 @@ class EmbeddingStore:
         if kind not in state.quantized:
             raise InvalidArgumentError(f"table {source}d has no {kind} index to rescore with; call store.quantize({source}, {kind!r})")
         return state.quantized[kind]
-
-    # ------------------------------------------------------------------ memory
-
-    @_exclusive
-    def memory_info(self) -> MemoryInfo:
-        report = self._accountant.report()
-        tables = {
-            d: TableMemory(
-                dimension=d,
-                rows=self._tables[d].rows,
-                dtype="float32",
-                nbytes=self._charges[d],
-                quantized={kind: index.nbytes for kind, index in self._tables[d].quantized.items()},
-                mapped=self._mapped_from is not None,
-            )
-            for d in self.dimensions
-        }
-        return MemoryInfo(
-            used_bytes=report.used_bytes,
-            limit_bytes=report.limit_bytes,
-            store_bytes=sum(self._charges.values()),
-            tables=tables,
-        )
-
-    # ------------------------------------------------------------------ files
-
-    @_exclusive
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the store to one file, atomically: the old file survives any failure or crash.
-
-        Only a regular file is replaced (a symlink to one has its target replaced); anything else is an
-        :class:`InvalidArgumentError`, and a failure to write is a :class:`StoreWriteError`.
-        """
-        target = fileformat.as_store_path(path)
-        with progress_bar(self._progress, len(self._tables) + 1, f"save {target.name}", "steps") as bar:
-            tables = []
-            for _, state in sorted(self._tables.items()):
-                tables.append(
-                    TableRecord(
-                        vectors=np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32),
-                        ids=state.ids,
-                        labels=state.labels,
-                        metadata=state.metadata,
-                        quantized=tuple(state.quantized[kind].to_host(self._backend) for kind in sorted(state.quantized)),
-                        rotation=state.rotation.matrix if state.rotation else None,
-                        rotation_components=state.rotation.components if state.rotation else 0,
-                    )
-                )
-                bar.update()
-            fileformat.write_store(target, StoreRecord(tables=tuple(tables), config=self._config), self.config_hash)
-            bar.update()
-
-    @_exclusive
-    def load(self, path: str | os.PathLike[str], *, mmap: bool = False) -> Self:
-        """Fill this empty store from an embedtools file or a seed ``save_to_disk`` folder; return it.
-
-        The memory budget is charged from the file's header before any vector is read; if anything
-        fails (budget, checksum, format) the store is left empty and nothing stays reserved.
-
-        ``mmap=True`` (NumPy backend, embedtools files) maps the tables read-only from the file
-        instead of reading them into memory: a table larger than RAM is searched block by block at
-        disk speed, the budget charges only what is resident (norms, ids, indexes), and the store is
-        read-only (:class:`ReadOnlyStoreError`) until :meth:`materialize` copies it into memory.
-        Torch and MLX keep tables in their own (device) memory and refuse ``mmap``.
-        """
-        if self._tables:
-            raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
-        p, folder = fileformat.locate(path)
-        if mmap and self._backend.name != "numpy":
-            raise InvalidArgumentError(f"mmap=True needs the numpy backend; {self._backend.name} copies tables to its device")
-        if folder:
-            if mmap:
-                raise InvalidArgumentError("mmap=True reads embedtools files; convert a seed folder first")
-            if not seed_format.is_seed_folder(p):
-                raise StoreNotFoundError(f"{p} is a folder without metadata.json (not a seed store)")
-            shapes: tuple[TableShape, ...] = seed_format.read_seed_shapes(p)
-        else:
-            shapes = tuple(replace(shape, mapped=mmap) for shape in fileformat.read_table_shapes(p, hasher=self._hasher))
-        loaded: list[StoreRecord] = []
-
-        def build() -> Mapping[int, TableState]:
-            with progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
-                record = seed_format.read_seed_store(p) if folder else fileformat.read_store(p, mmap=mmap, hasher=self._hasher)[0]
-                bar.update()
-                if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
-                    raise StoreFormatError(f"{p} changed while it was being loaded")
-                loaded.append(record)
-                states = {}
-                for table in record.tables:
-                    states[table.dimension] = self._state_from_record(table)
-                    bar.update()
-            return states
-
-        self._commit({s.dimension: s.nbytes for s in shapes}, build)
-        self._config = dict(loaded[0].config)
-        self._mapped_from = p if mmap and shapes else None
-        return self
-
-    @property
-    def mapped_from(self) -> Path | None:
-        """The file this store's tables are memory-mapped from (read-only until materialised)."""
-        return self._mapped_from
-
-    @_exclusive
-    def materialize(self) -> None:
-        """Copy memory-mapped tables into memory (charging them) and make the store writable."""
-        if self._mapped_from is None:
-            return
-        new_bytes = {d: self._charges[d] + state.rows * d * F32_BYTES for d, state in self._tables.items()}
-
-        def build() -> Mapping[int, TableState]:
-            return {
-                d: replace(state, vectors=self._backend.from_numpy(np.array(state.vectors, dtype=np.float32)))
-                for d, state in self._tables.items()
-            }
-
-        self._commit(new_bytes, build)
-        self._mapped_from = None
-
-    def _check_writable(self) -> None:
-        if self._mapped_from is not None:
-            raise ReadOnlyStoreError(
-                f"this store's tables are memory-mapped from {self._mapped_from} and read-only; "
-                "call store.materialize() to copy them into memory first"
-            )
-
-    def _state_from_record(self, record: TableRecord) -> TableState:
-        index = verify_table(record, finite=False)  # _to_device checks finiteness
-        arr, norms = self._to_device(record.vectors, f"table {record.dimension}d")
-        return TableState(
-            vectors=arr,
-            norms=norms,
-            ids=record.ids,
-            labels=record.labels,
-            metadata=record.metadata,
-            id_index=index,
-            quantized={q.kind: q.to_backend(self._backend) for q in record.quantized},
-            rotation=(
-                self._rotate(record.vectors, record.rotation, record.rotation_components)
-                if record.rotation is not None
-                else None
-            ),
-        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, cast
 
 import numpy as np
 
@@ -23,6 +23,8 @@ __all__ = [
     "as_queries",
     "INT64_MAX",
     "INT64_MIN",
+    "JSONObject",
+    "JSONValue",
     "Labels",
     "as_labels",
     "check_dimension",
@@ -39,6 +41,9 @@ __all__ = [
 
 #: A table's labels: all str or all int, never a mixture (one kind per table, fixed by its first add).
 Labels = tuple[str, ...] | tuple[int, ...]
+#: A JSON value as configs and metadata read back (after :func:`json_problem` accepted it).
+JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
+JSONObject: TypeAlias = "dict[str, JSONValue]"
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 #: Containers nested deeper than this are refused in metadata and configs, at ``add`` and at load.

@@ -33,7 +33,7 @@ def test_a_mapped_store_searches_exactly_and_charges_no_vectors(tmp_path: Path) 
     limit = 2000 * 4 + 2000 * 32 + 2 * 32 * 4 + 1000  # norms + the int8 index, far less than the table
     store = make_store(limit_bytes=limit).load(path, mmap=True)
     assert store.mapped_from == path
-    vectors = store._tables[32].vectors
+    vectors = store.table(32).vectors
     assert isinstance(vectors, np.memmap) or isinstance(getattr(vectors, "base", None), np.memmap)
     info = store.memory_info()
     assert info.tables[32].mapped and info.used_bytes == 2000 * 4 + 2000 * 32 + 2 * 32 * 4
@@ -63,7 +63,7 @@ def test_a_mapped_store_is_read_only_until_materialized(tmp_path: Path, call: st
     with pytest.raises(ReadOnlyStoreError, match="materialize"):
         getattr(store, call)(*args)
     store.materialize()
-    assert store.mapped_from is None and not isinstance(store._tables[32].vectors, np.memmap)
+    assert store.mapped_from is None and not isinstance(store.table(32).vectors, np.memmap)
     assert store.memory_info().used_bytes == 2000 * 33 * 4 + 2000 * 32 + 2 * 32 * 4
     getattr(store, call)(*args)
 

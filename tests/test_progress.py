@@ -55,7 +55,7 @@ def test_progress_setting_through_the_container() -> None:
     for value, expected in (("auto", None), (True, True), (False, False), (None, None)):
         c = et.Container()
         c.config.progress.from_value(value)
-        assert c.store()._progress is expected
+        assert c.store().progress is expected
     c = et.Container()
     c.config.progress.from_value("yes")
     with pytest.raises(InvalidArgumentError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -102,7 +102,7 @@ def test_indexes_follow_their_table_through_add_and_files(tmp_path: Path) -> Non
     store.quantize(16, "int8")
     store.quantize(16, "binary")
     store.add(clustered(50, 16, seed=1) * 10, ids=[f"b{i}" for i in range(50)])  # recalibrated over 150 rows
-    index = store._tables[16].quantized["int8"]
+    index = store.table(16).quantized["int8"]
     assert index.codes.shape == (150, 16)
     np.testing.assert_array_equal(index.codes, QuantizedIndex.build("int8", store.table(16).to_numpy()).codes)
     assert store.memory_info().tables[16].nbytes == 150 * 17 * 4 + 150 * 16 + 128 + 150 * 2
@@ -110,11 +110,11 @@ def test_indexes_follow_their_table_through_add_and_files(tmp_path: Path) -> Non
     loaded = make_store().load(tmp_path / "s")
     assert loaded.memory_info().tables == store.memory_info().tables
     for kind in ("int8", "binary"):
-        np.testing.assert_array_equal(loaded._tables[16].quantized[kind].codes, store._tables[16].quantized[kind].codes)
+        np.testing.assert_array_equal(loaded.table(16).quantized[kind].codes, store.table(16).quantized[kind].codes)
     q = clustered(3, 16, seed=4)
     assert loaded.search(q, quantized="int8").ids == store.search(q, quantized="int8").ids
     store.add(clustered(10, 16, seed=2), replace=True)
-    assert set(store._tables[16].quantized) == {"int8", "binary"}
+    assert set(store.table(16).quantized) == {"int8", "binary"}
 
 
 def test_load_charges_quantized_bytes_before_reading(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_bfloat16_index_round_trips(tmp_path: Path) -> None:
     store.quantize(12, "bfloat16")
     store.save(tmp_path / "s")
     loaded = make_store().load(tmp_path / "s")
-    np.testing.assert_array_equal(loaded._tables[12].quantized["bfloat16"].codes, store._tables[12].quantized["bfloat16"].codes)
+    np.testing.assert_array_equal(loaded.table(12).quantized["bfloat16"].codes, store.table(12).quantized["bfloat16"].codes)
     assert loaded.memory_info().tables[12].quantized == {"bfloat16": 50 * 12 * 2}
 
 
@@ -177,16 +177,16 @@ def test_indexes_live_on_the_backend_with_the_same_codes_everywhere(pair: tuple[
     for kind in QUANTIZATIONS:
         reference.quantize(20, kind)
         store.quantize(20, kind)
-        index = store._tables[20].quantized[kind]
+        index = store.table(20).quantized[kind]
         assert type(index.codes) is type(store.backend.from_numpy(np.zeros(1)))  # the backend's own arrays
-        np.testing.assert_array_equal(index.to_host(store.backend).codes, reference._tables[20].quantized[kind].to_host(reference.backend).codes)
+        np.testing.assert_array_equal(index.to_host(store.backend).codes, reference.table(20).quantized[kind].to_host(reference.backend).codes)
     store.save(tmp_path / "s")
     on_numpy = make_store().load(tmp_path / "s")
     again = make_store(pair).load(tmp_path / "s")
     q = clustered(4, 20, seed=3)
     for kind in QUANTIZATIONS:
-        codes = on_numpy._tables[20].quantized[kind].codes
-        np.testing.assert_array_equal(codes, reference._tables[20].quantized[kind].codes)
+        codes = on_numpy.table(20).quantized[kind].codes
+        np.testing.assert_array_equal(codes, reference.table(20).quantized[kind].codes)
         # the same codes rank alike; ties in approximate scores may fall either way across libraries
         assert again.search(q, quantized=kind, rescore=2).ids == store.search(q, quantized=kind, rescore=2).ids
         full = on_numpy.search(q, quantized=kind, rescore=30)  # rescoring every row: exact everywhere
@@ -236,27 +236,41 @@ def test_values_beyond_a_16_bit_float_are_refused_and_change_nothing() -> None:
     assert QuantizedIndex.build("bfloat16", np.array([[1.0, 3.38e38]], dtype=np.float32)).rows == 1
 
 
-class _Unreadable:
-    """Stands in for a table's float32 rows: any read of them fails the test."""
+class _WatchedBackend:
+    """The NumPy backend, failing the test when any call is handed the table's float32 rows (or a
+    view of them) once ``rows`` is set: the store reads its tables only through its backend."""
 
-    def __array__(self, *args: object, **kwargs: object) -> Any:
-        raise AssertionError("the float32 table was read")
+    def __init__(self) -> None:
+        self.inner = et.NumpyBackend()
+        self.rows: np.ndarray | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            rows = self.rows
+            if rows is not None and any(isinstance(a, np.ndarray) and np.may_share_memory(a, rows) for a in (*args, *kwargs.values())):
+                raise AssertionError(f"the float32 table was read (by {name})")
+            return attr(*args, **kwargs)
+
+        return call
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 def test_rescoring_with_an_index_never_reads_the_float_table(metric: Any) -> None:
-    from dataclasses import replace
-
     corpus = matryoshka_like(2000, 64, seed=8)
     queries = corpus[:20] + 0.05 * np.random.default_rng(9).standard_normal((20, 64)).astype(np.float32)
-    store = make_store()
+    backend = _WatchedBackend()
+    store = EmbeddingStore(cast(et.ArrayBackend[Any], backend), ByteBudget(1 << 30), Sha256Hasher())
     store.add(corpus)
     store.quantize(64, "binary")
     store.quantize(64, "int8")
     exact = store.search(queries, k=10, metric=metric)
-    store._tables[64] = replace(store._tables[64], vectors=_Unreadable())
+    backend.rows = store.table(64).vectors
     result = store.search(queries, k=10, metric=metric, quantized="binary", rescore=20, rescore_with="int8")
-    int8 = store._tables[64].quantized["int8"]
+    int8 = store.table(64).quantized["int8"]
     values = et.NumpyBackend().dequantize(int8.codes, "int8", width=64, scale=int8.scale, offset=int8.offset)
     picked = values[result.indices]  # (q, k, d): the int8 values of the returned rows
     dots = np.einsum("qkd,qd->qk", picked.astype(np.float64), queries.astype(np.float64))
@@ -308,7 +322,7 @@ def test_a_mapped_table_searches_from_its_in_memory_indexes(tmp_path: Path) -> N
     store.save(tmp_path / "s")
     mapped = make_store().load(tmp_path / "s", mmap=True)
     assert mapped.mapped_from is not None
-    index = mapped._tables[32].quantized["int8"]
+    index = mapped.table(32).quantized["int8"]
     assert not isinstance(index.codes, np.memmap)  # indexes are read into memory; only the rows are mapped
     q = clustered(3, 32, seed=13)
     a = mapped.search(q, k=5, quantized="binary", rescore=10, rescore_with="int8")

@@ -56,11 +56,11 @@ def test_rotation_charges_releases_and_follows_the_table(tmp_path: Path) -> None
     store.fit_rotation(32, components=16)
     assert store.memory_info().used_bytes == base + 32 * 32 * 4 + 100 * 16 * 4
     store.add(clustered(20, 32, seed=1))
-    state = store._tables[32]
+    state = store.table(32)
     assert state.rotation is not None and store.backend.shape(state.rotation.prefix) == (120, 16)
     store.save(tmp_path / "s")
     loaded = make_store().load(tmp_path / "s")
-    loaded_rotation = loaded._tables[32].rotation
+    loaded_rotation = loaded.table(32).rotation
     assert loaded_rotation is not None
     np.testing.assert_array_equal(loaded_rotation.matrix, state.rotation.matrix)
     q = clustered(4, 32, seed=3)
@@ -69,7 +69,7 @@ def test_rotation_charges_releases_and_follows_the_table(tmp_path: Path) -> None
     store.fit_rotation(32, components=16)  # refitting releases the old rotation's norm cache
     assert store.memory_info().used_bytes == 120 * 33 * 4 + 32 * 32 * 4 + 120 * 16 * 4
     store.drop_rotation(32)
-    assert store._tables[32].rotation is None
+    assert store.table(32).rotation is None
     assert store.memory_info().used_bytes == 120 * 33 * 4
     with pytest.raises(InvalidArgumentError):
         store.drop_rotation(32)
@@ -99,20 +99,20 @@ def test_bad_rotation_requests_change_nothing() -> None:
             store.fit_rotation(32, components=bad)  # type: ignore[arg-type]
     with pytest.raises(et.DimensionError):
         store.fit_rotation(16)
-    assert store.memory_info().used_bytes == before and store._tables[32].rotation is None
+    assert store.memory_info().used_bytes == before and store.table(32).rotation is None
 
 
 def test_moments_summed_in_chunks_give_the_same_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedtools.store as store_module
+    import embedtools.rotation as rotation_module
 
     corpus = clustered(500, 16, seed=21)
     whole = make_store()
     whole.add(corpus)
     whole.fit_rotation(16, 8)
-    monkeypatch.setattr(store_module, "_MOMENT_CHUNK_VALUES", 16 * 7)  # 7 rows a chunk
+    monkeypatch.setattr(rotation_module, "MOMENT_CHUNK_VALUES", 16 * 7)  # 7 rows a chunk
     chunked = make_store()
     chunked.add(corpus)
     chunked.fit_rotation(16, 8)
-    a, b = whole._tables[16].rotation, chunked._tables[16].rotation
+    a, b = whole.table(16).rotation, chunked.table(16).rotation
     assert a is not None and b is not None
     np.testing.assert_allclose(np.abs(a.matrix), np.abs(b.matrix), atol=1e-5)  # axes up to sign

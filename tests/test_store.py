@@ -59,7 +59,8 @@ def test_add_appends_and_keeps_ids_labels_metadata(store: EmbeddingStore) -> Non
     assert table.labels == ("x", "y", "x", "", "")
     assert table.metadata == ({"n": 1}, {}, {"t": [1, "s"]}, {}, {})
     assert table.index_of("c") == 2 and len(table) == 5
-    table.metadata[0]["n"] = 99  # decoded afresh: the store is unchanged
+    decoded = store.table(4).metadata  # (a fresh name: mypy narrows table.metadata by the == above)
+    decoded[0]["n"] = 99  # decoded afresh: the store is unchanged
     assert store.table(4).metadata[0] == {"n": 1}
     with pytest.raises(et.UnknownIdError):
         table.index_of("zzz")
@@ -308,7 +309,7 @@ def test_prefix_search_does_not_copy_the_table(store: EmbeddingStore, monkeypatc
 
     monkeypatch.setattr(backend, "topk", spy)
     store.search(clustered(2, 16, seed=3), k=3, dimension=4)
-    assert seen[0].shape == (50, 4) and np.shares_memory(seen[0], store._tables[16].vectors)
+    assert seen[0].shape == (50, 4) and np.shares_memory(seen[0], store.table(16).vectors)
 
 
 def test_single_query_result_shape_and_frozen_result(store: EmbeddingStore) -> None:
@@ -439,3 +440,30 @@ def test_funnel_caches_are_charged_and_released() -> None:
     assert store.memory_info().used_bytes == base + 100 * 4 * 4 + 100 * 4
     store.add(clustered(1, 16, seed=3))  # the table changed: its caches go, and their bytes with them
     assert store.memory_info().used_bytes == 101 * 17 * 4
+
+
+def test_tables_show_their_indexes_rotation_and_caches_with_their_bytes() -> None:
+    store = make_store()
+    store.add(clustered(100, 32))
+    store.quantize(32, "int8")
+    store.fit_rotation(32, components=8)
+    table = store.table(32)
+    assert set(table.quantized) == {"int8"} and table.caches == {}
+    assert table.rotation is not None and table.rotation.components == 8
+    with pytest.raises(TypeError):
+        table.quantized["binary"] = table.quantized["int8"]  # type: ignore[index]
+    store.search(clustered(2, 32, seed=1), k=3, funnel=[(8, 20), (16, 10)])  # fills prefix and rotated caches
+    store.search(clustered(2, 32, seed=1), k=3, dimension=16)
+    caches = dict(store.table(32).caches)
+    assert caches and all(nbytes > 0 for nbytes in caches.values())
+    assert set(caches) <= {f"{name}/{d}" for name in ("prefix_norms", "unit_prefix", "rotation_norms") for d in (8, 16)}
+    info = store.memory_info().tables[32]
+    assert info.caches == caches and info.rotation == 32 * 32 * 4 + 100 * 8 * 4
+    # the parts add up to the charge: rows and norms, indexes, rotation, caches
+    assert info.nbytes == 100 * 33 * 4 + sum(info.quantized.values()) + info.rotation + sum(info.caches.values())
+    assert info.nbytes == store.memory_info().used_bytes
+    store.drop_rotation(32)
+    assert store.table(32).rotation is None and not any(name.startswith("rotation_norms/") for name in store.table(32).caches)
+    assert store.memory_info().used_bytes == 100 * 33 * 4 + sum(info.quantized.values()) + sum(
+        b for name, b in caches.items() if not name.startswith("rotation_norms/")
+    )

@@ -50,7 +50,7 @@ def test_study_keeps_indexes_the_table_already_had() -> None:
     store, queries = make_store()
     store.quantize(64, "int8")
     et.study(store, queries, k=5, dimensions=[64, 16], quantizations=["int8"])
-    assert set(store._tables[64].quantized) == {"int8"}
+    assert set(store.table(64).quantized) == {"int8"}
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:

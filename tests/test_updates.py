@@ -123,7 +123,7 @@ def test_updates_keep_quantized_rotation_and_round_trip(tmp_path: Path) -> None:
     store.fit_rotation(16, components=4)
     store.remove(["r1", "r2"])
     store.update(["r10"], clustered(1, 16, seed=5))
-    state = store._tables[16]
+    state = store.table(16)
     assert state.quantized["int8"].codes.shape == (48, 16) and state.rotation is not None
     assert store.backend.shape(state.rotation.prefix) == (48, 4)
     store.save(tmp_path / "s")

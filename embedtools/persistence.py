@@ -1,0 +1,72 @@
+"""The store's side of its files: which file a load reads and what it will cost, and the host
+snapshot a save writes.
+
+Kept apart from the store so that ``load`` reads validate → bill → reserve → build → commit: the
+checks on the path and the bill from the header come from here before any vector is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedtools import fileformat, seed_format
+from embedtools.errors import InvalidArgumentError, StoreFormatError, StoreNotFoundError
+from embedtools.protocols import ArrayBackend, Hasher
+from embedtools.records import StoreRecord, TableRecord, TableShape
+from embedtools.tables import TableState
+from embedtools.validation import JSONObject
+
+__all__ = ["read_shapes", "read_store", "snapshot"]
+
+
+def read_shapes(path: object, *, mmap: bool, backend_name: str, hasher: Hasher) -> tuple[Path, tuple[TableShape, ...]]:
+    """The store at ``path`` (an embedtools file or a seed folder) and its tables' shapes, read from
+    the header alone so the budget is charged before any vector is; every refusal of the path or of
+    ``mmap`` happens here, before anything is reserved."""
+    p, folder = fileformat.locate(path)
+    if mmap and backend_name != "numpy":
+        raise InvalidArgumentError(f"mmap=True needs the numpy backend; {backend_name} copies tables to its device")
+    if not folder:
+        return p, tuple(replace(shape, mapped=mmap) for shape in fileformat.read_table_shapes(p, hasher=hasher))
+    if mmap:
+        raise InvalidArgumentError("mmap=True reads embedtools files; convert a seed folder first")
+    if not seed_format.is_seed_folder(p):
+        raise StoreNotFoundError(f"{p} is a folder without metadata.json (not a seed store)")
+    return p, seed_format.read_seed_shapes(p)
+
+
+def read_store(path: Path, shapes: tuple[TableShape, ...], *, mmap: bool, hasher: Hasher) -> StoreRecord:
+    """The whole store at ``path``, refused if its tables are not the ``shapes`` it was billed for
+    (the file changed between the header read and this one)."""
+    record = seed_format.read_seed_store(path) if path.is_dir() else fileformat.read_store(path, mmap=mmap, hasher=hasher)[0]
+    if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
+        raise StoreFormatError(f"{path} changed while it was being loaded")
+    return record
+
+
+def snapshot(
+    backend: ArrayBackend[Any], tables: Mapping[int, TableState[Any]], config: JSONObject, *, step: Callable[[], object] = lambda: None
+) -> StoreRecord:
+    """The host copy of a store that a save writes: tables in order of dimension, indexes by kind;
+    ``step`` is called after each table (a progress bar's tick)."""
+    records = []
+    for _, state in sorted(tables.items()):
+        rotation = state.rotation
+        records.append(
+            TableRecord(
+                vectors=np.asarray(backend.to_numpy(state.vectors), dtype=np.float32),
+                ids=state.ids,
+                labels=state.labels,
+                metadata=state.metadata,
+                quantized=tuple(state.quantized[kind].to_host(backend) for kind in sorted(state.quantized)),
+                rotation=rotation.matrix if rotation else None,
+                rotation_components=rotation.components if rotation else 0,
+            )
+        )
+        step()
+    return StoreRecord(tables=tuple(records), config=config)
