@@ -80,10 +80,10 @@ class RandomChooser:
     """:class:`Chooser` over ``random.Random``: the long run's driver, reproducible from its seed."""
 
     def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
+        self.rng = rng
 
     def integer(self, lo: int, hi: int) -> int:
-        return self._rng.randint(lo, hi)
+        return self.rng.randint(lo, hi)
 
 
 def pick(choose: Chooser, options: Sequence[T]) -> T:

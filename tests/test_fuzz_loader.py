@@ -52,10 +52,10 @@ class DrawChooser:
     """Hypothesis as a :class:`tests.fuzzing.Chooser`: every choice shrinks."""
 
     def __init__(self, data: st.DataObject) -> None:
-        self._data = data
+        self.data = data
 
     def integer(self, lo: int, hi: int) -> int:
-        return self._data.draw(st.integers(lo, hi))
+        return self.data.draw(st.integers(lo, hi))
 
 
 def assert_passes(outcome: Outcome) -> None:

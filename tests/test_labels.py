@@ -37,14 +37,14 @@ def test_int_labels_are_kept_as_ints_and_filtered_by_kind() -> None:
     assert found(store, 4, Label(-5, 2**63 - 1)) == []
 
 
-def test_str_label_tables_do_not_match_int_filters() -> None:
+def test_str_labels_never_match_int_filters() -> None:
     store = make_store()
     store.add(clustered(3, 4), labels=["1", "2", "1"])
     assert label_types(store, 4) == {str}
     assert found(store, 4, Label(1)) == [] and found(store, 4, Label("1")) == [0, 2]
 
 
-def test_labels_of_one_kind_per_table_across_tables() -> None:
+def test_one_label_kind_per_table_each_table_its_own() -> None:
     store = make_store()
     store.add(clustered(3, 4), labels=[1, 2, 3])
     store.add(clustered(3, 8), labels=["a", "b", "c"])
@@ -142,7 +142,7 @@ def header(path: Path) -> dict[str, Any]:
     return dict(json.loads(meta["embedtools"]))
 
 
-def test_file_says_int_labels_and_str_tables_are_written_as_before(tmp_path: Path) -> None:
+def test_file_marks_int_labels_and_writes_str_labels_as_before(tmp_path: Path) -> None:
     store = make_store()
     store.add(clustered(2, 4), labels=[5, -6])
     store.add(clustered(2, 8), labels=["5", "-6"])

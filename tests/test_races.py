@@ -46,10 +46,10 @@ class Everything(Filter):
     filling any cache."""
 
     def __init__(self, hook: Callable[[], None] | None) -> None:
-        self._hook = hook
+        self.hook = hook
 
     def mask(self, rows: RowSource) -> npt.NDArray[np.bool_]:
-        hook, self._hook = self._hook, None
+        hook, self.hook = self.hook, None
         if hook is not None:
             hook()
         return np.ones(len(rows), dtype=np.bool_)

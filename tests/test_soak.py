@@ -79,7 +79,7 @@ class Soak:
         self.errors: list[tuple[str, BaseException]] = []
         self.counts: dict[str, int] = {}
         self.rotated: dict[int, int] = {}  # the writer's own record: table -> rotation components
-        self._lock = threading.Lock()
+        self.guard = threading.Lock()
 
     def running(self) -> bool:
         return time.monotonic() < self.deadline and not self.errors
@@ -89,10 +89,10 @@ class Soak:
             try:
                 done = body(np.random.default_rng(seed))
             except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
-                with self._lock:
+                with self.guard:
                     self.errors.append((name, exc))
                 return
-            with self._lock:
+            with self.guard:
                 self.counts[name] = done
 
         return threading.Thread(target=run, name=name, daemon=True)

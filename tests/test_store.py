@@ -240,7 +240,7 @@ def test_search_ids_follow_indices_for_any_k(k: int) -> None:
     assert nothing.ids == [[], []]
 
 
-def test_search_ids_are_the_tables_at_search_time_and_built_once() -> None:
+def test_search_ids_are_the_table_ids_at_search_time_and_built_once() -> None:
     store = EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher())
     store.add(clustered(40, 8, seed=1), ids=[f"r{i}" for i in range(40)])
     result = store.search(clustered(2, 8, seed=2), k=3)
@@ -442,7 +442,7 @@ def test_funnel_caches_are_charged_and_released() -> None:
     assert store.memory_info().used_bytes == 101 * 17 * 4
 
 
-def test_tables_show_their_indexes_rotation_and_caches_with_their_bytes() -> None:
+def test_a_table_shows_its_indexes_rotation_and_caches_with_their_bytes() -> None:
     store = make_store()
     store.add(clustered(100, 32))
     store.quantize(32, "int8")

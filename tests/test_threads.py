@@ -43,7 +43,7 @@ def test_concurrent_prefix_searches_cache_and_charge_the_norms_once() -> None:
         np.testing.assert_array_equal(result.indices, results[0].indices)
 
 
-def test_searches_beside_adds_see_whole_tables() -> None:
+def test_searches_beside_adds_see_each_table_whole() -> None:
     store = make_store()
     store.add(clustered(500, 16), ids=[f"a{i}" for i in range(500)])
     queries = clustered(3, 16, seed=2)
