@@ -106,7 +106,7 @@ def test_running_top_m_equals_brute_force(per_query: int, path: str, monkeypatch
         cols = np.arange(column, column + rows.size, dtype=np.int64)
         column += rows.size
         running.merge(rows, vals, cols)
-        running._fold()
+        running.fold()
         for r, v, c in zip(rows.tolist(), vals.tolist(), cols.tolist(), strict=True):
             every[r].append((v, c))
     assert set(calls) == {path}

@@ -145,9 +145,10 @@ class RunningTop:
         self.pending.append((rows, vals.astype(np.float32, copy=False), cols))
         self.pending_size += rows.size
         if self.pending_size > self.limit or np.isneginf(self.threshold).any():
-            self._fold()
+            self.fold()
 
-    def _fold(self) -> None:
+    def fold(self) -> None:
+        """Fold the buffered candidates in now (the kernel leaves it to :meth:`merge` and :meth:`result`)."""
         if not self.pending:
             return
         rows = np.concatenate([p[0] for p in self.pending])
@@ -195,7 +196,7 @@ class RunningTop:
 
     def result(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """``(n_queries, m)`` values and indices, best first, equal values by ascending index."""
-        self._fold()
+        self.fold()
         if not self.starving_allowed and (self.cols < 0).any():
             raise AssertionError("every query must have m candidates by the end of the corpus")  # pragma: no cover
         return best_first(self.vals, self.cols)
