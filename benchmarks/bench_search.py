@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 import embedtools as et
-import embedtools.search as search_module
+import embedtools.search.kernel as search_module
 from benchmarks.common import best_of, blas_kernel, clustered, interleaved_best, matryoshka_like, problem_arguments, queries_near
 from embedtools.quantize import QUANTIZATIONS
 from embedtools.search import BLOCK_ROWS

@@ -1,8 +1,11 @@
 """The three seams of embedtools: array backend, memory accountant, hasher.
 
 The store is written against these Protocols only; the container decides which classes fill them.
-They are deliberately small: every method here is one a second implementation (torch, MLX, a test
-fake) must write, so nothing goes in that the store does not call or that a user cannot use alone.
+:class:`ArrayBackend` holds only what the library calls (the store, the search plan and the
+quantised indexes); :class:`BlockPrimitives` is what the one blocked top-k of
+:mod:`embedtools.search` needs from a backend; :class:`ArrayOps` keeps the seed's other array
+operations, for users and the conformance suite. Every bundled backend satisfies all three, so a
+new backend is a class of primitives, and a test fake need only write the first.
 """
 
 from __future__ import annotations
@@ -16,11 +19,18 @@ import numpy as np
 if TYPE_CHECKING:
     import numpy.typing as npt
 
+    from embedtools.search.merge import Candidates
+
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
     "METRICS",
     "ArrayBackend",
+    "ArrayOps",
     "ArrayT",
+    "Backend",
+    "BlockPrimitives",
+    "Capabilities",
+    "SearchBackend",
     "DTypeName",
     "Hasher",
     "MemoryAccountant",
@@ -46,13 +56,13 @@ DEFAULT_BLOCK_BYTES = 128 * 1024 * 1024
 
 
 class ArrayBackend(Protocol[ArrayT]):
-    """What the store needs from an array library (NumPy, PyTorch, MLX).
+    """What the library calls on an array library (NumPy, PyTorch, MLX): conversions, norms,
+    gathers, decoding and the exact top-k.
 
-    It keeps 15 of the seed's 17 operations under clearer names (``create_array`` is ``asarray``,
-    ``dot`` is ``matmul``, ``get_shape``/``get_dtype``/``get_memory_usage`` are ``shape``/``dtype``/
-    ``nbytes``) and drops ``save``/``load``: file I/O belongs to the store's format, and the seed's
-    pickle fallback executed code from files. It adds ``row_norms``, ``to_list``, ``convert``,
-    ``free_bytes``, ``take_rows``, ``dequantize`` and ``topk``.
+    Of the seed's operations it keeps conversion, ``shape``, ``normalize``, ``concatenate`` and
+    ``slice_last_dim``, and drops ``save``/``load``: file I/O belongs to the store's format, and
+    the seed's pickle fallback executed code from files. The seed's other operations are
+    :class:`ArrayOps`; what the bundled top-k needs besides is :class:`BlockPrimitives`.
     """
 
     @property
@@ -63,10 +73,6 @@ class ArrayBackend(Protocol[ArrayT]):
     @property
     def device(self) -> str:
         """Where arrays live, e.g. ``"cpu"``, ``"cuda:0"``, ``"mps"``, ``"gpu"``."""
-        ...
-
-    def asarray(self, data: object, dtype: DTypeName = "float32") -> ArrayT:
-        """A new array (always a copy) from nested lists or anything array-like."""
         ...
 
     def from_numpy(self, array: npt.NDArray[Any], dtype: DTypeName = "float32") -> ArrayT:
@@ -85,37 +91,7 @@ class ArrayBackend(Protocol[ArrayT]):
         """
         ...
 
-    def to_list(self, array: ArrayT) -> list[Any]:
-        """Nested Python lists of Python scalars."""
-        ...
-
     def shape(self, array: ArrayT) -> tuple[int, ...]: ...
-
-    def dtype(self, array: ArrayT) -> str:
-        """The dtype's short name, e.g. ``"float32"``."""
-        ...
-
-    def nbytes(self, array: ArrayT) -> int:
-        """Bytes the array's elements take (dtype size × element count); a view reports its own size."""
-        ...
-
-    def zeros(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> ArrayT: ...
-
-    def ones(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> ArrayT: ...
-
-    def random_normal(
-        self,
-        shape: tuple[int, ...],
-        *,
-        seed: int | None = None,
-        mean: float = 0.0,
-        std: float = 1.0,
-        dtype: DTypeName = "float32",
-    ) -> ArrayT:
-        """Normal samples; the same ``seed`` gives the same numbers, ``None`` fresh ones. No global state."""
-        ...
-
-    def matmul(self, a: ArrayT, b: ArrayT) -> ArrayT: ...
 
     def row_norms(self, a: ArrayT) -> ArrayT:
         """L2 norm of each row of a 2-D array (of the vector, for 1-D), as float32."""
@@ -125,13 +101,7 @@ class ArrayBackend(Protocol[ArrayT]):
         """Rows scaled to unit L2 norm; an all-zero row stays all zero (never NaN)."""
         ...
 
-    def cosine_similarity(self, a: ArrayT, b: ArrayT) -> ArrayT:
-        """``(m, d) × (n, d) → (m, n)`` cosine; 1-D inputs count as one row; zero vectors score 0."""
-        ...
-
     def concatenate(self, arrays: Sequence[ArrayT], axis: int = 0) -> ArrayT: ...
-
-    def stack(self, arrays: Sequence[ArrayT], axis: int = 0) -> ArrayT: ...
 
     def slice_last_dim(self, array: ArrayT, dim: int) -> ArrayT:
         """The first ``dim`` columns, as a view where the library has views (a Matryoshka prefix)."""
@@ -194,6 +164,121 @@ class ArrayBackend(Protocol[ArrayT]):
         rows).
         """
         ...
+
+
+class ArrayOps(Protocol[ArrayT]):
+    """The seed's array operations that the library itself does not call, on every bundled backend
+    for users (under clearer names: ``create_array`` is ``asarray``, ``dot`` is ``matmul``,
+    ``get_dtype``/``get_memory_usage`` are ``dtype``/``nbytes``; ``get_shape`` is the core's ``shape``)."""
+
+    def asarray(self, data: object, dtype: DTypeName = "float32") -> ArrayT:
+        """A new array (always a copy) from nested lists or anything array-like."""
+        ...
+
+    def to_list(self, array: ArrayT) -> list[Any]:
+        """Nested Python lists of Python scalars."""
+        ...
+
+    def dtype(self, array: ArrayT) -> str:
+        """The dtype's short name, e.g. ``"float32"``."""
+        ...
+
+    def nbytes(self, array: ArrayT) -> int:
+        """Bytes the array's elements take (dtype size × element count); a view reports its own size."""
+        ...
+
+    def zeros(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> ArrayT: ...
+
+    def ones(self, shape: tuple[int, ...], dtype: DTypeName = "float32") -> ArrayT: ...
+
+    def random_normal(
+        self,
+        shape: tuple[int, ...],
+        *,
+        seed: int | None = None,
+        mean: float = 0.0,
+        std: float = 1.0,
+        dtype: DTypeName = "float32",
+    ) -> ArrayT:
+        """Normal samples; the same ``seed`` gives the same numbers, ``None`` fresh ones. No global state."""
+        ...
+
+    def matmul(self, a: ArrayT, b: ArrayT) -> ArrayT: ...
+
+    def cosine_similarity(self, a: ArrayT, b: ArrayT) -> ArrayT:
+        """``(m, d) × (n, d) → (m, n)`` cosine; 1-D inputs count as one row; zero vectors score 0."""
+        ...
+
+    def stack(self, arrays: Sequence[ArrayT], axis: int = 0) -> ArrayT: ...
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Device-specific choices of the blocked top-k, reported by a backend rather than inferred
+    from its name, so that a new backend (or a test) states them in one place."""
+
+    #: Select a block's candidates on the device, so that only they cross to the host; otherwise
+    #: the kernel pulls each score block to the host and selects with NumPy, which on a CPU beats
+    #: torch's and MLX's own compare, nonzero and partition.
+    select_on_device: bool
+    #: Size blocks for a GPU (:data:`embedtools.search.kernel.DEVICE_BLOCK_ROWS`: launches and
+    #: waits per block dominate there), not for a CPU's cache.
+    gpu: bool
+
+
+class BlockPrimitives(Protocol[ArrayT]):
+    """What the one blocked exact top-k (:mod:`embedtools.search.exact`) needs from a backend
+    besides the core: a score block and its selection, on the device. Blocks are ``(rows, queries)``."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def float32(self, array: ArrayT) -> ArrayT:
+        """The array as float32 (no copy when it already is)."""
+        ...
+
+    def query_operand(self, queries: npt.NDArray[np.float32]) -> ArrayT:
+        """Host ``(q, d)`` queries as the right operand of :meth:`block_scores`' product, laid out
+        as this library's GEMM runs fastest (made once per chunk of queries)."""
+        ...
+
+    def block_scores(
+        self,
+        corpus: ArrayT,
+        rows: slice,
+        operand: ArrayT,
+        scale: ArrayT | None,
+        shift: ArrayT | None,
+        rows_of: Callable[[ArrayT], ArrayT] | None,
+    ) -> ArrayT:
+        """``rows_of(corpus[rows]) @ queries.T``, each row's scores times ``scale[rows]`` minus
+        ``shift[rows]``: a ``(rows, queries)`` block on the device. ``rows_of`` (a decode, or a
+        screen's frame) turns the block's codes into rows; ``None`` takes them as they are."""
+        ...
+
+    def host_block(self, block: ArrayT) -> npt.NDArray[np.float32]:
+        """A score block on the host as ``(rows, queries)`` float32, sharing its memory where it can."""
+        ...
+
+    def device_candidates(self, block: ArrayT, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+        """:func:`embedtools.search.merge.host_candidates`'s contract, selected on the device."""
+        ...
+
+    def nth_best(self, block: ArrayT, n: int) -> npt.NDArray[np.float32]:
+        """Each query's n-th best score of a block, on the host (found on the device)."""
+        ...
+
+    def frame_rows(self, rows: ArrayT, scale: float, centre: ArrayT | None) -> ArrayT:
+        """``rows * scale - centre`` in float32: rows in a certified l2 screen's frame."""
+        ...
+
+
+class SearchBackend(ArrayBackend[ArrayT], BlockPrimitives[ArrayT], Protocol[ArrayT]):
+    """A backend the bundled top-k (:func:`embedtools.search.exact.exact_topk`) runs on."""
+
+
+class Backend(SearchBackend[ArrayT], ArrayOps[ArrayT], Protocol[ArrayT]):
+    """Every bundled backend (what :func:`embedtools.make_backend` returns): all three Protocols."""
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,12 @@ from embedtools.errors import (
 from embedtools.filters import Filter
 from embedtools.ledger import Ledger, cache_bytes, table_bytes
 from embedtools.persistence import read_shapes, read_store, snapshot
-from embedtools.planner import GATHER_FRACTION, Searcher, SearchPlan, check_funnel
+from embedtools.search.plan import GATHER_FRACTION, Searcher, SearchPlan, plan_search
 from embedtools.progress import check_progress, progress_bar, shows
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
 from embedtools.results import MemoryInfo, SearchResult
 from embedtools.rotation import principal_axes, rotate
-from embedtools.search import check_k, check_metric
 from embedtools.tables import (
     Table,
     TableState,
@@ -507,18 +506,7 @@ class EmbeddingStore:
                 "call store.materialize() to copy them into memory first"
             )
 
-    # ------------------------------------------------------------------ searching (search/plan.py's part)
-
-    def _source_table(self, dim: int, exact: bool) -> tuple[int, TableState[Any]]:
-        """The table a search of width ``dim`` reads, taken once (another thread may drop it later)."""
-        tables = dict(self._tables)
-        if dim in tables:
-            return dim, tables[dim]
-        wider = sorted(d for d in tables if d > dim)
-        if exact or not wider:
-            hint = " (pass dimension= to search a prefix of a wider table)" if exact and wider else ""
-            raise DimensionError(f"no table of dimension {dim}; stored: {sorted(tables) or 'none'}{hint}")
-        return wider[0], tables[wider[0]]
+    # ------------------------------------------------------------------ searching (embedtools.search.plan plans it)
 
     def search(
         self,
@@ -558,21 +546,9 @@ class EmbeddingStore:
         fewer match (none: an empty result). A selective filter gathers its rows and searches only
         those; a broad one masks the others inside the blocked kernel.
         """
-        metric = check_metric(metric)
-        k = check_k(k)
-        q = as_queries(queries)
-        width = q.shape[1]
-        dim = width if dimension is None else check_dimension(dimension)
-        if width < dim:
-            raise DimensionError(f"queries have width {width}, fewer than dimension {dim}")
-        stages = check_funnel(funnel, k, dim)
-        source, state = self._source_table(dim, exact=dimension is None)
-        index = self._quantized_index(state, source, dim, quantized, rescore, stages)
-        rescorer = self._rescoring_index(state, source, index, rescore_with)
-        mask = self._filter_mask(state, where)
-        kk = min(k, state.rows if mask is None else int(np.count_nonzero(mask)))
-        q = np.ascontiguousarray(q[:, :dim])
-        plan = SearchPlan(source, state, dim, kk, metric, stages, index, mask, rescore, rescorer)
+        plan = plan_search(dict(self._tables), queries, k, dimension, metric, funnel=funnel, quantized=quantized,
+                           rescore=rescore, rescore_with=rescore_with, where=where)  # fmt: skip
+        q, kk, state = plan.queries, plan.k, plan.state
         if q.shape[0] == 0 or kk == 0:
             scores = np.empty((q.shape[0], kk), dtype=np.float32)
             indices = np.empty((q.shape[0], kk), dtype=np.int64)
@@ -590,7 +566,7 @@ class EmbeddingStore:
             indices = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
         scores.setflags(write=False)
         indices.setflags(write=False)
-        return SearchResult(indices=indices, scores=scores, metric=metric, dimension=dim, source_dimension=source, row_ids=state.ids)
+        return SearchResult(indices=indices, scores=scores, metric=plan.metric, dimension=plan.dim, source_dimension=plan.source, row_ids=state.ids)
 
     def _run_plan(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         return Searcher(self._backend, self._block_bytes, functools.partial(self._cached, plan.state)).run(plan, q)
@@ -602,43 +578,3 @@ class EmbeddingStore:
         """The search code's ``Cache``: the ledger keeps (and charges) a cache only for the
         version ``state`` that is still the current table of ``source``."""
         return self._ledger.cached(cache, key, source, nbytes, compute, current=lambda: self._tables.get(source) is state)
-
-    def _filter_mask(self, state: TableState[Any], where: object) -> npt.NDArray[np.bool_] | None:
-        if where is None:
-            return None
-        if not isinstance(where, Filter):
-            raise InvalidArgumentError(f"where takes a filter from embedtools.filters, not {type(where).__name__}")
-        return where.mask(state.row_source)
-
-    def _quantized_index(
-        self,
-        state: TableState[Any],
-        source: int,
-        dim: int,
-        quantized: object,
-        rescore: object,
-        stages: Sequence[tuple[int, int]],
-    ) -> QuantizedIndex[Any] | None:
-        if quantized is None:
-            return None
-        kind = check_quantization(quantized)
-        check_positive_int(rescore, "rescore")
-        if stages:
-            raise InvalidArgumentError("funnel and quantized search cannot be combined")
-        if dim != source:
-            raise InvalidArgumentError(f"quantized search runs at the table's full width ({source}), not at {dim}")
-        if kind not in state.quantized:
-            raise InvalidArgumentError(f"table {source}d has no {kind} index; call store.quantize({source}, {kind!r})")
-        return state.quantized[kind]
-
-    def _rescoring_index(
-        self, state: TableState[Any], source: int, index: QuantizedIndex[Any] | None, rescore_with: object
-    ) -> QuantizedIndex[Any] | None:
-        if rescore_with is None:
-            return None
-        kind = check_quantization(rescore_with)
-        if index is None:
-            raise InvalidArgumentError("rescore_with rescores a quantized search's shortlist; pass quantized= too")
-        if kind not in state.quantized:
-            raise InvalidArgumentError(f"table {source}d has no {kind} index to rescore with; call store.quantize({source}, {kind!r})")
-        return state.quantized[kind]

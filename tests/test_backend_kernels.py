@@ -1,4 +1,4 @@
-"""Device-side helpers of the torch and MLX top-k, and the block plans, that the Protocol does not expose.
+"""Device-side block primitives of the torch and MLX top-k, and the block plans, that the core Protocol does not expose.
 
 Their results feed only the driver's speed (a wrong n-th best makes the driver redo queries, never
 return wrong rows), so the conformance suite cannot see them: they are checked here against NumPy.
@@ -7,32 +7,34 @@ torch and MLX are installed in every CI run (the ``all`` extra).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from embedtools import make_backend
-from embedtools.protocols import Metric
+from embedtools.protocols import Metric, SearchBackend
 from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, ONE_QUERY_BLOCK_ROWS, host_nth_best, plan_blocks, rows_per_block
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
 def test_torch_nth_best_of_a_rows_by_queries_block(n: int) -> None:
     torch = pytest.importorskip("torch")
-    from embedtools.backends.torch import _nth_best
+    from embedtools.backends.torch import TorchBackend
 
     block = np.random.default_rng(n).standard_normal((300, 9)).astype(np.float32)
-    np.testing.assert_array_equal(_nth_best(torch.from_numpy(block), n), host_nth_best(np.ascontiguousarray(block.T), n))
+    found = TorchBackend("cpu").nth_best(torch.from_numpy(block), n)
+    np.testing.assert_array_equal(found, host_nth_best(np.ascontiguousarray(block.T), n))
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
 def test_mlx_nth_best_of_a_rows_by_queries_block(n: int) -> None:
     mx = pytest.importorskip("mlx.core")
-    from embedtools.backends.mlx import _nth_best
+    from embedtools.backends.mlx import MlxBackend
 
     block = np.random.default_rng(n).standard_normal((300, 9)).astype(np.float32)
-    np.testing.assert_array_equal(
-        _nth_best(mx.array(block), n, device=mx.Device(mx.cpu)), host_nth_best(np.ascontiguousarray(block.T), n)
-    )
+    found = MlxBackend("cpu").nth_best(mx.array(block), n)
+    np.testing.assert_array_equal(found, host_nth_best(np.ascontiguousarray(block.T), n))
 
 
 @pytest.mark.parametrize("name", ["torch", "mlx"])
@@ -47,12 +49,23 @@ def test_selection_on_the_device_finds_what_numpy_finds(name: str, metric: Metri
     rng = np.random.default_rng(k)
     corpus = rng.standard_normal((rows, 24)).astype(np.float32)
     queries = rng.standard_normal((n_queries, 24)).astype(np.float32)
-    backend = make_backend(name, "cpu")
-    backend._select_on_device = True  # type: ignore[attr-defined]
+    backend = _device_selecting_cpu_backend(name)
+    assert backend.capabilities.select_on_device and not backend.capabilities.gpu
     scores, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), k, metric)
     expected_scores, expected = make_backend("numpy").topk(queries, corpus, k, metric)
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def _device_selecting_cpu_backend(name: str) -> SearchBackend[Any]:
+    """A CPU backend told (through its constructor) to select as on a GPU."""
+    if name == "torch":
+        from embedtools.backends.torch import TorchBackend
+
+        return TorchBackend("cpu", select_on_device=True)
+    from embedtools.backends.mlx import MlxBackend
+
+    return MlxBackend("cpu", select_on_device=True)
 
 
 def test_host_nth_best_is_the_nth_largest() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import embedtools as et
-import embedtools.planner as planner_module
+import embedtools.search.plan as planner_module
 from embedtools import ByteBudget, EmbeddingStore, Ids, InvalidArgumentError, Label, Meta, Metric, Sha256Hasher
 from tests.conformance.backends import IDS, PAIRS
 from tests.helpers import assert_exact_topk, clustered

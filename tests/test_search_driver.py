@@ -83,20 +83,20 @@ def test_sampled_floor_counts_only_unmasked_rows_and_declines_small_samples() ->
 
 @pytest.mark.parametrize(("per_query", "path"), [(20, "_fold_dense"), (2_000, "_fold_each")])
 def test_running_top_m_equals_brute_force(per_query: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedtools.search import _Running
+    from embedtools.search import RunningTop
 
     calls: list[str] = []
     for name in ("_fold_dense", "_fold_each"):
-        original = getattr(_Running, name)
+        original = getattr(RunningTop, name)
 
-        def spy(self: _Running, *args: object, _name: str = name, _original: object = original) -> None:
+        def spy(self: RunningTop, *args: object, _name: str = name, _original: object = original) -> None:
             calls.append(_name)
             _original(self, *args)  # type: ignore[operator]
 
-        monkeypatch.setattr(_Running, name, spy)
+        monkeypatch.setattr(RunningTop, name, spy)
     rng = np.random.default_rng(per_query)
     n_queries, m = 6, 15
-    running = _Running(n_queries, m)
+    running = RunningTop(n_queries, m)
     every: list[list[tuple[float, int]]] = [[] for _ in range(n_queries)]
     column = 0
     for _ in range(3):  # three merges, so a fold meets a running top m that is already full
@@ -106,7 +106,7 @@ def test_running_top_m_equals_brute_force(per_query: int, path: str, monkeypatch
         cols = np.arange(column, column + rows.size, dtype=np.int64)
         column += rows.size
         running.merge(rows, vals, cols)
-        running._fold()
+        running.fold()
         for r, v, c in zip(rows.tolist(), vals.tolist(), cols.tolist(), strict=True):
             every[r].append((v, c))
     assert set(calls) == {path}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from embedtools.errors import BackendUnavailableError, InvalidArgumentError
-from embedtools.protocols import ArrayBackend
+from embedtools.protocols import Backend
 
 __all__ = [
     "BACKEND_NAMES",
@@ -147,7 +147,7 @@ def resolve(name: object, device: object = None) -> BackendChoice:
     return BackendChoice(lowered, device, f"backend {lowered!r} was asked for")
 
 
-def make_backend(name: str = "auto", device: str | None = None) -> ArrayBackend[Any]:
+def make_backend(name: str = "auto", device: str | None = None) -> Backend[Any]:
     """Build the backend ``name`` on ``device`` (``None``: its best device here), checked now."""
     choice = resolve(name, device)
     if choice.name == "numpy":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import embedtools as et
-from embedtools import ArrayBackend, DimensionError, InvalidArgumentError, Metric
+from embedtools import Backend, DimensionError, InvalidArgumentError, Metric
 from embedtools.quantize import QuantizedIndex
 from embedtools.search import host_nth_best, sampled_floor
 from tests.conformance.backends import IDS, PAIRS
@@ -21,17 +21,17 @@ from tests.helpers import (
 
 
 @pytest.fixture(params=PAIRS, ids=IDS)
-def backend(request: pytest.FixtureRequest) -> ArrayBackend[Any]:
+def backend(request: pytest.FixtureRequest) -> Backend[Any]:
     name, device = request.param
     return et.make_backend(name, device)
 
 
-def test_name_and_device(backend: ArrayBackend[Any]) -> None:
+def test_name_and_device(backend: Backend[Any]) -> None:
     assert backend.name in {"numpy", "torch", "mlx"}
     assert backend.device
 
 
-def test_asarray_copies_and_casts(backend: ArrayBackend[Any]) -> None:
+def test_asarray_copies_and_casts(backend: Backend[Any]) -> None:
     source = [[1, 2], [3, 4]]
     a = backend.asarray(source)
     assert backend.dtype(a) == "float32"
@@ -43,7 +43,7 @@ def test_asarray_copies_and_casts(backend: ArrayBackend[Any]) -> None:
         backend.asarray([1.0], dtype="complex64")  # type: ignore[arg-type]
 
 
-def test_numpy_round_trip(backend: ArrayBackend[Any]) -> None:
+def test_numpy_round_trip(backend: Backend[Any]) -> None:
     host = np.arange(12, dtype=np.float64).reshape(3, 4)
     a = backend.from_numpy(host)
     assert backend.dtype(a) == "float32"
@@ -53,7 +53,7 @@ def test_numpy_round_trip(backend: ArrayBackend[Any]) -> None:
     assert backend.to_list(backend.from_numpy(np.array([1.5], dtype=np.float32))) == [1.5]
 
 
-def test_shape_dtype_nbytes(backend: ArrayBackend[Any]) -> None:
+def test_shape_dtype_nbytes(backend: Backend[Any]) -> None:
     a = backend.zeros((5, 7))
     assert backend.shape(a) == (5, 7)
     assert backend.dtype(a) == "float32"
@@ -61,12 +61,12 @@ def test_shape_dtype_nbytes(backend: ArrayBackend[Any]) -> None:
     assert backend.nbytes(backend.zeros((5, 7), dtype="float16")) == 5 * 7 * 2
 
 
-def test_zeros_ones(backend: ArrayBackend[Any]) -> None:
+def test_zeros_ones(backend: Backend[Any]) -> None:
     assert backend.to_list(backend.zeros((2,))) == [0.0, 0.0]
     assert backend.to_list(backend.ones((1, 3), dtype="int32")) == [[1, 1, 1]]
 
 
-def test_random_normal_is_seeded_without_global_state(backend: ArrayBackend[Any]) -> None:
+def test_random_normal_is_seeded_without_global_state(backend: Backend[Any]) -> None:
     a = backend.to_numpy(backend.random_normal((200, 50), seed=7))
     np.random.seed(0)  # the global numpy state must not matter
     b = backend.to_numpy(backend.random_normal((200, 50), seed=7))
@@ -80,14 +80,14 @@ def test_random_normal_is_seeded_without_global_state(backend: ArrayBackend[Any]
         backend.random_normal((2,), dtype="int8")
 
 
-def test_matmul(backend: ArrayBackend[Any]) -> None:
+def test_matmul(backend: Backend[Any]) -> None:
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     b = np.arange(12, dtype=np.float32).reshape(3, 4)
     got = backend.to_numpy(backend.matmul(backend.from_numpy(a), backend.from_numpy(b)))
     np.testing.assert_allclose(got, a @ b)
 
 
-def test_row_norms_and_normalize_keep_zero_rows_finite(backend: ArrayBackend[Any]) -> None:
+def test_row_norms_and_normalize_keep_zero_rows_finite(backend: Backend[Any]) -> None:
     x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
     norms = backend.to_numpy(backend.row_norms(backend.from_numpy(x)))
     np.testing.assert_allclose(norms, [5.0, 0.0, 1.0])
@@ -97,7 +97,7 @@ def test_row_norms_and_normalize_keep_zero_rows_finite(backend: ArrayBackend[Any
     np.testing.assert_allclose(backend.to_numpy(backend.normalize(backend.from_numpy(x[0]))), [0.6, 0.8], rtol=1e-6)
 
 
-def test_cosine_similarity_shapes_and_zero_vectors(backend: ArrayBackend[Any]) -> None:
+def test_cosine_similarity_shapes_and_zero_vectors(backend: Backend[Any]) -> None:
     a = np.array([[1.0, 0.0], [0.0, 0.0]], dtype=np.float32)
     b = np.array([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], dtype=np.float32)
     sims = backend.to_numpy(backend.cosine_similarity(backend.from_numpy(a), backend.from_numpy(b)))
@@ -111,7 +111,7 @@ def test_cosine_similarity_shapes_and_zero_vectors(backend: ArrayBackend[Any]) -
         backend.cosine_similarity(backend.from_numpy(a), backend.from_numpy(np.ones((2, 3), np.float32)))
 
 
-def test_concatenate_and_stack(backend: ArrayBackend[Any]) -> None:
+def test_concatenate_and_stack(backend: Backend[Any]) -> None:
     a = backend.from_numpy(np.ones((2, 3), np.float32))
     b = backend.from_numpy(np.zeros((1, 3), np.float32))
     assert backend.shape(backend.concatenate([a, b])) == (3, 3)
@@ -120,7 +120,7 @@ def test_concatenate_and_stack(backend: ArrayBackend[Any]) -> None:
     assert backend.shape(backend.stack([a, a], axis=2)) == (2, 3, 2)
 
 
-def test_slice_last_dim_is_a_prefix(backend: ArrayBackend[Any]) -> None:
+def test_slice_last_dim_is_a_prefix(backend: Backend[Any]) -> None:
     host = np.arange(20, dtype=np.float32).reshape(4, 5)
     a = backend.from_numpy(host)
     prefix = backend.slice_last_dim(a, 2)
@@ -139,7 +139,7 @@ def test_slice_last_dim_is_a_view_on_numpy() -> None:
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 @pytest.mark.parametrize("block", [1, 4096, 1 << 30])
-def test_topk_matches_float64_reference(backend: ArrayBackend[Any], metric: Metric, block: int) -> None:
+def test_topk_matches_float64_reference(backend: Backend[Any], metric: Metric, block: int) -> None:
     corpus = clustered(700, 24, seed=3)
     queries = clustered(37, 24, seed=4)
     scores, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), 9, metric, max_block_bytes=block)
@@ -149,7 +149,7 @@ def test_topk_matches_float64_reference(backend: ArrayBackend[Any], metric: Metr
     assert (np.diff(order, axis=1) >= 0).all(), "best first"
 
 
-def test_topk_uses_given_norms_and_handles_zero_rows(backend: ArrayBackend[Any]) -> None:
+def test_topk_uses_given_norms_and_handles_zero_rows(backend: Backend[Any]) -> None:
     corpus = clustered(50, 8, seed=1)
     corpus[[3, 10]] = 0.0
     x = backend.from_numpy(corpus)
@@ -164,7 +164,7 @@ def test_topk_uses_given_norms_and_handles_zero_rows(backend: ArrayBackend[Any])
     assert (scores[-1] == 0).all()
 
 
-def test_topk_breaks_ties_by_lower_index(backend: ArrayBackend[Any]) -> None:
+def test_topk_breaks_ties_by_lower_index(backend: Backend[Any]) -> None:
     corpus = np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (40, 1))
     corpus[17] = [3.0, 2.0, 1.0]  # the one distinct row scores lower for the query below
     q = np.array([1.0, 2.0, 3.0], np.float32)
@@ -175,7 +175,7 @@ def test_topk_breaks_ties_by_lower_index(backend: ArrayBackend[Any]) -> None:
         assert all_rows[0, -1] == 17 and all_rows[0, :5].tolist() == [0, 1, 2, 3, 4]
 
 
-def test_topk_k_beyond_rows_and_bad_arguments(backend: ArrayBackend[Any]) -> None:
+def test_topk_k_beyond_rows_and_bad_arguments(backend: Backend[Any]) -> None:
     corpus = backend.from_numpy(clustered(6, 4))
     q = backend.from_numpy(clustered(2, 4, seed=9))
     scores, indices = backend.topk(q, corpus, 100, "dot")
@@ -188,7 +188,7 @@ def test_topk_k_beyond_rows_and_bad_arguments(backend: ArrayBackend[Any]) -> Non
         backend.topk(backend.from_numpy(np.ones((1, 5), np.float32)), corpus, 3, "dot")
 
 
-def test_every_dtype_name_round_trips(backend: ArrayBackend[Any]) -> None:
+def test_every_dtype_name_round_trips(backend: Backend[Any]) -> None:
     from embedtools.backends._dtypes import DTYPE_NAMES
 
     for name in DTYPE_NAMES:
@@ -199,7 +199,7 @@ def test_every_dtype_name_round_trips(backend: ArrayBackend[Any]) -> None:
         assert backend.to_numpy(array).dtype == np.dtype(name)
 
 
-def test_take_rows(backend: ArrayBackend[Any]) -> None:
+def test_take_rows(backend: Backend[Any]) -> None:
     host = np.arange(20, dtype=np.float32).reshape(5, 4)
     a = backend.from_numpy(host)
     picked = backend.take_rows(a, np.array([[4, 0], [1, 1]], dtype=np.int64))
@@ -210,7 +210,7 @@ def test_take_rows(backend: ArrayBackend[Any]) -> None:
 
 
 @pytest.mark.parametrize("kind", ["float16", "bfloat16", "int8", "binary"])
-def test_dequantize_matches_the_host_reference_for_any_leading_shape(backend: ArrayBackend[Any], kind: Any) -> None:
+def test_dequantize_matches_the_host_reference_for_any_leading_shape(backend: Backend[Any], kind: Any) -> None:
     x = clustered(24, 13, seed=9) * 5.0  # 13: binary rows end in a part-filled byte
     host = QuantizedIndex.build(kind, x)
     if kind == "float16":
@@ -230,7 +230,7 @@ def test_dequantize_matches_the_host_reference_for_any_leading_shape(backend: Ar
     np.testing.assert_allclose(backend.to_numpy(index.decoder(backend)(picked)), reference[[[3, 0], [5, 5]]], rtol=1e-6)
 
 
-def test_dequantize_refuses_codes_it_cannot_read(backend: ArrayBackend[Any]) -> None:
+def test_dequantize_refuses_codes_it_cannot_read(backend: Backend[Any]) -> None:
     codes = backend.from_numpy(np.zeros((4, 2), np.uint8), dtype="uint8")
     scale = backend.from_numpy(np.ones(16, np.float32))
     with pytest.raises(DimensionError):
@@ -245,7 +245,7 @@ def test_dequantize_refuses_codes_it_cannot_read(backend: ArrayBackend[Any]) -> 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 @pytest.mark.parametrize("kind", ["float16", "int8", "binary"])
-def test_topk_over_codes_ranks_their_decoded_values(backend: ArrayBackend[Any], kind: Any, metric: Metric) -> None:
+def test_topk_over_codes_ranks_their_decoded_values(backend: Backend[Any], kind: Any, metric: Metric) -> None:
     x = clustered(700, 24, seed=11)
     q = clustered(9, 24, seed=12)
     index = QuantizedIndex.build(kind, x).to_backend(backend)
@@ -269,7 +269,7 @@ def test_topk_over_codes_ranks_their_decoded_values(backend: ArrayBackend[Any], 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 @pytest.mark.parametrize("k", [150, 700])
-def test_large_k_is_exact(backend: ArrayBackend[Any], metric: Metric, k: int) -> None:
+def test_large_k_is_exact(backend: Backend[Any], metric: Metric, k: int) -> None:
     """k + 1 >= SAMPLED_FLOOR_MIN over several blocks: the driver starts from a sampled floor."""
     corpus = clustered(9000, 16, seed=5)
     queries = clustered(12, 16, seed=6)
@@ -277,7 +277,7 @@ def test_large_k_is_exact(backend: ArrayBackend[Any], metric: Metric, k: int) ->
     assert_exact_topk(queries, corpus, metric, k, indices, scores)
 
 
-def test_large_k_with_a_row_mask_is_exact_among_unmasked_rows(backend: ArrayBackend[Any]) -> None:
+def test_large_k_with_a_row_mask_is_exact_among_unmasked_rows(backend: Backend[Any]) -> None:
     corpus = clustered(9000, 16, seed=7)
     queries = clustered(5, 16, seed=8)
     keep = np.random.default_rng(0).random(9000) < 0.5
@@ -289,7 +289,7 @@ def test_large_k_with_a_row_mask_is_exact_among_unmasked_rows(backend: ArrayBack
     np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected, axis=1))
 
 
-def test_large_k_is_exact_when_the_sample_overrates_the_table(backend: ArrayBackend[Any]) -> None:
+def test_large_k_is_exact_when_the_sample_overrates_the_table(backend: Backend[Any]) -> None:
     """Rows the stride samples are the query's near-duplicates, so every sampled row scores far above
     the true (k+1)-th best: the floor starves the query, and the driver must redo it without one."""
     corpus, query, m = sample_adversary()
@@ -307,7 +307,7 @@ def test_large_k_is_exact_when_the_sample_overrates_the_table(backend: ArrayBack
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
-def test_small_k_over_full_blocks_is_exact(backend: ArrayBackend[Any], metric: Metric) -> None:
+def test_small_k_over_full_blocks_is_exact(backend: Backend[Any], metric: Metric) -> None:
     """Blocks of 4,096 rows and k=10: NumPy's first block is thresholded by the m-th best of its
     head rows. Queries near rows of the first block put their best rows in it, and beyond the head."""
     corpus = clustered(9000, 16, seed=9)

@@ -86,7 +86,7 @@ def test_same_errors_for_the_same_bad_add(pair: tuple[str, str], vectors: Any, e
 def test_memory_is_charged_as_device_bytes(pair: tuple[str, str]) -> None:
     store = make_store(pair, limit_bytes=50 * 17 * 4)
     store.add(clustered(50, 16))
-    assert store.memory_info().used_bytes == 50 * 17 * 4 == store.backend.nbytes(store.table(16).vectors) + 50 * 4
+    assert store.memory_info().used_bytes == 50 * 17 * 4 == et.make_backend(*pair).nbytes(store.table(16).vectors) + 50 * 4
     with pytest.raises(et.MemoryLimitError):
         store.add(clustered(1, 16, seed=1))
 

@@ -1,4 +1,4 @@
-"""Certified exact top-k: screen in float32, bound the screen's error, rescore what the bound keeps in float64.
+"""Exact rescoring of shortlists, and the certified exact l2 top-k: screen in float32, bound the screen's error, rescore what the bound keeps in float64.
 
 A float32 GEMM ranks millions of rows fast but not exactly: ``l2`` ranks by ``q·x - |x|²/2``,
 whose rounding error grows with ``|q||x| + |x|²`` while the gaps it must resolve shrink with the
@@ -58,7 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedtools.backends._norms import COSINE_RANGE
-from embedtools.protocols import ArrayBackend, Metric
+from embedtools.protocols import ArrayBackend, ArrayT, Metric
 
 __all__ = [
     "IDENTITY",
@@ -71,8 +71,8 @@ __all__ = [
     "exact_topk_over",
     "l2_bound",
     "l2_topk",
-    "merge_side",
     "ranks_to_scores",
+    "rescore",
     "rescore_shortlists",
     "top_by_rank",
 ]
@@ -382,19 +382,28 @@ def l2_topk(
     return scores, indices
 
 
-def merge_side(
-    backend: ArrayBackend[Any],
+def rescore(
+    backend: ArrayBackend[ArrayT],
     queries: npt.NDArray[np.float32],
-    corpus: Any,
-    side: npt.NDArray[np.int64],
-    k: int,
+    corpus: ArrayT,
+    norms: ArrayT | None,
+    candidates: npt.NDArray[np.int64],
+    metric: Metric,
+    keep: int,
     max_block_bytes: int,
-    found: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+    decode: Callable[[ArrayT], ArrayT] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """A cosine top-k over the rows the float32 kernel scored (``found``) joined with the exact
-    scores of the ``side`` rows it could not (norms beyond its range): best first, ties to the
-    lower index."""
-    ranks, idx = exact_topk_over(backend, queries, corpus, side, k, "cosine", max_block_bytes)
-    vals = np.hstack([found[0].astype(np.float64), ranks_to_scores(ranks, "cosine").astype(np.float64)])
-    best, both = top_by_rank(vals, np.hstack([found[1], idx]), k)
-    return best.astype(F32), np.ascontiguousarray(both)
+    """Exact scores of each query's candidate rows of ``corpus`` (at the queries' width); the best ``keep``.
+
+    The funnel's later stages and quantised search's rescoring both end here: the shortlist's rows
+    are gathered on the backend (``take_rows``) and scored on the host in float64
+    (:func:`rescore_shortlists`: cosine and dot by a float32 product as
+    the full search scores them, rows whose norm is beyond float32's comfortable range exactly;
+    ``l2`` as ``||q - x||`` from float64 differences, so offset data loses nothing), in blocks that stay
+    within ``max_block_bytes``; ties go to the lower row index. With ``decode``, ``corpus`` is a
+    quantised index's codes and the gathered rows are decoded first.
+    """
+    ranks, indices = rescore_shortlists(
+        backend, queries, corpus, candidates, keep, metric, max_block_bytes, decode=decode, norms=norms
+    )
+    return ranks_to_scores(ranks, metric), indices

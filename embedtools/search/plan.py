@@ -1,30 +1,35 @@
-"""How a validated search runs: exact, Matryoshka funnel, quantised shortlist, each optionally filtered.
+"""How a search runs: exact, Matryoshka funnel, quantised shortlist, each optionally filtered.
 
-The store checks a search's arguments and turns them into a :class:`SearchPlan`; a :class:`Searcher`
-then runs the plan on the backend for one batch of queries. The split keeps the store about tables,
-budgets and files, and puts every choice of *how* to search (which corpus view, which cache, gather
+:func:`plan_search` checks a search's arguments against a snapshot of the store's tables and
+turns them into a frozen, named :class:`SearchPlan`, in this one place; a :class:`Searcher` then
+runs the plan on the backend for one batch of queries, filling the table's caches through the
+store's budgeted ``cache``. The split keeps the store about tables, budgets and files, and puts
+every choice of *how* to search (which table, which corpus view, which cache, gather
 or mask, which stages) in one place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedtools.errors import InvalidArgumentError
+from embedtools.errors import DimensionError, InvalidArgumentError
+from embedtools.filters import Filter
 from embedtools.protocols import ArrayBackend, Metric
-from embedtools.quantize import QuantizedIndex
-from embedtools.search import rescore
+from embedtools.quantize import QuantizedIndex, check_quantization
+from embedtools.search.kernel import check_k, check_metric
+from embedtools.search.rescore import rescore
 from embedtools.tables import F32_BYTES, TableState
-from embedtools.validation import check_positive_int
+from embedtools.validation import as_queries, check_dimension, check_positive_int
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["GATHER_FRACTION", "Cache", "SearchPlan", "Searcher", "check_funnel"]
+__all__ = ["GATHER_FRACTION", "Cache", "SearchPlan", "Searcher", "check_funnel", "plan_search"]
 
 #: A filter matching at most this share of a table's rows is searched by gathering those rows
 #: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
@@ -37,19 +42,112 @@ budget allows (charged to ``table``), otherwise computed for this search only.""
 Scored = tuple["npt.NDArray[np.float32]", "npt.NDArray[np.int64]"]
 
 
-class SearchPlan(NamedTuple):
+@dataclass(frozen=True)
+class SearchPlan:
     """What a validated search runs on: the table, the width, and the strategy."""
 
+    #: Width of the table read (``dim`` itself, or the narrowest wider table for a prefix search).
     source: int
+    #: That table as it was when the search began (another thread may replace it meanwhile).
     state: TableState[Any]
+    #: Width searched: the queries' width, or ``dimension=``.
     dim: int
+    #: Columns of the result: ``k``, at most the rows the filter (if any) leaves.
     k: int
     metric: Metric
-    stages: list[tuple[int, int]]
+    #: Funnel stages ``(dimension, shortlist)`` before the last, full-width one; empty: no funnel.
+    stages: tuple[tuple[int, int], ...]
+    #: The quantised index that shortlists (``quantized=``), or ``None``.
     quantized: QuantizedIndex[Any] | None
+    #: Host row mask of a filter (``where=``), or ``None``.
     mask: npt.NDArray[np.bool_] | None
+    #: Shortlist factor of a quantised search: ``k * rescore`` rows are rescored.
     rescore: int
-    rescore_with: QuantizedIndex[Any] | None = None
+    #: The index whose values rescore the shortlist (``rescore_with=``) instead of the float32 rows.
+    rescore_with: QuantizedIndex[Any] | None
+    #: The validated host queries, cut to ``dim`` columns, contiguous.
+    queries: npt.NDArray[np.float32]
+
+
+def plan_search(
+    tables: Mapping[int, TableState[Any]],
+    queries: object,
+    k: object,
+    dimension: object,
+    metric: object,
+    *,
+    funnel: object,
+    quantized: object,
+    rescore: object,
+    rescore_with: object,
+    where: object,
+) -> SearchPlan:
+    """Every argument of :meth:`EmbeddingStore.search` checked (in the order the store always
+    checked them) and resolved against ``tables``, a snapshot taken once by the caller."""
+    checked_metric = check_metric(metric)
+    kk = check_k(k)
+    q = as_queries(queries)
+    width = q.shape[1]
+    dim = width if dimension is None else check_dimension(dimension)
+    if width < dim:
+        raise DimensionError(f"queries have width {width}, fewer than dimension {dim}")
+    stages = check_funnel(funnel, kk, dim)
+    source, state = _source_table(tables, dim, exact=dimension is None)
+    index, rescore_factor = _quantized_index(state, source, dim, quantized, rescore, stages)
+    rescorer = _rescoring_index(state, source, index, rescore_with)
+    mask = _filter_mask(state, where)
+    kk = min(kk, state.rows if mask is None else int(np.count_nonzero(mask)))
+    return SearchPlan(source, state, dim, kk, checked_metric, tuple(stages), index, mask, rescore_factor, rescorer,
+                      np.ascontiguousarray(q[:, :dim]))  # fmt: skip
+
+
+def _source_table(tables: Mapping[int, TableState[Any]], dim: int, exact: bool) -> tuple[int, TableState[Any]]:
+    """The table a search of width ``dim`` reads."""
+    if dim in tables:
+        return dim, tables[dim]
+    wider = sorted(d for d in tables if d > dim)
+    if exact or not wider:
+        hint = " (pass dimension= to search a prefix of a wider table)" if exact and wider else ""
+        raise DimensionError(f"no table of dimension {dim}; stored: {sorted(tables) or 'none'}{hint}")
+    return wider[0], tables[wider[0]]
+
+
+def _filter_mask(state: TableState[Any], where: object) -> npt.NDArray[np.bool_] | None:
+    if where is None:
+        return None
+    if not isinstance(where, Filter):
+        raise InvalidArgumentError(f"where takes a filter from embedtools.filters, not {type(where).__name__}")
+    return where.mask(state.row_source)
+
+
+def _quantized_index(
+    state: TableState[Any], source: int, dim: int, quantized: object, rescore: object, stages: Sequence[tuple[int, int]]
+) -> tuple[QuantizedIndex[Any] | None, int]:
+    """The shortlisting index and its rescore factor (unused, 0, without one)."""
+    if quantized is None:
+        return None, 0
+    kind = check_quantization(quantized)
+    factor = check_positive_int(rescore, "rescore")
+    if stages:
+        raise InvalidArgumentError("funnel and quantized search cannot be combined")
+    if dim != source:
+        raise InvalidArgumentError(f"quantized search runs at the table's full width ({source}), not at {dim}")
+    if kind not in state.quantized:
+        raise InvalidArgumentError(f"table {source}d has no {kind} index; call store.quantize({source}, {kind!r})")
+    return state.quantized[kind], factor
+
+
+def _rescoring_index(
+    state: TableState[Any], source: int, index: QuantizedIndex[Any] | None, rescore_with: object
+) -> QuantizedIndex[Any] | None:
+    if rescore_with is None:
+        return None
+    kind = check_quantization(rescore_with)
+    if index is None:
+        raise InvalidArgumentError("rescore_with rescores a quantized search's shortlist; pass quantized= too")
+    if kind not in state.quantized:
+        raise InvalidArgumentError(f"table {source}d has no {kind} index to rescore with; call store.quantize({source}, {kind!r})")
+    return state.quantized[kind]
 
 
 def check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
@@ -83,7 +181,8 @@ class Searcher:
 
     def run(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> Scored:
         """One batch of validated host queries through the plan: best-first scores and row indices."""
-        source, state, dim, kk, metric, stages, index, mask, rescore_factor, rescorer = plan
+        source, state, dim, kk, metric, stages = plan.source, plan.state, plan.dim, plan.k, plan.metric, plan.stages
+        index, mask, rescore_factor, rescorer = plan.quantized, plan.mask, plan.rescore, plan.rescore_with
         if index is not None:
             rank_q, rank_metric = index.ranking(q, metric)
             rank_norms = None if rank_metric == "dot" else state.norms

@@ -1,0 +1,51 @@
+"""Exact search, read top to bottom: :mod:`~embedtools.search.plan` turns a search's arguments into a
+named plan and runs its strategy; :mod:`~embedtools.search.exact` is the one exact top-k over a
+backend's primitives (the metric arithmetic); :mod:`~embedtools.search.kernel` walks the corpus in
+blocks; :mod:`~embedtools.search.merge` folds each block's candidates into running shortlists;
+:mod:`~embedtools.search.rescore` scores shortlists exactly (and certifies float32 l2).
+
+The names other modules, tests and benchmarks import are re-exported here.
+"""
+
+from __future__ import annotations
+
+from embedtools.search.kernel import (
+    BLOCK_ROWS,
+    CANDIDATE_BYTES,
+    DEVICE_BLOCK_ROWS,
+    ONE_QUERY_BLOCK_ROWS,
+    SAMPLE_STRIDE,
+    SAMPLED_FLOOR_MIN,
+    check_k,
+    check_metric,
+    check_topk_inputs,
+    plan_blocks,
+    rows_per_block,
+    run_topk,
+    sampled_floor,
+)
+from embedtools.search.merge import Candidates, RunningTop, best_first, head_rows, host_candidates, host_nth_best
+from embedtools.search.rescore import rescore
+
+__all__ = [
+    "BLOCK_ROWS",
+    "CANDIDATE_BYTES",
+    "DEVICE_BLOCK_ROWS",
+    "ONE_QUERY_BLOCK_ROWS",
+    "SAMPLED_FLOOR_MIN",
+    "SAMPLE_STRIDE",
+    "Candidates",
+    "RunningTop",
+    "best_first",
+    "check_k",
+    "check_metric",
+    "check_topk_inputs",
+    "head_rows",
+    "host_candidates",
+    "host_nth_best",
+    "plan_blocks",
+    "rescore",
+    "rows_per_block",
+    "run_topk",
+    "sampled_floor",
+]

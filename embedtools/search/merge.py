@@ -1,0 +1,203 @@
+"""Candidate merging on the host: each query's running top ``m``, and best-first ordering.
+
+Whatever a backend's block selection returns (a block's own top ``m``, or every score above a
+threshold) arrives here as flat :data:`Candidates` and is folded into dense per-query shortlists,
+so the kernel's result and its tie rule do not depend on which library scored the block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Candidates", "RunningTop", "best_first", "head_rows", "host_candidates", "host_nth_best"]
+
+def host_nth_best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
+    """Each row's n-th largest value of a host ``(queries, rows)`` array."""
+    out: npt.NDArray[np.float32] = np.partition(scores, scores.shape[1] - n, axis=1)[:, -n].copy()
+    return out
+
+
+
+def best_first(
+    values: npt.NDArray[np.float32], indices: npt.NDArray[np.int64], *, ascending: bool = False
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Sort each row's candidates best first; equal values keep the lower index first.
+
+    Each (value, index) pair is packed into one int64 whose order is the wanted order (the value's
+    bits made monotonic above, the index below), so one ``np.sort`` does what ``np.lexsort`` over
+    two keys plus two gathers did: it mattered for the shortlists of a large ``k``. ``-0.0``
+    comes back as ``0.0``. Indices outside ``[0, 2**32)`` take the ``lexsort`` path.
+    """
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= 1 << 32):
+        order = np.lexsort((indices, values if ascending else -values), axis=1)
+        return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
+    keys = _ordered_bits(np.asarray(values, dtype=np.float32) + np.float32(0.0), descending=not ascending)
+    packed = (keys.astype(np.int64) << 32) | indices
+    packed.sort(axis=1)
+    return _float_of_bits((packed >> 32).astype(np.int32), descending=not ascending), packed & 0xFFFFFFFF
+
+
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+def _ordered_bits(values: npt.NDArray[np.float32], *, descending: bool) -> npt.NDArray[np.int32]:
+    """int32s that order as ``values`` do (ascending, or descending): IEEE bits with the magnitude
+    bits of negatives flipped. ``-0.0`` orders below ``0.0``: callers add ``0.0`` first."""
+    bits = values.view(np.int32)
+    keys: npt.NDArray[np.int32] = bits ^ ((bits >> 31) & _MAGNITUDE)
+    return ~keys if descending else keys
+
+
+def _float_of_bits(keys: npt.NDArray[np.int32], *, descending: bool) -> npt.NDArray[np.float32]:
+    bits = ~keys if descending else keys
+    out: npt.NDArray[np.float32] = (bits ^ ((bits >> 31) & _MAGNITUDE)).view(np.float32)
+    return out
+
+
+Candidates = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]
+"""Flat ``(query_rows, values, columns)``: any number of candidate scores from one block."""
+
+
+
+def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+    """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``.
+
+    One compare against each query's threshold rejects nearly the whole block. Until every query
+    has ``m`` candidates, a large block's threshold is the m-th best of its first
+    :func:`head_rows` rows (all its rows scoring at least that include that head's top ``m``): a
+    partition of the head instead of an ``argpartition`` of the whole block, which cost more time
+    and three blocks' worth of index arrays. A small block gives its own top ``m`` per query.
+    """
+    n, queries = block.shape
+    if np.isneginf(threshold).any():
+        head = head_rows(m)
+        if 2 * head <= n:
+            first = np.partition(block[:head], head - m, axis=0)[head - m]
+            flat = np.flatnonzero(block >= np.maximum(threshold, first))
+            cols, rows = np.divmod(flat, queries)
+            return rows, block.reshape(-1)[flat], cols
+        if m >= n:
+            picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
+        else:
+            picked = np.argpartition(block, n - m, axis=0)[n - m :].astype(np.int64, copy=False)
+        vals = np.take_along_axis(block, picked, axis=0)
+        return (
+            np.repeat(np.arange(queries, dtype=np.int64), picked.shape[0]),
+            np.ascontiguousarray(vals.T).reshape(-1),
+            np.ascontiguousarray(picked.T).reshape(-1),
+        )
+    flat = np.flatnonzero(block > threshold)
+    cols, rows = np.divmod(flat, queries)
+    return rows, block.reshape(-1)[flat], cols
+
+
+def head_rows(m: int) -> int:
+    """Rows whose m-th best score is a first block's threshold: enough that only ~``m·n/head``
+    of the block's ``n`` rows pass it."""
+    return max(64 * m, 1024)
+
+
+#: From this many new candidates per query, a fold partitions query by query (one Python step
+#: each) instead of padding all queries to the longest; below it, the padding is the cheaper.
+_FOLD_EACH_FROM = 256
+
+
+class RunningTop:
+    """Each query's best ``m`` candidates so far, as dense ``(queries, m)`` arrays (``-inf`` empty).
+
+    New candidates are buffered and folded in only when the buffer outgrows a few times
+    ``queries x m``: grouping them by query is a radix sort on 16-bit query numbers, and keeping the
+    best ``m`` of each query one ``argpartition`` (over all queries at once, padded, or query by
+    query when there are many candidates per query) — per block this cost more than the GEMM for
+    shortlists of a few hundred. Thresholds (each row's m-th best)
+    are refreshed at each fold; between two they are merely lower than they could be, which lets a
+    few more candidates through and changes nothing. A ``floor`` (see :func:`sampled_floor`) keeps
+    thresholds at least that high; a query it starved of candidates ends with empty (``-inf``, ``-1``)
+    slots, for the driver to redo.
+    """
+
+    def __init__(self, n_queries: int, m: int, floor: npt.NDArray[np.float32] | None = None) -> None:
+        self.floor = np.full(n_queries, -np.inf, dtype=np.float32) if floor is None else floor
+        self.starving_allowed = floor is not None
+        self.m = m
+        self.vals = np.full((n_queries, m), -np.inf, dtype=np.float32)
+        self.cols = np.full((n_queries, m), -1, dtype=np.int64)
+        self.pending: list[Candidates] = []
+        self.pending_size = 0
+        self.limit = max(4 * n_queries * m, 1 << 16)
+        self.threshold = self.floor
+        self.empty = True
+
+    def merge(self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64]) -> None:
+        if rows.size == 0:
+            return
+        n_queries = self.vals.shape[0]
+        if self.empty and rows.size == self.vals.size and np.array_equal(rows, np.repeat(np.arange(n_queries), self.m)):
+            # a first block's own top m of every query, query by query (what every backend's
+            # candidates give while thresholds are -inf): it is the running top m as it stands
+            self.vals = vals.astype(np.float32).reshape(n_queries, self.m)
+            self.cols = cols.astype(np.int64).reshape(n_queries, self.m)
+            self.threshold = np.maximum(self.vals.min(axis=1), self.floor)
+            self.empty = False
+            return
+        self.empty = False
+        self.pending.append((rows, vals.astype(np.float32, copy=False), cols))
+        self.pending_size += rows.size
+        if self.pending_size > self.limit or np.isneginf(self.threshold).any():
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the buffered candidates in now (the kernel leaves it to :meth:`merge` and :meth:`result`)."""
+        if not self.pending:
+            return
+        rows = np.concatenate([p[0] for p in self.pending])
+        vals = np.concatenate([p[1] for p in self.pending])
+        cols = np.concatenate([p[2] for p in self.pending])
+        self.pending, self.pending_size = [], 0
+        n_queries = self.vals.shape[0]
+        key = rows.astype(np.uint16) if n_queries <= 1 << 16 else rows
+        order = np.argsort(key, kind="stable")  # radix sort for 16-bit keys
+        rows, vals, cols = rows[order], vals[order], cols[order]
+        counts = np.bincount(rows, minlength=n_queries)
+        if rows.size >= _FOLD_EACH_FROM * n_queries:
+            self._fold_each(vals, cols, counts)
+        else:
+            self._fold_dense(rows, vals, cols, counts)
+        self.threshold = np.maximum(self.vals.min(axis=1), self.floor)
+
+    def _fold_each(self, vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]) -> None:
+        """Query by query: one partition over exactly the query's own candidates, no padding."""
+        ends = np.cumsum(counts)
+        for i, (end, count) in enumerate(zip(ends.tolist(), counts.tolist(), strict=True)):
+            if count:
+                v = np.concatenate((self.vals[i], vals[end - count : end]))
+                c = np.concatenate((self.cols[i], cols[end - count : end]))
+                keep = np.argpartition(v, v.size - self.m)[v.size - self.m :]
+                self.vals[i], self.cols[i] = v[keep], c[keep]
+
+    def _fold_dense(
+        self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]
+    ) -> None:
+        """All queries at once, through a ``(queries, m + most per query)`` array padded with ``-inf``."""
+        n_queries = self.vals.shape[0]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(rows.size) - starts[rows]
+        width = int(counts.max())
+        dense_vals = np.full((n_queries, width), -np.inf, dtype=np.float32)
+        dense_cols = np.full((n_queries, width), -1, dtype=np.int64)
+        dense_vals[rows, slot] = vals
+        dense_cols[rows, slot] = cols
+        all_vals = np.hstack([self.vals, dense_vals])
+        all_cols = np.hstack([self.cols, dense_cols])
+        keep = np.argpartition(all_vals, width, axis=1)[:, width:]
+        self.vals = np.take_along_axis(all_vals, keep, axis=1)
+        self.cols = np.take_along_axis(all_cols, keep, axis=1)
+
+    def result(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """``(n_queries, m)`` values and indices, best first, equal values by ascending index."""
+        self.fold()
+        if not self.starving_allowed and (self.cols < 0).any():
+            raise AssertionError("every query must have m candidates by the end of the corpus")  # pragma: no cover
+        return best_first(self.vals, self.cols)
+
