@@ -456,10 +456,12 @@ def read_header(path: str | os.PathLike[str], *, hasher: Hasher | None = None) -
     a config that the ``config`` setter would accept, and a ``config_hash`` that is that config's
     hash (by ``hasher``, or the SHA-256 rule of :mod:`embedtools.hashing` at the stated length).
     """
+    from safetensors import safe_open
+
     p = Path(path)
     _check_exists(p)
     try:
-        with _safe_open(p) as handle:
+        with _typed(safe_open(str(p), framework="np")) as handle:
             meta: Mapping[str, str] | None = handle.metadata()
             shapes = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()}
     except StoreFormatError:
@@ -566,11 +568,9 @@ class _SafetensorsFile(Protocol):
     def get_tensor(self, name: str) -> npt.NDArray[Any]: ...
 
 
-def _safe_open(path: Path) -> _SafetensorsFile:
-    """``safe_open(str(path), framework="np")``, typed (see :class:`_SafetensorsFile`)."""
-    from safetensors import safe_open
-
-    return cast("_SafetensorsFile", safe_open(str(path), framework="np"))
+def _typed(opened: object) -> _SafetensorsFile:
+    """A ``safetensors.safe_open`` object, typed (see :class:`_SafetensorsFile`)."""
+    return cast("_SafetensorsFile", opened)
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -635,13 +635,15 @@ def read_store(
     ``mmap=True`` maps the vector tensors read-only from the file instead of reading them into
     memory (their checksums are still verified, by streaming through the mapping once).
     """
+    from safetensors import safe_open
+
     p = Path(path)
     header = read_header(p, hasher=hasher)
     digests: dict[str, str] = header["tensors"]
     arrays: dict[str, npt.NDArray[Any]] = {}
     mapped: set[str] = {name for name in digests if name.endswith("/vectors")} if mmap else set()
     try:
-        with _safe_open(p) as handle:
+        with _typed(safe_open(str(p), framework="np")) as handle:
             for name in sorted(set(digests) - mapped):
                 arrays[name] = handle.get_tensor(name)
         arrays.update(_map_tensors(p, mapped))
