@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any, cast
 
 import numpy as np
 
@@ -48,7 +49,9 @@ class ByteBudget:
         "unlimited"); a fraction of a byte rounds down, to at least one byte."""
         if isinstance(gib, (bool, np.bool_)) or not isinstance(gib, (int, float, np.integer, np.floating)):
             raise InvalidArgumentError(f"max_memory_gb must be a positive finite number, got {gib!r}")
-        value = int(gib) if isinstance(gib, (int, np.integer)) else float(gib)
+        # as just checked (int is a float to checkers); pyright's isinstance leaves numpy's type arguments unknown
+        number = cast("float | np.integer[Any] | np.floating[Any]", gib)
+        value = int(number) if isinstance(number, (int, np.integer)) else float(number)
         if not (value > 0 and (isinstance(value, int) or math.isfinite(value))):
             raise InvalidArgumentError(f"max_memory_gb must be a positive finite number, got {gib!r}")
         if value >= _MAX_GIB:

@@ -31,7 +31,7 @@ import stat
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 import numpy as np
 
@@ -39,7 +39,17 @@ from embedtools.errors import EmbedtoolsError, InvalidArgumentError, StoreFormat
 from embedtools.hashing import config_hash
 from embedtools.quantize import CODECS, Quantization, QuantizedIndex
 from embedtools.records import StoreRecord, TableRecord, TableShape, verify_table
-from embedtools.validation import INT64_MAX, INT64_MIN, MAX_JSON_DEPTH, Labels, as_labels, decode_json, json_problem, label_kind
+from embedtools.validation import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_JSON_DEPTH,
+    JSONObject,
+    Labels,
+    as_labels,
+    decode_json,
+    json_problem,
+    label_kind,
+)
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -116,7 +126,8 @@ def as_store_path(path: object) -> Path:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgumentError(f"a store path must be a str or os.PathLike, not {type(path).__name__}")
-    text = os.fspath(path)
+    # isinstance leaves the PathLike type argument unknown; os.fspath itself refuses all but str and bytes
+    text = os.fspath(cast("str | os.PathLike[str] | os.PathLike[bytes]", path))
     if not isinstance(text, str):
         raise InvalidArgumentError(f"a store path must be text, not {type(text).__name__}")
     if not text:
@@ -203,7 +214,7 @@ def remove_stale_temp_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
         names = [entry.name for entry in os.scandir(target.parent) if _is_temp_of(entry.name, prefix)]
     except OSError:
         return ()
-    removed = []
+    removed: list[Path] = []
     for name in sorted(names):
         tmp = target.parent / name
         try:
@@ -336,7 +347,7 @@ def _safetensors_chunks(tensors: Mapping[str, npt.NDArray[Any]], metadata: Mappi
     (``save_file`` orders ``__metadata__`` by a Rust ``HashMap``, differently from run to run);
     metadata keys are sorted.
     """
-    arrays = {}
+    arrays: dict[str, tuple[str, list[int], npt.NDArray[Any]]] = {}
     for name, array in tensors.items():
         key = f"{array.dtype.kind}{array.dtype.itemsize}"
         if key not in _SAFETENSORS_DTYPES:
@@ -361,7 +372,7 @@ def write_store(path: str | os.PathLike[str], record: StoreRecord, config_hash: 
     """Write ``record`` to ``path`` atomically (see :func:`atomic_write`), the same bytes every time."""
     target = as_store_path(path)
     tensors: dict[str, npt.NDArray[Any]] = {}
-    tables = []
+    tables: list[dict[str, Any]] = []
     for table in record.tables:
         d = table.dimension
         tensors[f"{d}d/vectors"] = np.ascontiguousarray(table.vectors, dtype="<f4")
@@ -450,7 +461,7 @@ def read_header(path: str | os.PathLike[str], *, hasher: Hasher | None = None) -
     p = Path(path)
     _check_exists(p)
     try:
-        with safe_open(str(p), framework="np") as handle:
+        with _typed(safe_open(str(p), framework="np")) as handle:
             meta: Mapping[str, str] | None = handle.metadata()
             shapes = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()}
     except StoreFormatError:
@@ -489,8 +500,11 @@ def _check_config(path: Path, header: dict[str, Any], hasher: Hasher | None) -> 
         raise _fail(path, f"config_hash {_short(stated)} is not the hash of the file's config")
 
 
-def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[int]]]) -> None:
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+def _check_header(path: Path, decoded: object, shapes: Mapping[str, tuple[str, list[int]]]) -> None:
+    if not isinstance(decoded, dict):
+        raise _fail(path, "not an embedtools header")
+    header = cast("JSONObject", decoded)  # parsed by decode_json: str keys, JSON values
+    if header.get("format") != FORMAT_NAME:
         raise _fail(path, "not an embedtools header")
     version = header.get("version")
     if version != FORMAT_VERSION:
@@ -502,7 +516,9 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
     expected: dict[str, tuple[str, list[int] | None]] = {}
     seen: set[int] = set()
     for entry in tables:
-        d, n = (entry.get("dimension"), entry.get("rows")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(entry, dict):
+            raise _fail(path, f"bad table entry {_short(entry)}")
+        d, n = entry.get("dimension"), entry.get("rows")
         if not _is_int(d) or not _is_int(n) or d < 1 or n < 1 or d in seen:
             raise _fail(path, f"bad table entry {_short(entry)}")
         seen.add(d)
@@ -524,7 +540,7 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
             or len(set(kinds)) != len(kinds)
         ):
             raise _fail(path, f"bad quantized list {_short(kinds)}")
-        for kind in kinds:
+        for kind in cast("list[Quantization]", kinds):  # each checked above to be a CODECS key
             for name, spec in QuantizedIndex.file_tensors_for(kind, n, d).items():
                 expected[f"{d}d/quantized.{kind}.{name}"] = (_safetensors_dtype(spec.dtype), list(spec.shape))
     if set(shapes) != set(expected) or set(digests) != set(expected):
@@ -534,6 +550,27 @@ def _check_header(path: Path, header: Any, shapes: Mapping[str, tuple[str, list[
         fits = list(got_shape) == shape if shape is not None else len(got_shape) == 1
         if got_dtype != dtype or not fits:
             raise _fail(path, f"tensor {name} is {got_dtype}{list(got_shape)}, expected {dtype}{shape or '[m]'}")
+
+
+class _SafetensorsSlice(Protocol):
+    def get_dtype(self) -> str: ...
+    def get_shape(self) -> list[int]: ...
+
+
+class _SafetensorsFile(Protocol):
+    """What this module calls on ``safetensors.safe_open``, whose stub leaves every method unannotated."""
+
+    def __enter__(self) -> _SafetensorsFile: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def metadata(self) -> dict[str, str] | None: ...
+    def keys(self) -> list[str]: ...
+    def get_slice(self, name: str) -> _SafetensorsSlice: ...
+    def get_tensor(self, name: str) -> npt.NDArray[Any]: ...
+
+
+def _typed(opened: object) -> _SafetensorsFile:
+    """A ``safetensors.safe_open`` object, typed (see :class:`_SafetensorsFile`)."""
+    return cast("_SafetensorsFile", opened)
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -555,7 +592,7 @@ def _safetensors_entries(path: Path) -> tuple[int, dict[str, Any]]:
         raise _fail(path, f"unreadable safetensors header ({type(exc).__name__})") from None
     if problem is not None or not isinstance(entries, dict):
         raise _fail(path, f"safetensors header{problem or ' is not an object'}")
-    return size, entries
+    return size, cast("dict[str, Any]", entries)  # parsed by decode_json: str keys
 
 
 def _map_tensors(path: Path, names: set[str]) -> dict[str, npt.NDArray[Any]]:
@@ -604,9 +641,9 @@ def read_store(
     header = read_header(p, hasher=hasher)
     digests: dict[str, str] = header["tensors"]
     arrays: dict[str, npt.NDArray[Any]] = {}
-    mapped = {name for name in digests if name.endswith("/vectors")} if mmap else set()
+    mapped: set[str] = {name for name in digests if name.endswith("/vectors")} if mmap else set()
     try:
-        with safe_open(str(p), framework="np") as handle:
+        with _typed(safe_open(str(p), framework="np")) as handle:
             for name in sorted(set(digests) - mapped):
                 arrays[name] = handle.get_tensor(name)
         arrays.update(_map_tensors(p, mapped))
@@ -617,7 +654,7 @@ def read_store(
     for name, array in arrays.items():
         if _digest(array) != digests[name]:
             raise _fail(p, f"checksum mismatch in tensor {name}")
-    tables = []
+    tables: list[TableRecord] = []
     for entry in header["tables"]:
         d = entry["dimension"]
         strings = {

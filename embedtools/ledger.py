@@ -10,7 +10,7 @@ failure anywhere leaves the accountant exactly as it was.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +93,7 @@ class Ledger:
         return sum(tuple(self._charges.values()))
 
     @contextmanager
-    def reserving(self, bills: Mapping[int, int]) -> Iterator[None]:
+    def reserving(self, bills: Mapping[int, int]) -> Generator[None, None, None]:
         """Reserve what ``bills`` (table -> its whole new charge) add, run the block, then settle:
         shrinkage is released and the new totals recorded. If reserving or the block fails, every
         reservation made here is released and the exception goes on; the old charges stand."""

@@ -54,7 +54,7 @@ def snapshot(
 ) -> StoreRecord:
     """The host copy of a store that a save writes: tables in order of dimension, indexes by kind;
     ``step`` is called after each table (a progress bar's tick)."""
-    records = []
+    records: list[TableRecord] = []
     for _, state in sorted(tables.items()):
         rotation = state.rotation
         records.append(

@@ -10,7 +10,7 @@ import numpy as np
 from embedtools.errors import DuplicateIdError, InvalidEmbeddingError
 from embedtools.ledger import table_bytes
 from embedtools.quantize import Quantization, QuantizedIndex
-from embedtools.validation import JSONObject, Labels
+from embedtools.validation import JSONObject, JSONValue, Labels
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -60,7 +60,7 @@ class StoreRecord:
     """A whole store on the host; ``config`` is the experiment configuration attached to it."""
 
     tables: tuple[TableRecord, ...]
-    config: JSONObject = field(default_factory=dict)
+    config: JSONObject = field(default_factory=dict[str, JSONValue])
 
 
 def verify_table(table: TableRecord, *, finite: bool = True) -> dict[str, int]:

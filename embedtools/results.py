@@ -59,7 +59,7 @@ class TableMemory:
     nbytes: int
     quantized: Mapping[str, int] = field(default_factory=dict[str, int])
     mapped: bool = False
-    caches: Mapping[str, int] = field(default_factory=dict)
+    caches: Mapping[str, int] = field(default_factory=dict[str, int])
     rotation: int = 0
 
 

@@ -32,7 +32,7 @@ class Rotation(Generic[ArrayT]):
     matrix: npt.NDArray[np.float32]
     components: int
     prefix: ArrayT
-    norms: dict[int, ArrayT] = field(default_factory=dict)
+    norms: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
 
 
 def principal_axes(host: npt.NDArray[np.float32], chunk_values: int | None = None) -> npt.NDArray[np.float32]:

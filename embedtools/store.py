@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar, cast
 
 import numpy as np
 
@@ -80,10 +80,11 @@ _PROGRESS_ROWS = 100_000
 LabelsArg: TypeAlias = "Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]]"
 
 
-def _sequence_of_ids(ids: object) -> Sequence[str]:
+def _sequence_of_ids(ids: object) -> Sequence[object]:
+    """``ids`` as a sequence; its items are the caller's to check (``check_strings``)."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
-    return ids
+    return cast("Sequence[object]", ids)  # isinstance leaves the item type unknown
 
 
 P = ParamSpec("P")
@@ -292,8 +293,8 @@ class EmbeddingStore:
         has them (``None``); return how many rows went. Their bytes go back to the budget; a table
         left without rows is dropped. An id found in no table raises :class:`UnknownIdError`."""
         self._check_writable()
-        ids = _sequence_of_ids(ids)
-        wanted = tuple(dict.fromkeys(check_strings(ids, len(ids), "ids")))
+        given = _sequence_of_ids(ids)
+        wanted = tuple(dict.fromkeys(check_strings(given, len(given), "ids")))
         dims = [check_dimension(dimension)] if dimension is not None else list(self.dimensions)
         for d in dims:
             self._state(d)
@@ -471,7 +472,7 @@ class EmbeddingStore:
         with self._ledger.reserving(bills), progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
             record = read_store(p, shapes, mmap=mmap, hasher=self._hasher)
             bar.update()
-            built = {}
+            built: dict[int, TableState[Any]] = {}
             for table in record.tables:
                 built[table.dimension] = from_record(self._backend, table)
                 bar.update()

@@ -47,11 +47,11 @@ class TableState(Generic[ArrayT]):
     labels: Labels
     metadata: tuple[str, ...]
     id_index: Mapping[str, int]
-    quantized: Mapping[Quantization, QuantizedIndex[ArrayT]] = field(default_factory=dict)
+    quantized: Mapping[Quantization, QuantizedIndex[ArrayT]] = field(default_factory=dict[Quantization, QuantizedIndex[ArrayT]])
     """Quantised indexes on the backend's device, beside the vectors."""
     rotation: Rotation[ArrayT] | None = None
-    prefix_norms: dict[int, ArrayT] = field(default_factory=dict)
-    unit_prefixes: dict[int, ArrayT] = field(default_factory=dict)
+    prefix_norms: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
+    unit_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
 
     @property
     def rows(self) -> int:
@@ -114,7 +114,7 @@ def build_table(
         norms = backend.concatenate([after.norms, norms])
         if kinds or rotation is not None:
             host = np.asarray(backend.to_numpy(arr), dtype=np.float32)
-    quantized = {index.kind: index.to_backend(backend) for index in indexes}
+    quantized: dict[Quantization, QuantizedIndex[ArrayT]] = {index.kind: index.to_backend(backend) for index in indexes}
     quantized.update({kind: QuantizedIndex.build(kind, host).to_backend(backend) for kind in kinds})
     return TableState(
         vectors=arr,
@@ -146,7 +146,7 @@ def from_record(backend: ArrayBackend[ArrayT], table: TableRecord) -> TableState
 
 def kept_rows(backend: ArrayBackend[ArrayT], state: TableState[ArrayT], keep: npt.NDArray[np.int64], dimension: int) -> TableState[ArrayT]:
     """The version of ``state`` with only the rows ``keep`` (in their order): what a remove leaves."""
-    pick = keep.tolist()
+    pick: list[int] = keep.tolist()
     return build_table(
         backend,
         np.asarray(backend.to_numpy(state.vectors), dtype=np.float32)[keep],
