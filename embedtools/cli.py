@@ -95,9 +95,9 @@ def info(backend: str, device: str | None) -> None:
 
 def inspect_file(path: Path) -> None:
     """Print what a store file (or a seed folder) holds, after the checks ``load`` runs on it."""
-    from embedtools import fileformat, seed_format
+    from embedtools import atomic, fileformat, seed_format
 
-    path, folder = fileformat.locate(path)
+    path, folder = atomic.locate(path)
     if folder:
         if not seed_format.is_seed_folder(path):
             raise StoreNotFoundError(f"{path} is a folder without metadata.json (not a seed store)")

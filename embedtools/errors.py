@@ -54,6 +54,14 @@ class StoreFormatError(EmbedtoolsError, ValueError):
     """A file that is not a valid embedtools (or seed) store: truncated, corrupt or inconsistent."""
 
 
+def invalid_file(path: object, reason: str) -> StoreFormatError:
+    """The :class:`StoreFormatError` for ``path``, which is not a valid embedtools file for ``reason``.
+
+    One wording for every module that reads the file (the format, its safetensors layout, ``locate``).
+    """
+    return StoreFormatError(f"{path} is not a valid embedtools file: {reason}")
+
+
 class StoreNotFoundError(EmbedtoolsError, FileNotFoundError):
     """The path given to ``load`` does not exist."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from embedtools import fileformat, seed_format
+from embedtools import atomic, fileformat, seed_format
 from embedtools.errors import InvalidArgumentError, StoreFormatError, StoreNotFoundError
 from embedtools.protocols import ArrayBackend, Hasher
 from embedtools.records import StoreRecord, TableRecord, TableShape
@@ -28,7 +28,7 @@ def read_shapes(path: object, *, mmap: bool, backend_name: str, hasher: Hasher) 
     """The store at ``path`` (an embedtools file or a seed folder) and its tables' shapes, read from
     the header alone so the budget is charged before any vector is; every refusal of the path or of
     ``mmap`` happens here, before anything is reserved."""
-    p, folder = fileformat.locate(path)
+    p, folder = atomic.locate(path)
     if mmap and backend_name != "numpy":
         raise InvalidArgumentError(f"mmap=True needs the numpy backend; {backend_name} copies tables to its device")
     if not folder:
