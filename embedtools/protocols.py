@@ -287,7 +287,7 @@ class MemoryReport:
 
     used_bytes: int
     limit_bytes: int
-    by_owner: Mapping[str, int] = field(default_factory=dict)
+    by_owner: Mapping[str, int] = field(default_factory=dict[str, int])
 
     @property
     def available_bytes(self) -> int:

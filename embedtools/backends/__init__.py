@@ -112,7 +112,7 @@ def choose_auto(device: str | None = None) -> BackendChoice:
         if kind not in by_kind:
             raise BackendUnavailableError(f"no backend has a device {device!r}; devices are cpu, cuda[:N], mps, gpu")
         return BackendChoice(by_kind[kind], device, f"device {device!r} was asked for")
-    looked = []
+    looked: list[str] = []
     if "mlx" in installed and not _gpu_possible("mlx"):
         looked.append("MLX has no GPU backend here (Metal needs Apple silicon; no mlx-cuda)")
     elif "mlx" in installed:
@@ -174,8 +174,8 @@ class Description:
     device: str
     reason: str
     installed: tuple[str, ...]
-    devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    versions: dict[str, str | None] = field(default_factory=dict)
+    devices: dict[str, tuple[str, ...]] = field(default_factory=dict[str, tuple[str, ...]])
+    versions: dict[str, str | None] = field(default_factory=dict[str, str | None])
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend} on {self.device}", f"why: {self.reason}"]

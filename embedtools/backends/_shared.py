@@ -23,7 +23,7 @@ class SharedOps(Generic[ArrayT]):
 
     def to_list(self, array: ArrayT) -> list[Any]:
         out: object = cast(Any, array).tolist()  # a scalar for 0-d arrays, whatever the stubs say
-        return out if isinstance(out, list) else [out]
+        return cast("list[object]", out) if isinstance(out, list) else [out]  # isinstance leaves the item type unknown
 
     def slice_last_dim(self, array: ArrayT, dim: int) -> ArrayT:
         view: ArrayT = cast(Any, array)[..., : check_prefix(dim, self.shape(array)[-1])]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -47,7 +47,7 @@ def mlx_devices() -> tuple[str, ...]:
 
 
 def _as_2d(a: mx.array) -> mx.array:
-    return a.reshape(1, -1) if a.ndim == 1 else a
+    return mx.reshape(a, (1, -1)) if a.ndim == 1 else a
 
 
 class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
@@ -82,15 +82,15 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
         return mx.array(np.ascontiguousarray(array, dtype=np.dtype(dtype)))
 
     def to_numpy(self, array: mx.array) -> npt.NDArray[Any]:
-        mx.eval(array)
-        return np.asarray(array)
+        mx.eval(array)  # pyright: ignore[reportUnknownMemberType]  (mlx's stub leaves eval's *args unannotated)
+        return cast("npt.NDArray[np.generic]", np.asarray(array))  # mx.array.__array__ returns a bare NDArray
 
     def convert(self, array: object) -> mx.array:
         if isinstance(array, mx.array):
             return array
         cpu = getattr(array, "cpu", None)
         if callable(cpu):  # a torch tensor, possibly on CUDA/MPS: MLX copies from host memory
-            return mx.array(np.asarray(cpu().detach()))
+            return mx.array(np.asarray(cast(Any, cpu()).detach()))
         return mx.array(np.asarray(array))
 
     def free_bytes(self) -> int | None:
@@ -129,7 +129,7 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
         norms = mx.sqrt(squares, stream=dev)
         low, high = SQUARES_RANGE
         odd = mx.logical_not(mx.logical_and(squares >= low, squares <= high, stream=dev), stream=dev)
-        if bool(np.array(mx.any(odd, stream=dev))):  # squares beyond float32 (see _norms): scaled by each row's max
+        if bool(cast("npt.NDArray[np.bool_]", np.array(mx.any(odd, stream=dev)))):  # squares beyond float32 (see _norms): scaled by each row's max
             biggest = mx.max(mx.abs(x, stream=dev), axis=-1, stream=dev)
             safe = mx.where(biggest > 0, biggest, mx.ones_like(biggest), stream=dev)
             unit = mx.divide(x, mx.expand_dims(safe, -1, stream=dev), stream=dev)
@@ -145,7 +145,7 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
         out = mx.divide(x, mx.expand_dims(divisor, -1, stream=dev), stream=dev)
         low, high = COSINE_RANGE
         odd = mx.logical_and(norms > 0, mx.logical_or(norms < low, norms > high, stream=dev), stream=dev)
-        if bool(np.array(mx.any(odd, stream=dev))):  # a norm down there may be a float32 subnormal: scale first
+        if bool(cast("npt.NDArray[np.bool_]", np.array(mx.any(odd, stream=dev)))):  # a norm down there may be a float32 subnormal: scale first
             biggest = mx.max(mx.abs(x, stream=dev), axis=-1, keepdims=True, stream=dev)
             scaled = mx.divide(x, mx.where(biggest > 0, biggest, mx.ones_like(biggest), stream=dev), stream=dev)
             length = mx.sqrt(mx.sum(mx.multiply(scaled, scaled, stream=dev), axis=-1, keepdims=True, stream=dev), stream=dev)
@@ -186,7 +186,7 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
             shifts = mx.array([7, 6, 5, 4, 3, 2, 1, 0], dtype=mx.uint8)
             packed = mx.expand_dims(codes.astype(mx.uint8, stream=dev), -1, stream=dev)
             bits = mx.bitwise_and(mx.right_shift(packed, shifts, stream=dev), 1, stream=dev)
-            signs = bits.reshape(*codes.shape[:-1], 8 * codes.shape[-1])[..., :width].astype(mx.float32, stream=dev)
+            signs = mx.reshape(bits, (*codes.shape[:-1], 8 * codes.shape[-1]))[..., :width].astype(mx.float32, stream=dev)
             return mx.subtract(mx.multiply(signs, 2, stream=dev), 1, stream=dev)
         assert scale is not None and offset is not None
         return mx.add(mx.multiply(codes.astype(mx.float32, stream=dev), scale, stream=dev), offset, stream=dev)
@@ -221,7 +221,7 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
             # MLX has no nonzero: count the scores above each threshold on the device, and take
             # only the top (most such count) per query instead of the top m
             above = mx.sum(mx.greater(block, mx.array(threshold), stream=dev), axis=0, stream=dev)
-            m = min(m, int(np.array(mx.max(above, stream=dev))))
+            m = min(m, int(cast("npt.NDArray[np.integer[Any]]", np.array(mx.max(above, stream=dev)))))  # __array__: a bare NDArray
             if m == 0:
                 nothing = np.empty(0, dtype=np.int64)
                 return nothing, np.empty(0, dtype=np.float32), nothing
@@ -231,7 +231,7 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
             # MLX's topk returns no indices: argpartition for the m largest, on the device
             part = mx.argpartition(block, kth=n - m, axis=0, stream=dev)[n - m :]
             top = mx.take_along_axis(block, part, axis=0, stream=dev)
-            mx.eval(top, part)
+            mx.eval(top, part)  # pyright: ignore[reportUnknownMemberType]  (as in to_numpy)
             vals, cols = _host_f32(top), np.asarray(part).astype(np.int64)  # uint32, converted once
         rows = np.repeat(np.arange(queries, dtype=np.int64), cols.shape[0])
         return rows, np.ascontiguousarray(vals.T).reshape(-1), np.ascontiguousarray(cols.T).reshape(-1)
@@ -247,5 +247,5 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
 
 
 def _host_f32(a: mx.array) -> npt.NDArray[np.float32]:
-    mx.eval(a)
+    mx.eval(a)  # pyright: ignore[reportUnknownMemberType]  (as in MlxBackend.to_numpy)
     return np.array(a, dtype=np.float32)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -62,15 +62,15 @@ class NumpyBackend(SharedOps["npt.NDArray[Any]"], BlockedTopk["npt.NDArray[Any]"
 
     def convert(self, array: object) -> npt.NDArray[Any]:
         if isinstance(array, np.ndarray):
-            return array
-        if hasattr(array, "__dlpack__"):
+            return cast("npt.NDArray[Any]", array)  # isinstance leaves shape and dtype unknown
+        if hasattr(array, "__dlpack__"):  # which does not narrow to numpy's (private) _SupportsDLPack
             try:
-                shared: npt.NDArray[Any] = np.from_dlpack(array)  # torch on CPU, MLX: zero-copy
+                shared: npt.NDArray[Any] = np.from_dlpack(cast(Any, array))  # torch on CPU, MLX: zero-copy
                 return shared
             except (BufferError, RuntimeError, TypeError, ValueError):
                 pass  # a device tensor (CUDA/MPS) or a dtype numpy lacks: copy through the host
         cpu = getattr(array, "cpu", None)
-        host = cpu().detach() if callable(cpu) else array
+        host: object = cast(Any, cpu()).detach() if callable(cpu) else array  # a torch tensor on CUDA/MPS
         return np.asarray(host)
 
     def free_bytes(self) -> int | None:

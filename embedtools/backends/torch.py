@@ -6,7 +6,7 @@ Imported only when a Torch backend is built (``make_backend("torch")``), never b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 __all__ = ["TorchBackend", "torch_devices"]
 
 _DTYPES: dict[str, torch.dtype] = dtype_table(lambda name: getattr(torch, name))
+
+
+class _VectorNorm(Protocol):
+    def __call__(self, x: torch.Tensor, ord: float = 2, dim: int | None = None, keepdim: bool = False) -> torch.Tensor: ...
+
+
+# Typed once here, where torch's stubs fall short: linalg.vector_norm wraps torch._C._linalg, which
+# has no stub, and from_numpy's parameter is unannotated.
+_vector_norm = cast(_VectorNorm, torch.linalg.vector_norm)  # pyright: ignore[reportUnknownMemberType]
+_from_numpy = cast("Callable[[npt.NDArray[Any]], torch.Tensor]", torch.from_numpy)  # pyright: ignore[reportUnknownMemberType]
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -79,13 +89,13 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         if isinstance(data, torch.Tensor):
             return data.detach().to(device=self._device, dtype=target, copy=True)
         host = np.array(data, dtype=np.dtype(dtype))
-        return torch.from_numpy(host).to(self._device)
+        return _from_numpy(host).to(self._device)
 
     def from_numpy(self, array: npt.NDArray[Any], dtype: DTypeName = "float32") -> torch.Tensor:
         host = np.ascontiguousarray(array, dtype=np.dtype(_np_name(dtype)))
         if not host.flags.writeable:
             host = host.copy()  # torch cannot wrap read-only memory
-        return torch.from_numpy(host).to(self._device)
+        return _from_numpy(host).to(self._device)
 
     def to_numpy(self, array: torch.Tensor) -> npt.NDArray[Any]:
         return array.detach().cpu().numpy()
@@ -139,13 +149,13 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
 
     def row_norms(self, a: torch.Tensor) -> torch.Tensor:
         x = a.to(torch.float32)
-        norms: torch.Tensor = torch.linalg.vector_norm(x, dim=-1)
+        norms = _vector_norm(x, dim=-1)
         low, high = (bound**0.5 for bound in SQUARES_RANGE)
         odd = ~((norms >= low) & (norms <= high))
         if bool(odd.any()):  # squares beyond float32 (see _norms): scaled by each row's max, on the device
             biggest = x.abs().amax(dim=-1)
             unit = x / torch.where(biggest > 0, biggest, torch.ones_like(biggest)).unsqueeze(-1)
-            norms = torch.where(odd, biggest * torch.linalg.vector_norm(unit, dim=-1), norms)
+            norms = torch.where(odd, biggest * _vector_norm(unit, dim=-1), norms)
         return norms
 
     def normalize(self, a: torch.Tensor) -> torch.Tensor:
@@ -158,7 +168,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         if bool(odd.any()):  # a norm down there may be a float32 subnormal, too coarse to divide by: scale first
             biggest = x.abs().amax(dim=-1, keepdim=True)
             scaled = x / torch.where(biggest > 0, biggest, torch.ones_like(biggest))
-            length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+            length = _vector_norm(scaled, dim=-1, keepdim=True)
             out = torch.where(odd.unsqueeze(-1), scaled / torch.where(length > 0, length, torch.ones_like(length)), out)
         return out
 
@@ -175,7 +185,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         return torch.stack(list(arrays), dim=axis)
 
     def take_rows(self, array: torch.Tensor, indices: npt.NDArray[np.int64]) -> torch.Tensor:
-        return array[torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(array.device)]
+        return array[_from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(array.device)]
 
     @torch.no_grad()
     def dequantize(self, codes: torch.Tensor, kind: Quantization,
@@ -226,7 +236,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
                 vals, idx = torch.topk(block, m, dim=0, largest=True, sorted=False)
             rows = np.repeat(np.arange(queries, dtype=np.int64), idx.shape[0])
             return rows, _host_f32(vals.T).reshape(-1), _host_i64(idx.T).reshape(-1)
-        limit = torch.from_numpy(threshold).to(block.device)
+        limit = _from_numpy(threshold).to(block.device)
         cols, query_rows = torch.nonzero(block > limit, as_tuple=True)
         return _host_i64(query_rows), _host_f32(block[cols, query_rows]), _host_i64(cols)
 

@@ -150,13 +150,16 @@ def blocked_topk(
         return np.ascontiguousarray(backend.host_block(block).T)
 
     caps = backend.capabilities
+    candidates: Callable[[ArrayT, int, npt.NDArray[np.float32]], Candidates]
     if caps.select_on_device:
-        candidates: Callable[[ArrayT, int, npt.NDArray[np.float32]], Candidates] = backend.device_candidates
+        candidates = backend.device_candidates
     else:
         host_block = backend.host_block
 
-        def candidates(block: ArrayT, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+        def host_select(block: ArrayT, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
             return host_candidates(host_block(block), m, threshold)
+
+        candidates = host_select
 
     return run_topk(
         q.shape[0],
@@ -200,7 +203,7 @@ def _l2_exact(
             return norms
         if not last or last[0][0] is not frame:
             step = max(max_block_bytes // (4 * max(width, 1)), 1)
-            parts = [backend.row_norms(rows_of(backend.take_rows(x, np.arange(i, min(i + step, n))))) for i in range(0, n, step)]
+            parts = [backend.row_norms(rows_of(backend.take_rows(x, np.arange(i, min(i + step, n), dtype=np.int64)))) for i in range(0, n, step)]
             last[:] = [(frame, np.concatenate([np.asarray(backend.to_numpy(p), dtype=F32) for p in parts]))]
         return last[0][1]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -155,12 +155,13 @@ def check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
     not rising and at least ``k``."""
     if isinstance(funnel, (str, bytes)) or not isinstance(funnel, Sequence):
         raise InvalidArgumentError(f"funnel must be a sequence of (dimension, shortlist) pairs, got {funnel!r}")
-    stages = []
-    for stage in funnel:
-        if not isinstance(stage, Sequence) or len(stage) != 2:
+    stages: list[tuple[int, int]] = []
+    for stage in cast("Sequence[object]", funnel):  # isinstance leaves the item types unknown
+        pair = cast("Sequence[object]", stage) if isinstance(stage, Sequence) else ()
+        if len(pair) != 2:
             raise InvalidArgumentError(f"funnel stage {stage!r} is not a (dimension, shortlist) pair")
-        stage_dim = check_positive_int(stage[0], "funnel dimension")
-        size = check_positive_int(stage[1], "funnel shortlist")
+        stage_dim = check_positive_int(pair[0], "funnel dimension")
+        size = check_positive_int(pair[1], "funnel shortlist")
         stages.append((stage_dim, size))
     for i, (stage_dim, size) in enumerate(stages):
         if stage_dim >= dim or (i and stage_dim <= stages[i - 1][0]):

@@ -352,7 +352,7 @@ def l2_topk(
     frame = IDENTITY if _plain_range(norm_max, raw_norms) else _centred_frame(backend, corpus, rows, queries, norm_max)[0]
     tried_frame = frame is not IDENTITY
     m = min(first_shortlist(k), available)
-    pending = np.arange(n_queries)
+    pending = np.arange(n_queries, dtype=np.intp)
     while pending.size:
         fq = frame_queries(queries[pending], frame)
         screened = screen(fq, m, frame)
