@@ -33,8 +33,8 @@ from embedtools.errors import (
 from embedtools.filters import Filter
 from embedtools.ledger import Ledger, cache_bytes, table_bytes
 from embedtools.persistence import read_shapes, read_store, snapshot
-from embedtools.search.plan import GATHER_FRACTION, Searcher, SearchPlan, plan_search
-from embedtools.progress import check_progress, progress_bar, shows
+from embedtools.search.plan import GATHER_FRACTION, Searcher, plan_search, run_search
+from embedtools.progress import check_progress, progress_bar
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
 from embedtools.results import MemoryInfo, SearchResult
@@ -56,7 +56,6 @@ from embedtools.validation import (
     JSONObject,
     as_float32_matrix,
     as_labels,
-    as_queries,
     check_dimension,
     check_positive_int,
     check_strings,
@@ -71,8 +70,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GATHER_FRACTION", "EmbeddingStore"]
 
-#: Queries per step of a search large enough to show progress (a bar shows only on a terminal).
-_PROGRESS_QUERIES = 256
 #: Rows from which an add shows a (one-step) bar while the table is built.
 _PROGRESS_ROWS = 100_000
 
@@ -90,19 +87,6 @@ def _sequence_of_ids(ids: object) -> Sequence[object]:
 P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S", bound="EmbeddingStore")
-
-
-def _exclusive(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
-    """Runs a method under the store's lock: changes (and cache fills) happen one at a time, each
-    seeing the last one's tables, so threads that add, update or search together lose nothing and
-    charge nothing twice. Searches themselves run concurrently (tables are immutable once built)."""
-
-    @functools.wraps(method)
-    def locked(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return locked
 
 
 class EmbeddingStore:
@@ -133,6 +117,19 @@ class EmbeddingStore:
         self._mapped_from: Path | None = None
         self._progress = check_progress(progress)
         self._lock = threading.RLock()
+
+    @staticmethod
+    def _exclusive(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+        """Runs a method under the store's lock: changes (and cache fills) happen one at a time,
+        each seeing the last one's tables, so threads that add, update or search together lose
+        nothing and charge nothing twice. Searches run concurrently (tables are immutable once built)."""
+
+        @functools.wraps(method)
+        def locked(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            with self._lock:
+                return method(self, *args, **kwargs)
+
+        return locked
 
     # ------------------------------------------------------------------ collaborators and config
 
@@ -549,28 +546,8 @@ class EmbeddingStore:
         """
         plan = plan_search(dict(self._tables), queries, k, dimension, metric, funnel=funnel, quantized=quantized,
                            rescore=rescore, rescore_with=rescore_with, where=where)  # fmt: skip
-        q, kk, state = plan.queries, plan.k, plan.state
-        if q.shape[0] == 0 or kk == 0:
-            scores = np.empty((q.shape[0], kk), dtype=np.float32)
-            indices = np.empty((q.shape[0], kk), dtype=np.int64)
-        else:
-            # only a search that will draw a bar is cut into steps (each reads the table once more)
-            step = max(_PROGRESS_QUERIES, -(-q.shape[0] // 20))
-            split = shows(self._progress) and q.shape[0] > step
-            chunks = [slice(i, i + step) for i in range(0, q.shape[0], step)] if split else [slice(None)]
-            parts = []
-            with progress_bar(self._progress if len(chunks) > 1 else False, q.shape[0], "search", "queries") as bar:
-                for chunk in chunks:
-                    parts.append(self._run_plan(plan, q[chunk]))
-                    bar.update(len(parts[-1][1]))
-            scores = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-            indices = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        scores.setflags(write=False)
-        indices.setflags(write=False)
-        return SearchResult(indices=indices, scores=scores, metric=plan.metric, dimension=plan.dim, source_dimension=plan.source, row_ids=state.ids)
-
-    def _run_plan(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        return Searcher(self._backend, self._block_bytes, functools.partial(self._cached, plan.state)).run(plan, q)
+        searcher = Searcher(self._backend, self._block_bytes, functools.partial(self._cached, plan.state))
+        return run_search(searcher, plan, self._progress)
 
     @_exclusive
     def _cached(
