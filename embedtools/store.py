@@ -56,15 +56,8 @@ class EmbeddingStore:
     (rows, indexes, rotation, search caches) and what each part costs.
     """
 
-    def __init__(
-        self,
-        backend: ArrayBackend[Any],
-        accountant: MemoryAccountant,
-        hasher: Hasher,
-        *,
-        search_block_bytes: int = DEFAULT_BLOCK_BYTES,
-        progress: bool | None = None,
-    ) -> None:
+    def __init__(self, backend: ArrayBackend[Any], accountant: MemoryAccountant, hasher: Hasher, *,
+                 search_block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None) -> None:  # fmt: skip
         self._backend = backend
         self._accountant = accountant
         self._hasher = hasher
@@ -157,15 +150,8 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ writing
 
     @_exclusive
-    def add(
-        self,
-        vectors: object,
-        ids: Sequence[str] | None = None,
-        labels: LabelsArg | None = None,
-        metadata: Sequence[Mapping[str, object]] | None = None,
-        *,
-        replace: bool = False,
-    ) -> tuple[str, ...]:
+    def add(self, vectors: object, ids: Sequence[str] | None = None, labels: LabelsArg | None = None,
+            metadata: Sequence[Mapping[str, object]] | None = None, *, replace: bool = False) -> tuple[str, ...]:  # fmt: skip
         """Append rows ``(n, d)`` to the table of dimension ``d`` (created if absent); return their ids.
 
         Vectors are copied as float32. Omitted ids are the rows' positions in the table (``"0"``,
@@ -228,15 +214,8 @@ class EmbeddingStore:
         return removed
 
     @_exclusive
-    def update(
-        self,
-        ids: Sequence[str],
-        vectors: object = None,
-        labels: LabelsArg | None = None,
-        metadata: Sequence[Mapping[str, object]] | None = None,
-        *,
-        dimension: int | None = None,
-    ) -> None:
+    def update(self, ids: Sequence[str], vectors: object = None, labels: LabelsArg | None = None,
+               metadata: Sequence[Mapping[str, object]] | None = None, *, dimension: int | None = None) -> None:  # fmt: skip
         """Replace the vectors, labels and/or metadata of existing rows, found by id, in one table
         (the vectors' width, or ``dimension``). Rows keep their positions; what is not given is kept."""
         self._check_writable()
@@ -390,19 +369,9 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ searching (embedtools.search.plan plans it)
 
-    def search(
-        self,
-        queries: object,
-        k: int = 10,
-        dimension: int | None = None,
-        metric: Metric = "cosine",
-        *,
-        funnel: Sequence[tuple[int, int]] = (),
-        quantized: Quantization | None = None,
-        rescore: int = 4,
-        rescore_with: Quantization | None = None,
-        where: Filter | None = None,
-    ) -> SearchResult:
+    def search(self, queries: object, k: int = 10, dimension: int | None = None, metric: Metric = "cosine", *,
+               funnel: Sequence[tuple[int, int]] = (), quantized: Quantization | None = None, rescore: int = 4,
+               rescore_with: Quantization | None = None, where: Filter | None = None) -> SearchResult:  # fmt: skip
         """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
 
         ``dimension=None`` searches the table as wide as the queries. A smaller ``dimension``
@@ -434,9 +403,7 @@ class EmbeddingStore:
         return run_search(searcher, plan, self._progress)
 
     @_exclusive
-    def _cached(
-        self, state: TableState[Any], cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]
-    ) -> Any:
+    def _cached(self, state: TableState[Any], cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]) -> Any:
         """The search code's ``Cache``: the ledger keeps (and charges) a cache only for the
         version ``state`` that is still the current table of ``source``."""
         return self._ledger.cached(cache, key, source, nbytes, compute, current=lambda: self._tables.get(source) is state)
