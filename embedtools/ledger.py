@@ -12,17 +12,18 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from embedtools.errors import EmbedtoolsError, MemoryLimitError
 from embedtools.protocols import MemoryAccountant, Quantization
 from embedtools.quantize import QuantizedIndex
-from embedtools.results import TableMemory
+from embedtools.results import MemoryInfo, TableMemory
 
 if TYPE_CHECKING:
     from embedtools.tables import TableState
 
-__all__ = ["F32_BYTES", "Ledger", "cache_bytes", "table_bytes", "table_caches"]
+__all__ = ["F32_BYTES", "Ledger", "cache_bytes", "kept_caches_bill", "rebuilt_bill", "table_bytes", "table_caches"]
 
 F32_BYTES = 4
 
@@ -54,6 +55,18 @@ def cache_bytes(state: TableState[Any], *, rotation: bool = True) -> int:
     caches, which go with the rotation when it is refitted or dropped."""
     caches = table_caches(state)
     return sum(nbytes for name, nbytes in caches.items() if rotation or not name.startswith("rotation_norms/"))
+
+
+def kept_caches_bill(dimension: int, state: TableState[Any], *, rotation_caches: bool = True, **shape: Any) -> int:
+    """The bill of ``state`` with its :class:`~embedtools.records.TableShape` fields changed by
+    ``shape``, keeping the caches it already holds (its rotation's only while the rotation stays)."""
+    return replace(state.shape(dimension), **shape).nbytes + cache_bytes(state, rotation=rotation_caches)
+
+
+def rebuilt_bill(dimension: int, like: TableState[Any] | None, rows: int) -> int:
+    """The bill of a new version of ``rows`` rows carrying ``like``'s indexes and rotation (none
+    without it), rebuilt over every row: its caches start empty."""
+    return table_bytes(dimension, rows) if like is None else replace(like.shape(dimension), rows=rows).nbytes
 
 
 def _release_all(accountant: MemoryAccountant, charges: dict[int, int], owners: dict[int, str]) -> None:
@@ -165,3 +178,9 @@ class Ledger:
             caches=table_caches(state),
             rotation=0 if rotation is None else table_bytes(dimension, state.rows, rotation=rotation.components) - table_bytes(dimension, state.rows),
         )
+
+    def memory_info(self, tables: Mapping[int, TableState[Any]], *, mapped: bool) -> MemoryInfo:
+        """The accountant's totals and, per table of ``tables`` (the store's), its charge part by part."""
+        report = self._accountant.report()
+        parts = {d: self.table_memory(d, state, mapped=mapped) for d, state in sorted(tables.items())}
+        return MemoryInfo(used_bytes=report.used_bytes, limit_bytes=report.limit_bytes, store_bytes=self.total, tables=parts)

@@ -18,10 +18,10 @@ from embedtools import atomic, fileformat, seed_format
 from embedtools.errors import InvalidArgumentError, StoreFormatError, StoreNotFoundError
 from embedtools.protocols import ArrayBackend, Hasher
 from embedtools.records import StoreRecord, TableRecord, TableShape
-from embedtools.tables import TableState
+from embedtools.tables import TableState, from_record
 from embedtools.validation import JSONObject
 
-__all__ = ["read_shapes", "read_store", "snapshot"]
+__all__ = ["read_shapes", "read_store", "read_tables", "snapshot"]
 
 
 def read_shapes(path: object, *, mmap: bool, backend_name: str, hasher: Hasher) -> tuple[Path, tuple[TableShape, ...]]:
@@ -47,6 +47,20 @@ def read_store(path: Path, shapes: tuple[TableShape, ...], *, mmap: bool, hasher
     if {t.dimension: len(t.ids) for t in record.tables} != {s.dimension: s.rows for s in shapes}:
         raise StoreFormatError(f"{path} changed while it was being loaded")
     return record
+
+
+def read_tables(
+    backend: ArrayBackend[Any], path: Path, shapes: tuple[TableShape, ...], *, mmap: bool, hasher: Hasher, step: Callable[[], object] = lambda: None
+) -> tuple[dict[int, TableState[Any]], JSONObject]:
+    """The tables (built on ``backend``) and config of the store at ``path``, by :func:`read_store`;
+    ``step`` is called after the read and after each table (a progress bar's tick)."""
+    record = read_store(path, shapes, mmap=mmap, hasher=hasher)
+    step()
+    built: dict[int, TableState[Any]] = {}
+    for table in record.tables:
+        built[table.dimension] = from_record(backend, table)
+        step()
+    return built, dict(record.config)
 
 
 def snapshot(

@@ -16,93 +16,35 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar, cast
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from embedtools import fileformat
 from embedtools.budget import format_bytes
-from embedtools.errors import (
-    DimensionError,
-    DuplicateIdError,
-    InvalidArgumentError,
-    ReadOnlyStoreError,
-    StoreNotEmptyError,
-    UnknownIdError,
-)
+from embedtools.errors import DimensionError, InvalidArgumentError, ReadOnlyStoreError, StoreNotEmptyError
 from embedtools.filters import Filter
-from embedtools.ledger import Ledger, cache_bytes, table_bytes
-from embedtools.persistence import read_shapes, read_store, snapshot
-from embedtools.search.plan import GATHER_FRACTION, Searcher, SearchPlan, plan_search
-from embedtools.progress import check_progress, progress_bar, shows
+from embedtools.ledger import Ledger, kept_caches_bill, rebuilt_bill
+from embedtools.persistence import read_shapes, read_tables, snapshot
+from embedtools.progress import check_progress, progress_bar
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
-from embedtools.quantize import Quantization, QuantizedIndex, check_quantization
+from embedtools.quantize import Quantization, check_quantization
 from embedtools.results import MemoryInfo, SearchResult
-from embedtools.rotation import principal_axes, rotate
-from embedtools.tables import (
-    Table,
-    TableState,
-    build_table,
-    extended_index,
-    free_ids,
-    from_record,
-    kept_rows,
-    labels_for,
-    replaced_rows,
-    rotation_of,
-    rows_without,
-)
-from embedtools.validation import (
-    JSONObject,
-    as_float32_matrix,
-    as_labels,
-    as_queries,
-    check_dimension,
-    check_positive_int,
-    check_strings,
-    encode_metadata,
-    json_problem,
-)
+from embedtools.search.plan import GATHER_FRACTION, Searcher, plan_search, run_search
+from embedtools.tables import Table, TableState, appended, kept_rows, labels_for, materialized, new_rows
+from embedtools.tables import positions, removal, replaced_rows, with_index, with_rotation
+from embedtools.validation import JSONObject, LabelsArg, as_config, as_float32_matrix, check_dimension
+from embedtools.validation import check_ids, check_positive_int, check_update, encode_metadata
 
 if TYPE_CHECKING:
     from typing import Self
 
-    import numpy.typing as npt
-
 __all__ = ["GATHER_FRACTION", "EmbeddingStore"]
 
-#: Queries per step of a search large enough to show progress (a bar shows only on a terminal).
-_PROGRESS_QUERIES = 256
 #: Rows from which an add shows a (one-step) bar while the table is built.
 _PROGRESS_ROWS = 100_000
-
-#: What ``labels=`` takes: str or int labels (numpy integers and integer arrays count).
-LabelsArg: TypeAlias = "Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]]"
-
-
-def _sequence_of_ids(ids: object) -> Sequence[object]:
-    """``ids`` as a sequence; its items are the caller's to check (``check_strings``)."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
-    return cast("Sequence[object]", ids)  # isinstance leaves the item type unknown
-
 
 P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S", bound="EmbeddingStore")
-
-
-def _exclusive(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
-    """Runs a method under the store's lock: changes (and cache fills) happen one at a time, each
-    seeing the last one's tables, so threads that add, update or search together lose nothing and
-    charge nothing twice. Searches themselves run concurrently (tables are immutable once built)."""
-
-    @functools.wraps(method)
-    def locked(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return locked
 
 
 class EmbeddingStore:
@@ -114,15 +56,8 @@ class EmbeddingStore:
     (rows, indexes, rotation, search caches) and what each part costs.
     """
 
-    def __init__(
-        self,
-        backend: ArrayBackend[Any],
-        accountant: MemoryAccountant,
-        hasher: Hasher,
-        *,
-        search_block_bytes: int = DEFAULT_BLOCK_BYTES,
-        progress: bool | None = None,
-    ) -> None:
+    def __init__(self, backend: ArrayBackend[Any], accountant: MemoryAccountant, hasher: Hasher, *,
+                 search_block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None) -> None:  # fmt: skip
         self._backend = backend
         self._accountant = accountant
         self._hasher = hasher
@@ -133,6 +68,19 @@ class EmbeddingStore:
         self._mapped_from: Path | None = None
         self._progress = check_progress(progress)
         self._lock = threading.RLock()
+
+    @staticmethod
+    def _exclusive(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+        """Runs a method under the store's lock: changes (and cache fills) happen one at a time,
+        each seeing the last one's tables, so threads that add, update or search together lose
+        nothing and charge nothing twice. Searches run concurrently (tables are immutable once built)."""
+
+        @functools.wraps(method)
+        def locked(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            with self._lock:
+                return method(self, *args, **kwargs)
+
+        return locked
 
     # ------------------------------------------------------------------ collaborators and config
 
@@ -167,14 +115,7 @@ class EmbeddingStore:
         64) raise :class:`InvalidArgumentError`, by the rule load applies to a file's config
         (:func:`~embedtools.validation.json_problem`). Either way the old config stays."""
         self._hasher.hash_config(value)  # refuses what cannot be hashed, before anything changes
-        try:
-            plain = json.loads(json.dumps(dict(value)))
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgumentError(f"config is not JSON-serialisable: {exc}") from None
-        problem = json_problem(plain)
-        if problem is not None:
-            raise InvalidArgumentError(f"config{problem}")
-        self._config = plain
+        self._config = as_config(value)
 
     @property
     def config_hash(self) -> str:
@@ -206,23 +147,11 @@ class EmbeddingStore:
         except KeyError:
             raise DimensionError(f"no table of dimension {d}; stored: {list(self.dimensions) or 'none'}") from None
 
-    def _kept_caches_bill(self, d: int, state: TableState[Any], *, rotation_caches: bool = True, **shape: Any) -> int:
-        """The bill of ``state`` changed by ``shape`` fields, keeping the caches it already holds
-        (those of its rotation only while the rotation stays)."""
-        return replace(state.shape(d), **shape).nbytes + cache_bytes(state, rotation=rotation_caches)
-
     # ------------------------------------------------------------------ writing
 
     @_exclusive
-    def add(
-        self,
-        vectors: object,
-        ids: Sequence[str] | None = None,
-        labels: LabelsArg | None = None,
-        metadata: Sequence[Mapping[str, object]] | None = None,
-        *,
-        replace: bool = False,
-    ) -> tuple[str, ...]:
+    def add(self, vectors: object, ids: Sequence[str] | None = None, labels: LabelsArg | None = None,
+            metadata: Sequence[Mapping[str, object]] | None = None, *, replace: bool = False) -> tuple[str, ...]:  # fmt: skip
         """Append rows ``(n, d)`` to the table of dimension ``d`` (created if absent); return their ids.
 
         Vectors are copied as float32. Omitted ids are the rows' positions in the table (``"0"``,
@@ -240,30 +169,14 @@ class EmbeddingStore:
         n, d = host.shape
         current = self._tables.get(d)
         old = None if replace else current
-        start = old.rows if old is not None else 0
-        new_ids = free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
-        new_labels = labels_for(d, labels, n, old.labels if old is not None else None)
-        new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
-        index = extended_index(d, old, new_ids)
-        kinds = tuple(current.quantized) if current is not None else ()
-        rotation = rotation_of(current)
-        bill = table_bytes(d, start + n, kinds, rotation[1] if rotation else 0)
+        rows = new_rows(d, old, n, ids, labels, metadata)
+        bill = rebuilt_bill(d, current, (old.rows if old is not None else 0) + n)
 
         show = self._progress if n >= _PROGRESS_ROWS else False
         with progress_bar(show, 1, f"add {n} x {d}", "tables"), self._ledger.reserving({d: bill}):
-            state = build_table(
-                self._backend,
-                host,
-                (old.ids if old else ()) + new_ids,
-                as_labels((old.labels if old else ()) + new_labels),
-                (old.metadata if old else ()) + new_meta,
-                after=old,
-                id_index=index,
-                rebuild=kinds,
-                rotation=rotation,
-            )
+            state = appended(self._backend, old, host, rows, like=current)
         self._tables[d] = state
-        return new_ids
+        return rows.ids
 
     @_exclusive
     def drop(self, dimension: int) -> None:
@@ -280,34 +193,17 @@ class EmbeddingStore:
         for d in self.dimensions:
             self.drop(d)
 
-    def _positions(self, d: int, ids: tuple[str, ...]) -> list[int]:
-        index = self._state(d).id_index
-        missing = [i for i in ids if i not in index]
-        if missing:
-            raise UnknownIdError(f"table {d}d has no row with id {missing[0]!r} ({len(missing)} unknown ids)")
-        return [index[i] for i in ids]
-
     @_exclusive
     def remove(self, ids: Sequence[str], dimension: int | None = None) -> int:
         """Remove the rows with these ids from the table of ``dimension``, or from every table that
         has them (``None``); return how many rows went. Their bytes go back to the budget; a table
         left without rows is dropped. An id found in no table raises :class:`UnknownIdError`."""
         self._check_writable()
-        given = _sequence_of_ids(ids)
-        wanted = tuple(dict.fromkeys(check_strings(given, len(given), "ids")))
+        wanted = tuple(dict.fromkeys(check_ids(ids)))
         dims = [check_dimension(dimension)] if dimension is not None else list(self.dimensions)
-        for d in dims:
-            self._state(d)
-        if dimension is not None:
-            self._positions(dims[0], wanted)
-        else:
-            found = {i for d in dims for i in wanted if i in self._tables[d].id_index}
-            missing = [i for i in wanted if i not in found]
-            if missing:
-                raise UnknownIdError(f"no table has a row with id {missing[0]!r} ({len(missing)} unknown ids)")
-        plans = {d: keep for d in dims if (keep := rows_without(self._tables[d], wanted)) is not None}
+        plans = removal({d: self._state(d) for d in dims}, wanted, named=dimension is not None)
         kept = {d: keep for d, keep in plans.items() if keep.size}
-        bills = {d: replace(self._tables[d].shape(d), rows=keep.size).nbytes for d, keep in kept.items()}
+        bills = {d: rebuilt_bill(d, self._tables[d], keep.size) for d, keep in kept.items()}
 
         with self._ledger.reserving(bills):
             built = {d: kept_rows(self._backend, self._tables[d], keep, d) for d, keep in kept.items()}
@@ -318,38 +214,21 @@ class EmbeddingStore:
         return removed
 
     @_exclusive
-    def update(
-        self,
-        ids: Sequence[str],
-        vectors: object = None,
-        labels: LabelsArg | None = None,
-        metadata: Sequence[Mapping[str, object]] | None = None,
-        *,
-        dimension: int | None = None,
-    ) -> None:
+    def update(self, ids: Sequence[str], vectors: object = None, labels: LabelsArg | None = None,
+               metadata: Sequence[Mapping[str, object]] | None = None, *, dimension: int | None = None) -> None:  # fmt: skip
         """Replace the vectors, labels and/or metadata of existing rows, found by id, in one table
         (the vectors' width, or ``dimension``). Rows keep their positions; what is not given is kept."""
         self._check_writable()
-        n = len(_sequence_of_ids(ids))
-        keys = check_strings(ids, n, "ids")
-        if len(set(keys)) != n:
-            raise DuplicateIdError("an id is given twice in one update")
-        host = None if vectors is None else as_float32_matrix(vectors)
-        if host is None:
-            if dimension is None:
-                raise InvalidArgumentError("update needs vectors or a dimension to know which table")
-            d = check_dimension(dimension)
-        else:
-            d = host.shape[1] if dimension is None else check_dimension(dimension)
-            if host.shape != (n, d):
-                raise DimensionError(f"vectors have shape {host.shape}; expected ({n}, {d}) for {n} ids in table {d}d")
+        keys = check_ids(ids, unique=True)
+        n = len(keys)
+        host, d = check_update(vectors, dimension, n)
         current = self._tables.get(d)
         new_labels = None if labels is None else labels_for(d, labels, n, current.labels if current else None)
         new_meta = None if metadata is None else encode_metadata(metadata, n)
-        rows = self._positions(d, keys)
-        state = self._tables[d]
+        state = self._state(d)
+        rows = positions(state, d, keys)
 
-        with self._ledger.reserving({d: state.shape(d).nbytes}):
+        with self._ledger.reserving({d: rebuilt_bill(d, state, state.rows)}):
             new = replaced_rows(self._backend, state, rows, d, host, new_labels, new_meta)
         self._tables[d] = new
 
@@ -367,13 +246,11 @@ class EmbeddingStore:
         d = check_dimension(dimension)
         kind = check_quantization(kind)
         state = self._state(d)
-        bill = self._kept_caches_bill(d, state, quantized=tuple(sorted({*state.quantized, kind})))
+        bill = kept_caches_bill(d, state, quantized=tuple(sorted({*state.quantized, kind})))
 
         with self._ledger.reserving({d: bill}):
-            # built on the host (the same codes on every backend), kept on the backend's device
-            host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
-            index = QuantizedIndex.build(kind, host).to_backend(self._backend)
-        self._tables[d] = replace(state, quantized={**state.quantized, kind: index})
+            new = with_index(self._backend, state, kind)
+        self._tables[d] = new
 
     @_exclusive
     def drop_quantized(self, dimension: int, kind: Quantization) -> None:
@@ -385,7 +262,7 @@ class EmbeddingStore:
         if kind not in state.quantized:
             raise InvalidArgumentError(f"table {d}d has no {kind} index")
         remaining = {k: v for k, v in state.quantized.items() if k != kind}
-        self._ledger.settle({d: self._kept_caches_bill(d, state, quantized=tuple(remaining))})  # allocates nothing
+        self._ledger.settle({d: kept_caches_bill(d, state, quantized=tuple(remaining))})  # allocates nothing
         self._tables[d] = replace(state, quantized=remaining)
 
     @_exclusive
@@ -404,12 +281,11 @@ class EmbeddingStore:
         d = check_dimension(dimension)
         state = self._state(d)
         p = max(d // 4, 1) if components is None else check_positive_int(components, "components", upper=d)
-        bill = self._kept_caches_bill(d, state, rotation_caches=False, rotation=p)
+        bill = kept_caches_bill(d, state, rotation_caches=False, rotation=p)
 
         with self._ledger.reserving({d: bill}):
-            host = np.asarray(self._backend.to_numpy(state.vectors), dtype=np.float32)
-            rotation = rotate(self._backend, host, principal_axes(host), p)
-        self._tables[d] = replace(state, rotation=rotation)
+            new = with_rotation(self._backend, state, p)
+        self._tables[d] = new
 
     @_exclusive
     def drop_rotation(self, dimension: int) -> None:
@@ -418,7 +294,7 @@ class EmbeddingStore:
         state = self._state(d)
         if state.rotation is None:
             raise InvalidArgumentError(f"table {d}d has no rotation")
-        self._ledger.settle({d: self._kept_caches_bill(d, state, rotation_caches=False, rotation=0)})  # allocates nothing
+        self._ledger.settle({d: kept_caches_bill(d, state, rotation_caches=False, rotation=0)})  # allocates nothing
         self._tables[d] = replace(state, rotation=None)
 
     # ------------------------------------------------------------------ memory
@@ -426,15 +302,7 @@ class EmbeddingStore:
     @_exclusive
     def memory_info(self) -> MemoryInfo:
         """The accountant's totals and, per table, what this store is charged and for what."""
-        report = self._accountant.report()
-        mapped = self._mapped_from is not None
-        tables = {d: self._ledger.table_memory(d, state, mapped=mapped) for d, state in sorted(self._tables.items())}
-        return MemoryInfo(
-            used_bytes=report.used_bytes,
-            limit_bytes=report.limit_bytes,
-            store_bytes=self._ledger.total,
-            tables=tables,
-        )
+        return self._ledger.memory_info(self._tables, mapped=self._mapped_from is not None)
 
     # ------------------------------------------------------------------ files
 
@@ -470,14 +338,9 @@ class EmbeddingStore:
 
         bills = {s.dimension: s.nbytes for s in shapes}
         with self._ledger.reserving(bills), progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
-            record = read_store(p, shapes, mmap=mmap, hasher=self._hasher)
-            bar.update()
-            built: dict[int, TableState[Any]] = {}
-            for table in record.tables:
-                built[table.dimension] = from_record(self._backend, table)
-                bar.update()
+            built, config = read_tables(self._backend, p, shapes, mmap=mmap, hasher=self._hasher, step=bar.update)
         self._tables.update(built)
-        self._config = dict(record.config)
+        self._config = config
         self._mapped_from = p if mmap and shapes else None
         return self
 
@@ -491,12 +354,9 @@ class EmbeddingStore:
         """Copy memory-mapped tables into memory (charging them) and make the store writable."""
         if self._mapped_from is None:
             return
-        bills = {d: self._kept_caches_bill(d, state, mapped=False) for d, state in self._tables.items()}
+        bills = {d: kept_caches_bill(d, state, mapped=False) for d, state in self._tables.items()}
         with self._ledger.reserving(bills):
-            built = {
-                d: replace(state, vectors=self._backend.from_numpy(np.array(state.vectors, dtype=np.float32)))
-                for d, state in self._tables.items()
-            }
+            built = {d: materialized(self._backend, state) for d, state in self._tables.items()}
         self._tables.update(built)
         self._mapped_from = None
 
@@ -509,19 +369,9 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ searching (embedtools.search.plan plans it)
 
-    def search(
-        self,
-        queries: object,
-        k: int = 10,
-        dimension: int | None = None,
-        metric: Metric = "cosine",
-        *,
-        funnel: Sequence[tuple[int, int]] = (),
-        quantized: Quantization | None = None,
-        rescore: int = 4,
-        rescore_with: Quantization | None = None,
-        where: Filter | None = None,
-    ) -> SearchResult:
+    def search(self, queries: object, k: int = 10, dimension: int | None = None, metric: Metric = "cosine", *,
+               funnel: Sequence[tuple[int, int]] = (), quantized: Quantization | None = None, rescore: int = 4,
+               rescore_with: Quantization | None = None, where: Filter | None = None) -> SearchResult:  # fmt: skip
         """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
 
         ``dimension=None`` searches the table as wide as the queries. A smaller ``dimension``
@@ -549,33 +399,11 @@ class EmbeddingStore:
         """
         plan = plan_search(dict(self._tables), queries, k, dimension, metric, funnel=funnel, quantized=quantized,
                            rescore=rescore, rescore_with=rescore_with, where=where)  # fmt: skip
-        q, kk, state = plan.queries, plan.k, plan.state
-        if q.shape[0] == 0 or kk == 0:
-            scores = np.empty((q.shape[0], kk), dtype=np.float32)
-            indices = np.empty((q.shape[0], kk), dtype=np.int64)
-        else:
-            # only a search that will draw a bar is cut into steps (each reads the table once more)
-            step = max(_PROGRESS_QUERIES, -(-q.shape[0] // 20))
-            split = shows(self._progress) and q.shape[0] > step
-            chunks = [slice(i, i + step) for i in range(0, q.shape[0], step)] if split else [slice(None)]
-            parts = []
-            with progress_bar(self._progress if len(chunks) > 1 else False, q.shape[0], "search", "queries") as bar:
-                for chunk in chunks:
-                    parts.append(self._run_plan(plan, q[chunk]))
-                    bar.update(len(parts[-1][1]))
-            scores = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-            indices = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        scores.setflags(write=False)
-        indices.setflags(write=False)
-        return SearchResult(indices=indices, scores=scores, metric=plan.metric, dimension=plan.dim, source_dimension=plan.source, row_ids=state.ids)
-
-    def _run_plan(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        return Searcher(self._backend, self._block_bytes, functools.partial(self._cached, plan.state)).run(plan, q)
+        searcher = Searcher(self._backend, self._block_bytes, functools.partial(self._cached, plan.state))
+        return run_search(searcher, plan, self._progress)
 
     @_exclusive
-    def _cached(
-        self, state: TableState[Any], cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]
-    ) -> Any:
+    def _cached(self, state: TableState[Any], cache: dict[int, Any], key: int, source: int, nbytes: int, compute: Callable[[], Any]) -> Any:
         """The search code's ``Cache``: the ledger keeps (and charges) a cache only for the
         version ``state`` that is still the current table of ``source``."""
         return self._ledger.cached(cache, key, source, nbytes, compute, current=lambda: self._tables.get(source) is state)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple
 
 import numpy as np
 
@@ -23,13 +23,13 @@ from embedtools.ledger import F32_BYTES, table_caches
 from embedtools.protocols import ArrayBackend, ArrayT, Quantization
 from embedtools.quantize import QuantizedIndex
 from embedtools.records import TableRecord, TableShape, verify_table
-from embedtools.rotation import Rotation, rotate
-from embedtools.validation import JSONObject, Labels, as_labels, check_labels, label_kind
+from embedtools.rotation import Rotation, principal_axes, rotate
+from embedtools.validation import JSONObject, Labels, as_labels, check_labels, check_strings, encode_metadata, label_kind
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["F32_BYTES", "Rotation", "Table", "TableState", "build_table", "extended_index", "free_ids", "from_record", "kept_rows", "labels_for", "replaced_rows", "rotation_of", "rows_without", "to_device"]
+__all__ = ["F32_BYTES", "NewRows", "appended", "new_rows", "removal", "Rotation", "Table", "TableState", "build_table", "extended_index", "free_ids", "from_record", "kept_rows", "labels_for", "materialized", "positions", "replaced_rows", "rotation_of", "rows_without", "to_device", "with_index", "with_rotation"]
 
 #: Values per chunk of the finiteness check, so a memory-mapped table is never read whole.
 _CHUNK_VALUES = 1 << 24
@@ -191,6 +191,81 @@ def replaced_rows(
         rotation=rotation_of(state),
         what=f"table {dimension}d",
     )
+
+
+def with_index(backend: ArrayBackend[ArrayT], state: TableState[ArrayT], kind: Quantization) -> TableState[ArrayT]:
+    """``state`` with a (re)calibrated ``kind`` index: built on the host (the same codes on every
+    backend), kept on the backend's device."""
+    host = np.asarray(backend.to_numpy(state.vectors), dtype=np.float32)
+    return replace(state, quantized={**state.quantized, kind: QuantizedIndex.build(kind, host).to_backend(backend)})
+
+
+def with_rotation(backend: ArrayBackend[ArrayT], state: TableState[ArrayT], components: int) -> TableState[ArrayT]:
+    """``state`` with a PCA rotation fitted afresh on its rows, kept ``components`` axes wide."""
+    host = np.asarray(backend.to_numpy(state.vectors), dtype=np.float32)
+    return replace(state, rotation=rotate(backend, host, principal_axes(host), components))
+
+
+def materialized(backend: ArrayBackend[ArrayT], state: TableState[ArrayT]) -> TableState[ArrayT]:
+    """``state`` with its (memory-mapped) rows copied into the backend's memory."""
+    return replace(state, vectors=backend.from_numpy(np.array(state.vectors, dtype=np.float32)))
+
+
+def positions(state: TableState[Any], dimension: int, ids: tuple[str, ...]) -> list[int]:
+    """The rows of ``ids`` in ``state``, refusing an id it does not have."""
+    missing = [i for i in ids if i not in state.id_index]
+    if missing:
+        raise UnknownIdError(f"table {dimension}d has no row with id {missing[0]!r} ({len(missing)} unknown ids)")
+    return [state.id_index[i] for i in ids]
+
+
+class NewRows(NamedTuple):
+    """What an add appends besides vectors, checked, and the whole table's id index after it."""
+
+    ids: tuple[str, ...]
+    labels: Labels
+    metadata: tuple[str, ...]
+    id_index: dict[str, int]
+
+
+def new_rows(dimension: int, old: TableState[Any] | None, n: int, ids: object, labels: object, metadata: object) -> NewRows:
+    """The ids (omitted: generated, see :func:`free_ids`), labels and metadata of ``n`` rows appended to ``old``."""
+    start = old.rows if old is not None else 0
+    new_ids = free_ids(old.id_index if old is not None else {}, start, n) if ids is None else check_strings(ids, n, "ids")
+    new_labels = labels_for(dimension, labels, n, old.labels if old is not None else None)
+    new_meta = ("{}",) * n if metadata is None else encode_metadata(metadata, n)
+    return NewRows(new_ids, new_labels, new_meta, extended_index(dimension, old, new_ids))
+
+
+def appended(
+    backend: ArrayBackend[ArrayT], old: TableState[ArrayT] | None, host: npt.NDArray[np.float32], rows: NewRows, like: TableState[ArrayT] | None
+) -> TableState[ArrayT]:
+    """``old`` (``None``: a new table) with ``host`` rows appended, carrying ``like``'s indexes and rotation."""
+    return build_table(
+        backend,
+        host,
+        (old.ids if old else ()) + rows.ids,
+        as_labels((old.labels if old else ()) + rows.labels),
+        (old.metadata if old else ()) + rows.metadata,
+        after=old,
+        id_index=rows.id_index,
+        rebuild=tuple(like.quantized) if like is not None else (),
+        rotation=rotation_of(like),
+    )
+
+
+def removal(tables: Mapping[int, TableState[Any]], ids: tuple[str, ...], *, named: bool) -> dict[int, npt.NDArray[np.int64]]:
+    """The rows each of ``tables`` keeps when ``ids`` go (tables holding none of them left out),
+    refusing an id that the one table (``named``) or every table lacks."""
+    if named:
+        for d, state in tables.items():
+            positions(state, d, ids)
+    else:
+        found = {i for state in tables.values() for i in ids if i in state.id_index}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise UnknownIdError(f"no table has a row with id {missing[0]!r} ({len(missing)} unknown ids)")
+    return {d: keep for d, state in tables.items() if (keep := rows_without(state, ids)) is not None}
 
 
 def rotation_of(state: TableState[Any] | None) -> tuple[npt.NDArray[np.float32], int] | None:

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, cast
 
 import numpy as np
 
-from embedtools.errors import DimensionError, InvalidArgumentError, InvalidEmbeddingError
+from embedtools.errors import DimensionError, DuplicateIdError, InvalidArgumentError, InvalidEmbeddingError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = [
     "as_float32_matrix",
+    "as_config",
     "as_queries",
     "INT64_MAX",
     "INT64_MIN",
@@ -27,11 +28,14 @@ __all__ = [
     "JSONValue",
     "Labels",
     "as_labels",
+    "LabelsArg",
     "check_dimension",
+    "check_ids",
     "check_labels",
     "check_positive_int",
     "check_prefix",
     "check_strings",
+    "check_update",
     "decode_json",
     "encode_metadata",
     "is_integer",
@@ -44,6 +48,8 @@ Labels = tuple[str, ...] | tuple[int, ...]
 #: A JSON value as configs and metadata read back (after :func:`json_problem` accepted it).
 JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
 JSONObject: TypeAlias = "dict[str, JSONValue]"
+#: What ``labels=`` takes: str or int labels (numpy integers and integer arrays count).
+LabelsArg: TypeAlias = "Sequence[str] | Sequence[int | np.integer[Any]] | npt.NDArray[np.integer[Any]]"
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 #: Containers nested deeper than this are refused in metadata and configs, at ``add`` and at load.
@@ -149,6 +155,43 @@ def check_prefix(dim: int, width: int) -> int:
 
 def check_dimension(dimension: object) -> int:
     return check_positive_int(dimension, "dimension")
+
+
+def check_ids(ids: object, *, unique: bool = False) -> tuple[str, ...]:
+    """The ids a remove or update names, a sequence of str (not an array); ``unique``: none twice."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InvalidArgumentError(f"ids must be a sequence of str, got {type(ids).__name__}")
+    given = cast("Sequence[object]", ids)  # isinstance leaves the item type unknown
+    keys = check_strings(given, len(given), "ids")
+    if unique and len(set(keys)) != len(keys):
+        raise DuplicateIdError("an id is given twice in one update")
+    return keys
+
+
+def check_update(vectors: object, dimension: object, n: int) -> tuple[npt.NDArray[np.float32] | None, int]:
+    """An update's new vectors (``None``: kept) for ``n`` rows, and the table they go to: the
+    vectors' width, or ``dimension`` (which an update without vectors must give)."""
+    host = None if vectors is None else as_float32_matrix(vectors)
+    if host is None:
+        if dimension is None:
+            raise InvalidArgumentError("update needs vectors or a dimension to know which table")
+        return None, check_dimension(dimension)
+    d = host.shape[1] if dimension is None else check_dimension(dimension)
+    if host.shape != (n, d):
+        raise DimensionError(f"vectors have shape {host.shape}; expected ({n}, {d}) for {n} ids in table {d}d")
+    return host, d
+
+
+def as_config(value: Mapping[str, object]) -> JSONObject:
+    """A config as a file carries it: JSON, by the rule load applies to a file's (:func:`json_problem`)."""
+    try:
+        plain: JSONObject = json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"config is not JSON-serialisable: {exc}") from None
+    problem = json_problem(plain)
+    if problem is not None:
+        raise InvalidArgumentError(f"config{problem}")
+    return plain
 
 
 def check_strings(values: object, n: int, what: str) -> tuple[str, ...]:

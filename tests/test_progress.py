@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 import embedtools as et
-from embedtools import ByteBudget, EmbeddingStore, InvalidArgumentError, Sha256Hasher
+from embedtools import ArrayBackend, ByteBudget, EmbeddingStore, InvalidArgumentError, Sha256Hasher
+from embedtools.testing import FakeBackend
 from tests.helpers import clustered
 
 
-def make_store(progress: bool | None) -> EmbeddingStore:
-    store = EmbeddingStore(et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher(), progress=progress)
+def make_store(progress: bool | None, backend: ArrayBackend[Any] | None = None) -> EmbeddingStore:
+    store = EmbeddingStore(backend or et.make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher(), progress=progress)
     store.add(clustered(2000, 16))
     store.add(clustered(100, 8, seed=1))
     return store
@@ -36,18 +37,13 @@ def test_bars_are_drawn_when_forced_and_results_do_not_change(tmp_path: Path, ca
     assert "load s" in capsys.readouterr().err
 
 
-def test_auto_is_silent_off_a_terminal_and_does_not_split_work(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    store = make_store(None)
-    calls: list[int] = []
-    original = store._run_plan
-
-    def counting(plan: Any, q: np.ndarray) -> Any:
-        calls.append(len(q))
-        return original(plan, q)
-
-    monkeypatch.setattr(store, "_run_plan", counting)
-    store.search(clustered(1200, 16, seed=2), k=5)
-    assert calls == [1200]  # one step: pytest's stderr is not a terminal
+def test_auto_is_silent_off_a_terminal_and_does_not_split_work(capsys: pytest.CaptureFixture[str]) -> None:
+    backend = FakeBackend()
+    store = make_store(None, backend)
+    backend.calls.clear()
+    result = store.search(clustered(1200, 16, seed=2), k=5)
+    assert backend.count("topk") == 1  # one step: pytest's stderr is not a terminal
+    assert result.indices.shape == (1200, 5)  # ... of all 1200 queries
     assert capsys.readouterr().err == ""
 
 

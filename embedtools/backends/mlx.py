@@ -64,9 +64,9 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
         name = there[0] if device is None else device.strip().lower()
         if name not in there:
             raise BackendUnavailableError(f"MLX device {device!r} is not available here; usable: {', '.join(there)}")
-        self.device = name
+        self.device: str = name
         self._device = mx.Device(mx.gpu if name == "gpu" else mx.cpu)
-        self.capabilities = Capabilities(select_on_device=name == "gpu" if select_on_device is None else select_on_device, gpu=name == "gpu")
+        self.capabilities: Capabilities = Capabilities(select_on_device=name == "gpu" if select_on_device is None else select_on_device, gpu=name == "gpu")
 
     def __repr__(self) -> str:
         return f"MlxBackend(device={self.device!r})"

@@ -33,10 +33,10 @@ def _np_dtype(dtype: str) -> np.dtype[Any]:
 class NumpyBackend(SharedOps["npt.NDArray[Any]"], BlockedTopk["npt.NDArray[Any]"]):
     """Arrays are ``numpy.ndarray`` on the host; matmul goes to the BLAS numpy was built with."""
 
-    name = "numpy"
-    device = "cpu"
+    name: str = "numpy"
+    device: str = "cpu"
     #: Blocks are already host memory: NumPy's selection needs no copy, and blocks are cache-sized.
-    capabilities = Capabilities(select_on_device=False, gpu=False)
+    capabilities: Capabilities = Capabilities(select_on_device=False, gpu=False)
 
     def __init__(self) -> None:
         self._halves: npt.NDArray[np.float32] | None = None

@@ -77,9 +77,9 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         CUDA/MPS device, and on the CPU with NumPy from the block's own memory (torch's compare,
         nonzero and gathers cost more per block there). ``True`` on a CPU runs the device's path."""
         self._device = _resolve_device(device)
-        self.device = str(self._device)
+        self.device: str = str(self._device)
         gpu = self._device.type != "cpu"
-        self.capabilities = Capabilities(select_on_device=gpu if select_on_device is None else select_on_device, gpu=gpu)
+        self.capabilities: Capabilities = Capabilities(select_on_device=gpu if select_on_device is None else select_on_device, gpu=gpu)
 
     def __repr__(self) -> str:
         return f"TorchBackend(device={self.device!r})"

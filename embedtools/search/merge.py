@@ -118,21 +118,21 @@ class RunningTop:
     """
 
     def __init__(self, n_queries: int, m: int, floor: npt.NDArray[np.float32] | None = None) -> None:
-        self.floor = np.full(n_queries, -np.inf, dtype=np.float32) if floor is None else floor
-        self.starving_allowed = floor is not None
+        self.floor: npt.NDArray[np.float32] = np.full(n_queries, -np.inf, dtype=np.float32) if floor is None else floor
+        self.starving_allowed: bool = floor is not None
         self.m = m
-        self.vals = np.full((n_queries, m), -np.inf, dtype=np.float32)
-        self.cols = np.full((n_queries, m), -1, dtype=np.int64)
+        self.vals: npt.NDArray[np.float32] = np.full((n_queries, m), -np.inf, dtype=np.float32)
+        self.cols: npt.NDArray[np.int64] = np.full((n_queries, m), -1, dtype=np.int64)
         self.pending: list[Candidates] = []
-        self.pending_size = 0
-        self.limit = max(4 * n_queries * m, 1 << 16)
-        self.threshold = self.floor
-        self.empty = True
+        self.pending_size: int = 0
+        self.limit: int = max(4 * n_queries * m, 1 << 16)
+        self.threshold: npt.NDArray[np.float32] = self.floor
+        self.empty: bool = True
 
     def merge(self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64]) -> None:
         if rows.size == 0:
             return
-        n_queries = self.vals.shape[0]
+        n_queries: int = self.vals.shape[0]
         if self.empty and rows.size == self.vals.size and np.array_equal(rows, np.repeat(np.arange(n_queries), self.m)):
             # a first block's own top m of every query, query by query (what every backend's
             # candidates give while thresholds are -inf): it is the running top m as it stands

@@ -19,8 +19,10 @@ import numpy as np
 
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.filters import Filter
+from embedtools.progress import progress_bar, shows
 from embedtools.protocols import ArrayBackend, Metric
 from embedtools.quantize import QuantizedIndex, check_quantization
+from embedtools.results import SearchResult
 from embedtools.search.kernel import check_k, check_metric
 from embedtools.search.rescore import rescore
 from embedtools.tables import F32_BYTES, TableState
@@ -29,11 +31,13 @@ from embedtools.validation import as_queries, check_dimension, check_positive_in
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["GATHER_FRACTION", "Cache", "SearchPlan", "Searcher", "check_funnel", "plan_search"]
+__all__ = ["GATHER_FRACTION", "PROGRESS_QUERIES", "Cache", "SearchPlan", "Searcher", "check_funnel", "plan_search", "run_search"]
 
 #: A filter matching at most this share of a table's rows is searched by gathering those rows
 #: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
 GATHER_FRACTION = 0.3
+#: Queries per step of a search large enough to show progress (a bar shows only on a terminal).
+PROGRESS_QUERIES = 256
 
 Cache = Callable[[dict[int, Any], int, int, int, Callable[[], Any]], Any]
 """``cache(store, key, table, nbytes, compute)``: ``store[key]``, computed once and kept where the
@@ -272,3 +276,27 @@ class Searcher:
         """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
         corpus = state.vectors if dim == source else self._backend.slice_last_dim(state.vectors, dim)
         return corpus, None if metric == "dot" else self._norms(source, state, dim, corpus)
+
+
+def run_search(searcher: Searcher, plan: SearchPlan, progress: bool | None) -> SearchResult:
+    """Every query of ``plan`` through ``searcher``, as a read-only result. Only a search that will
+    draw a bar (``progress``, see :func:`embedtools.progress.shows`) is cut into steps: each step
+    reads the table once more."""
+    q, kk = plan.queries, plan.k
+    if q.shape[0] == 0 or kk == 0:
+        scores = np.empty((q.shape[0], kk), dtype=np.float32)
+        indices = np.empty((q.shape[0], kk), dtype=np.int64)
+    else:
+        step = max(PROGRESS_QUERIES, -(-q.shape[0] // 20))
+        split = shows(progress) and q.shape[0] > step
+        chunks = [slice(i, i + step) for i in range(0, q.shape[0], step)] if split else [slice(None)]
+        parts: list[Scored] = []
+        with progress_bar(progress if len(chunks) > 1 else False, q.shape[0], "search", "queries") as bar:
+            for chunk in chunks:
+                parts.append(searcher.run(plan, q[chunk]))
+                bar.update(len(parts[-1][1]))
+        scores = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        indices = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    scores.setflags(write=False)
+    indices.setflags(write=False)
+    return SearchResult(indices=indices, scores=scores, metric=plan.metric, dimension=plan.dim, source_dimension=plan.source, row_ids=plan.state.ids)
