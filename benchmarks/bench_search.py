@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 import embedtools as et
 import embedtools.search.kernel as search_module
-from benchmarks.common import best_of, blas_kernel, clustered, interleaved_best, matryoshka_like, problem_arguments, queries_near
+from benchmarks.common import best_of, blas_kernel, cpu_model, clustered, interleaved_best, matryoshka_like, problem_arguments, queries_near
 from embedtools.quantize import QUANTIZATIONS
 from embedtools.search import BLOCK_ROWS
 
@@ -418,6 +418,7 @@ def main() -> None:
     parser.add_argument("--big-only", action="store_true", help="only the 1,000,000-row section")
     parser.add_argument("--only", default="", help="comma-separated sections: exact, large-k, funnel, quantized, real")
     args = parser.parse_args()
+    print(f"CPU: {cpu_model()}")
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}; BLAS: {blas_kernel()}")
     if args.big_only:
         section_big(1_000_000, args.dim, 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,30 @@ def clustered(rows: int, dim: int, seed: int, clusters: int = 1000) -> npt.NDArr
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     out: npt.NDArray[np.float32] = centres[rng.integers(0, clusters, rows)] + 0.5 * rng.standard_normal((rows, dim), dtype=np.float32)
     return out
+
+
+#: The CPU features the figures depend on (AVX-512 and AMX change which kernels OpenBLAS and oneDNN run).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
+
+
+def cpu_model() -> str:
+    """The CPU model and which of :data:`CPU_FLAGS` it has, read from ``/proc/cpuinfo`` (Linux)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set[str]()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        return f"{model} (flags unknown)"
+    have = [f for f in CPU_FLAGS if f in flags]
+    lack = [f for f in CPU_FLAGS if f not in flags]
+    return f"{model}, {os.cpu_count()} cpus; has {' '.join(have) or 'none'}; lacks {' '.join(lack) or 'none'}"
 
 
 def blas_kernel() -> str:
