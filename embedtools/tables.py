@@ -52,6 +52,8 @@ class TableState(Generic[ArrayT]):
     rotation: Rotation[ArrayT] | None = None
     prefix_norms: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
     unit_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
+    #: A certified funnel's bounded prefixes, by prefix width (see :mod:`embedtools.search.screening`).
+    bound_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
 
     @property
     def rows(self) -> int:

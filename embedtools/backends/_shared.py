@@ -7,12 +7,33 @@ backend.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Generic, cast
 
 from embedtools.protocols import ArrayT
 from embedtools.validation import check_prefix
 
-__all__ = ["SharedOps"]
+__all__ = ["SPEEDUP_SHAPE", "SharedOps", "measured_speedup"]
+
+#: ``(rows, width, queries)`` of the one GEMM a backend times per low-precision kind: large enough
+#: that the library's blocked kernel (not call overhead) runs, small enough to take milliseconds.
+SPEEDUP_SHAPE = (16384, 384, 96)
+
+
+def measured_speedup(run_f32: Callable[[], object], run_low: Callable[[], object], wait: Callable[[object], None], repeats: int = 5) -> float:
+    """``run_f32``'s best time over ``run_low``'s (each warmed up once, then best of ``repeats``,
+    interleaved so that a neighbour's load hits both alike); ``wait`` blocks until a result is
+    computed (a device synchronise, or MLX's ``eval``)."""
+    best = [float("inf"), float("inf")]
+    for run in (run_f32, run_low):
+        wait(run())
+    for _ in range(repeats):
+        for i, run in enumerate((run_f32, run_low)):
+            start = time.perf_counter()
+            wait(run())
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0] / max(best[1], 1e-9)
 
 
 class SharedOps(Generic[ArrayT]):
