@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = [
+    "AUTO_SCREEN_SPEEDUP",
     "SHORTLIST_MAX",
     "Certified",
     "Listed",
@@ -86,6 +87,9 @@ __all__ = [
 
 #: The most rows per query a screen may shortlist before that query is scored over every row.
 SHORTLIST_MAX = 4096
+#: How much faster than float32 a low-precision GEMM must have measured for the automatic rule
+#: (:func:`embedtools.search.plan.auto_screened`) to screen by it.
+AUTO_SCREEN_SPEEDUP = 2.0
 #: float32's unit roundoff.
 U32 = 2.0**-24
 #: The largest float32 subnormal magnitude a flush can lose, per input component or partial result.

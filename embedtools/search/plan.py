@@ -24,6 +24,7 @@ from embedtools.protocols import ArrayBackend, Metric, SearchBackend
 from embedtools.quantize import QuantizedIndex, check_quantization
 from embedtools.results import SearchResult
 from embedtools.search.kernel import check_k, check_metric
+from embedtools.search.certified import AUTO_SCREEN_SPEEDUP
 from embedtools.search.rescore import ranks_to_scores, rescore
 from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search
 from embedtools.tables import F32_BYTES, TableState
@@ -152,8 +153,6 @@ def check_rescore(rescore: object) -> bool:
 #: The automatic rule's smallest table and batch (see :func:`auto_screened`).
 AUTO_SCREEN_MIN_ROWS = 32_768
 AUTO_SCREEN_MIN_QUERIES = 16
-#: How much faster than float32 a low-precision GEMM must have measured for the rule to screen.
-AUTO_SCREEN_SPEEDUP = 2.0
 
 
 def auto_screened(plan: SearchPlan, backend: ArrayBackend[Any], enabled: bool) -> SearchPlan:
