@@ -237,6 +237,9 @@ class LowPrecisionGemm(Generic[ArrayT]):
     rows: Callable[[ArrayT], ArrayT]
     #: Host ``(q, d)`` float32 queries rounded to the low-precision type, as the product's right operand.
     operand: Callable[[npt.NDArray[np.float32]], ArrayT]
+    #: The values ``operand`` holds, back on the host as float32 (the library's own rounding, so a
+    #: certified bound uses the exact ``|q̃ - q|``).
+    values: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 
 class BlockPrimitives(Protocol[ArrayT]):

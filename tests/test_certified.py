@@ -18,7 +18,7 @@ from embedtools import ByteBudget, EmbeddingStore, Metric, NumpyBackend, Sha256H
 from embedtools.errors import InvalidArgumentError
 from embedtools.filters import Label
 from embedtools.quantize import QuantizedIndex
-from embedtools.search.certified import Listed, certified_topk, product_error, row_bounds
+from embedtools.search.certified import Listed, certified_topk, low_rounding, unit_bounds
 from embedtools.search.plan import AUTO_SCREEN_MIN_QUERIES, AUTO_SCREEN_MIN_ROWS
 from embedtools.testing import overriding
 from tests.helpers import matryoshka_like, reference_scores
@@ -86,8 +86,10 @@ def _on_the_bound(kind: str, dim: int, k: int) -> tuple[npt.NDArray[np.float32],
     """Rows whose exact cosine sits at the k-th best minus multiples of the screen's own bound
     (0, 1/2, 1, 3/2 and 2 bounds below it, and just either side of those): every one of them the
     screen cannot tell apart from the k-th."""
-    norms = np.ones(1, dtype=np.float32)
-    bound = float(row_bounds(product_error(kind, dim), "cosine", norms, dim)[0])  # type: ignore[arg-type]
+    u = 2.0**-8 if kind == "bfloat16" else 2.0**-11
+    worst = low_rounding(kind, np.full(1, u), native=True)  # rows and queries rounded by a whole u
+    bounds = unit_bounds("cosine", worst, np.ones(1, dtype=np.float32), np.full(1, u), dim)
+    bound = float(-bounds.shift[0]) + float(bounds.add[0]) if bounds.shift is not None else 0.0
     top = 0.8
     cosines = [0.9] * (k - 1) + [top]
     for step in (0.0, 0.5, 1.0, 1.5, 2.0):
@@ -148,9 +150,13 @@ def test_a_zero_bound_screen_misses_rows_the_bounded_one_keeps() -> None:
                                fallback=fallback, first=6, width=49)  # fmt: skip
         return found.indices
 
-    # the screen's scores here are unnormalised dot products: the bound is the dot one times |q|
+    # the screen's scores here are unnormalised dot products: the unit query's bound times |q|
     q_norm = float(np.linalg.norm(queries, axis=1).max())
-    bounded = run(row_bounds(product_error("bfloat16", dim), "dot", norms, dim).astype(np.float64) * q_norm)
+    errors = np.linalg.norm(decoded - rows, axis=1)
+    q_errors = np.linalg.norm(q_low - queries, axis=1) / np.linalg.norm(queries, axis=1)
+    bounds = unit_bounds("dot", low_rounding("bfloat16", errors, native=True), norms, q_errors, dim)
+    assert bounds.shift is not None
+    bounded = run((-bounds.shift.astype(np.float64) * (1 + 2**-7) + float(bounds.tail.max())) * q_norm)
     np.testing.assert_array_equal(bounded, want)
     missed = run(np.zeros(n))
     assert (missed != want).any(), "with no bound the screen should have certified a wrong shortlist"

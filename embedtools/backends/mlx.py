@@ -262,7 +262,10 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
         def operand(queries: npt.NDArray[np.float32]) -> mx.array:
             return mx.contiguous(mx.array(queries).astype(low, stream=dev).T, stream=dev)
 
-        return LowPrecisionGemm(as_rows, operand)
+        def values(queries: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return _host_f32(mx.array(queries).astype(low, stream=dev).astype(mx.float32, stream=dev))
+
+        return LowPrecisionGemm(as_rows, operand, values)
 
     def gemm_speedup(self, kind: Quantization) -> float:
         if kind not in self._speedups:

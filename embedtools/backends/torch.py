@@ -268,7 +268,10 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         def operand(queries: npt.NDArray[np.float32]) -> torch.Tensor:
             return self.from_numpy(queries).to(low).T
 
-        return LowPrecisionGemm(as_rows, operand)
+        def values(queries: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return _host_f32(self.from_numpy(queries).to(low))
+
+        return LowPrecisionGemm(as_rows, operand, values)
 
     @torch.no_grad()
     def gemm_speedup(self, kind: Quantization) -> float:

@@ -19,41 +19,40 @@ of what this rule does. Exact l2 over float32 (:func:`embedtools.search.rescore.
 low-precision screens and the certified funnel (:mod:`embedtools.search.screening`) all run this
 loop; they differ only in the screen and its bound.
 
-Bounds (:class:`ProductError`). A screen's product ``s ≈ q·x`` has
-``|s - q·x| <= rel·|q||x| + absolute·(|q| + |x|) + const`` for any rows and queries, where:
+Bounds (:func:`unit_bounds`, :func:`l2_bounds`). A screen multiplies the rounded query ``q̃`` by
+the rounded rows ``x̃`` (a bfloat16/float16 index's codes, int8 codes decoded to float32, or the
+float32 rows themselves) and may round the result. With ``ε_q = |q̃ - q|`` and ``ε_x = |x̃ - x|``
+computed **exactly** (the query's from the values the backend's own conversion produced; each
+row's once per table version and index, kept in the budgeted cache), the product's error is
 
-* **Rounding of rows and queries** to the screen's type (unit roundoff ``u``: bfloat16 ``2⁻⁸``,
-  float16 ``2⁻¹¹``, float32 ``2⁻²⁴``): each component moves by at most ``u`` relative, so
-  ``|q̃·x̃ - q·x| <= ((1+u)² - 1)·Σ|q_j||x_j| <= (2u + u²)|q||x|`` (Cauchy–Schwarz). float16 has
-  subnormals below ``2⁻¹⁴``, spaced ``2⁻²⁴``: their rounding is absolute, ``η = 2⁻²⁴`` per
-  component at most, which adds ``η·(|x|₁ + |q|₁) + dη² <= η√d·(|q| + |x|) + dη²``. float16's range
-  (65504) is checked before a float16 screen runs (:func:`fits`); bfloat16 has float32's range.
-* **Products** of two bfloat16 (8-bit significands) or float16 (11-bit) values are exact in
-  float32 (16 and 22 bits), including float16 subnormals (``2⁻⁴⁸`` is a float32 normal).
-* **Accumulation in float32**, any order (blocked, FMA, split in parts summed in float32):
-  ``γ_d·Σ|p_j|`` with ``γ_d = d·2⁻²⁴/(1 - d·2⁻²⁴)``. Assumed of each library: oneDNN's CPU bf16/fp16
-  GEMM (``vdpbf16ps``/AMX tiles, or conversion to float32) accumulates in float32; MLX's Metal
-  GEMM accumulates half types in float32 and its CPU GEMM converts to float32; on CUDA the torch
-  backend asks cuBLAS for a **float32 output** (``torch.mm(..., out_dtype=float32)``), so no partial
-  sum is rounded to bf16/fp16 whatever ``allow_{bf16,fp16}_reduced_precision_reduction`` say
-  (those flags allow split-K reductions in the *output* type, which is float32 here).
-* **Output rounding** to the low-precision type (torch on a CPU, MLX): ``u`` relative, once
-  (and ``η`` absolute below float16's normal range). A float32 output only makes this smaller.
-* **Flushed subnormals** (AVX512-BF16 and GPUs flush float32 subnormal inputs and results): at
-  most ``2⁻¹²⁶`` per input component and per partial result, the ``δ`` terms.
+* **rounding of rows and queries**: ``|q̃·x̃ - q·x| = |(q̃ - q)·x̃ + q·(x̃ - x)| <= ε_q|x̃| + |q|ε_x``
+  (Cauchy–Schwarz; ``|x̃| <= |x| + ε_x``). Exact norms, not the worst case ``u·|q||x|`` per side: on
+  real data they are about half of it. float16 subnormals (below ``2⁻¹⁴``) are inside ``ε``; its
+  range (65504) is checked before a float16 screen runs (:func:`fits`); bfloat16 has float32's;
+* **products** of two bfloat16 (8-bit significands) or float16 (11-bit) values are exact in float32
+  (16 and 22 bits), float16 subnormals included (``2⁻⁴⁸`` is a float32 normal);
+* **accumulation in float32**, any order (blocked, FMA, parts summed in float32):
+  ``γ_d·Σ|q̃_j x̃_j| <= γ_d|q̃||x̃|``, ``γ_d = d·2⁻²⁴/(1 - d·2⁻²⁴)``. Assumed of each library: oneDNN's
+  CPU bf16/fp16 GEMM (``vdpbf16ps``/AMX tiles, or conversion to float32) accumulates in float32;
+  MLX's Metal GEMM accumulates half types in float32 and its CPU GEMM converts to float32; on CUDA
+  the torch backend asks cuBLAS for a **float32 output** (``torch.mm(..., out_dtype=float32)``), so
+  no partial sum is rounded to bf16/fp16 whatever ``allow_{bf16,fp16}_reduced_precision_reduction``
+  say (they allow split-K reductions in the *output* type, float32 here);
+* **output rounding** to the low-precision type (torch on a CPU, MLX): ``|s_out - s| <= u|s| <=
+  u/(1-u)·|s_out|`` (plus float16's absolute ``2⁻²⁵`` below its normal range) — relative to the
+  *score*, not to ``|q||x|``: it is applied to each listed value ``v`` as ``v + u''|v|``, which is
+  increasing in ``v`` and so keeps the list in upper-bound order (:func:`upper_bounds`);
+* **flushed subnormals** (AVX512-BF16 and GPUs flush float32 subnormal inputs and results): at
+  most ``2⁻¹²⁶`` per input component and per partial result.
 
-Each factor multiplies what came before, so ``rel = (1+u)³(1+γ_d) - 1`` and the absolute terms
-grow by ``(1+u)(1+γ_d)``. The metric's own float32 arithmetic (unit queries, ``1/|x|``, the
-shift of ``|x|²/2``, the subtraction of the bound) adds a few ``d·2⁻²⁴`` of the score, covered by
-``4κ`` with ``κ = 1.25·(2d+16)·2⁻²⁴``, which also covers the store's **float32 exact search's** own
-error (twice): every row left out is below the k-th by more than both searches' errors, so the
-shortlist also holds what the float32 search returns. Cosine and dot screens use unit queries
-(their row order per query is the same), so each row's bound is independent of the query and
-is a column shift; l2 uses one bound per query with the largest row norm (as
-:func:`~embedtools.search.rescore.l2_bound`). int8 codes decode to float32, so their error is the
-decoding's, ``|x̃ - x| <= |e|`` with ``e_j`` half a step of dimension ``j`` (plus float32 slack),
-counted per query as ``|q|·|e|`` (:func:`int8_error`; it assumes the calibration covers every row,
-which the store keeps true by recalibrating on every change of the rows).
+The metric's own float32 arithmetic (unit queries, ``1/|x|``, the ``|x|²/2`` shift, adding the
+bound) adds a few ``d·2⁻²⁴`` of the score, covered by ``4κ``, ``κ = 1.25·(2d+16)·2⁻²⁴``, which also
+covers the store's **float32 exact search's** own error (twice): every row left out is below the
+k-th by more than both searches' errors, so the shortlist also holds what the float32 search
+returns. Cosine and dot screens use unit queries (their row order per query is the same), so
+each row's bound is a column shift and the query's ``ε_q`` one number per query; l2 uses one bound
+per query with the largest row norm and row error (as :func:`~embedtools.search.rescore.l2_bound`).
+int8 rows decode to float32 (their ``ε_x`` is the decoding's) and meet float32 queries (``ε_q = 0``).
 """
 
 from __future__ import annotations
@@ -73,16 +72,19 @@ __all__ = [
     "SHORTLIST_MAX",
     "Certified",
     "Listed",
-    "ProductError",
+    "Bounds",
+    "Rounding",
     "ScreenKind",
     "certified_topk",
     "fits",
-    "int8_error",
+    "float32_rounding",
     "kappa",
-    "l2_query_bounds",
-    "product_error",
-    "row_bounds",
+    "l2_bounds",
+    "low_rounding",
+    "round_up",
     "top_by_rank",
+    "unit_bounds",
+    "upper_bounds",
 ]
 
 #: The most rows per query a screen may shortlist before that query is scored over every row.
@@ -115,45 +117,102 @@ def kappa(dim: int) -> float:
 
 
 @dataclass(frozen=True)
-class ProductError:
-    """``|s - q·x| <= rel·|q||x| + absolute·(|q| + |x|) + const`` for a screen's product ``s``
-    (module docstring); ``query`` adds ``query·|q|`` (int8's decoding error)."""
+class Rounding:
+    """What a screen's product can differ by, beyond float32 accumulation: each row's exact
+    rounding error ``|x̃_i - x_i|`` (``rows``; zeros for float32 rows), and the product's output
+    rounding (``output``: the type's unit roundoff, ``0`` for a float32 output; ``output_abs``:
+    float16's absolute rounding below its normal range). Query rounding errors are passed per
+    search (``query_errors``: ``|q̃ - q|`` of the values the backend's product sees)."""
 
-    rel: float
-    absolute: float
-    const: float
-    query: float = 0.0
+    kind: str
+    rows: npt.NDArray[np.float64]
+    output: float = 0.0
+    output_abs: float = 0.0
 
-    def of(self, q_norm: npt.NDArray[np.float64] | float, x_norm: npt.NDArray[np.float64] | float) -> npt.NDArray[np.float64]:
-        out: npt.NDArray[np.float64] = np.asarray(
-            (self.rel * q_norm * x_norm + self.absolute * (q_norm + x_norm) + self.const + self.query * q_norm) * SLACK,
-            dtype=np.float64,
-        )
-        return out
-
-
-def product_error(kind: ScreenKind, dim: int) -> ProductError:
-    """The bound on a ``kind`` screen's product of width ``dim`` (module docstring)."""
-    u, eta = _ROUNDOFF[kind]
-    grow = (1 + u) * (1 + gamma(dim))
-    per_component = eta + TINY
-    return ProductError(
-        rel=(1 + u) ** 2 * grow - 1,
-        absolute=per_component * math.sqrt(max(dim, 1)) * grow,
-        const=dim * per_component**2 * grow + eta + TINY * (dim + 1),
-    )
+    def value_slack(self) -> float:
+        """``u''``: an upper bound on ``|s_out - s32| / |s_out|`` after output rounding, with the
+        float32 scaling of the score by ``1/|x|`` (a few ``u32``) on top."""
+        return self.output / (1 - self.output) * (1 + 4 * U32) if self.output else 0.0
 
 
-def int8_error(dim: int, scale: npt.NDArray[np.float32], offset: npt.NDArray[np.float32]) -> ProductError:
-    """int8 screens decode to float32 and multiply there: half a step per dimension (encoding
-    rounds ``(x - offset)/scale`` to the nearest step; the f32 arithmetic of that and of the decode
-    ``c·scale + offset`` adds the ``2⁻¹²`` step and the ``4u`` terms), then a float32 product."""
-    s = np.abs(np.asarray(scale, dtype=np.float64))
-    o = np.abs(np.asarray(offset, dtype=np.float64))
-    e = float(np.sqrt(np.sum((s * (0.5 + 2.0**-12) + 4 * U32 * (o + 128 * s)) ** 2)))
-    base = product_error("float32", dim)
-    g = 1 + gamma(dim)
-    return ProductError(rel=base.rel, absolute=base.absolute, const=base.const, query=e * g * (1 + U32) ** 2)
+def float32_rounding(rows: int) -> Rounding:
+    """A float32 screen: its rows are the stored rows, its output float32."""
+    return Rounding("float32", np.zeros(rows))
+
+
+def low_rounding(kind: str, row_errors: npt.NDArray[np.float64], native: bool) -> Rounding:
+    """A ``kind`` screen with exact row errors, through a native product (output rounded to the
+    type) or decoded to float32 (no output rounding)."""
+    u, eta = _ROUNDOFF.get(kind, (0.0, 0.0))
+    return Rounding(kind, row_errors, u if native else 0.0, eta / 2 if native else 0.0)
+
+
+class Bounds(NamedTuple):
+    """A screen's bounds: ``shift`` the per-row column shift (``-B_i``, float32, rounded so the
+    bound only grows), ``add`` per query, ``tail`` per query. A listed value ``v`` (the kernel's
+    ``s - shift`` plus ``add``) bounds the exact score by ``v + u''|v| + tail`` (the output rounding,
+    relative to the score itself: see :func:`upper_bounds`)."""
+
+    shift: npt.NDArray[np.float32] | None
+    add: npt.NDArray[np.float64]
+    tail: npt.NDArray[np.float64]
+    slack: float
+
+
+def _tiny(dim: int, q_norm: npt.NDArray[np.float64] | float, x_norm: npt.NDArray[np.float64] | float) -> npt.NDArray[np.float64]:
+    """Flushed subnormals: at most ``2⁻¹²⁶`` per input component (times the other side's largest
+    component, at most its norm) and per partial result."""
+    out: npt.NDArray[np.float64] = np.asarray(TINY * math.sqrt(max(dim, 1)) * (np.asarray(q_norm) + np.asarray(x_norm)) + TINY * (dim + 2), dtype=np.float64)
+    return out
+
+
+def unit_bounds(metric: Literal["cosine", "dot"], rounding: Rounding, norms: npt.NDArray[np.float32], query_errors: npt.NDArray[np.float64], dim: int) -> Bounds:
+    """Bounds of a cosine or dot screen by unit queries (module docstring): each row's part is a
+    column shift; the query's rounding ``ε_q`` adds ``ε_q·(1 + max ε_x/|x|)`` per query for cosine and,
+    with the batch's largest ``ε_q``, ``ε_q·(|x| + ε_x)`` per row for dot."""
+    xn = np.asarray(norms, dtype=np.float64) * (1 + (dim + 4) * U32)
+    ex = rounding.rows
+    qn = 1 + (dim + 4) * U32
+    u = rounding.output
+    g = gamma(dim)
+    k = kappa(dim)
+    grown = qn * (1 + max(u, _ROUNDOFF.get(rounding.kind, (U32, 0.0))[0]))  # |q̃| <= |q̂|(1 + u)
+    per_row = qn * ex + g * grown * (xn + ex) + _tiny(dim, grown, xn + ex) + rounding.output_abs
+    eq = np.asarray(query_errors, dtype=np.float64)
+    if metric == "cosine":
+        inv = np.where(norms > 0, 1.0 / np.where(norms > 0, np.asarray(norms, dtype=np.float64), 1.0), 1.0)
+        bound = 1.001 * inv * (per_row + (dim + 4) * U32 * xn) + 4 * k
+        rho = float((ex * inv).max(initial=0.0))
+        add = 1.001 * eq * (1 + rho)
+    else:
+        bound = 1.001 * (per_row + float(eq.max(initial=0.0)) * (xn + ex) + (dim + 4) * U32 * xn) + 4 * k * xn
+        add = np.zeros(eq.shape)
+    slack = rounding.value_slack()
+    tail = slack * (float(bound.max(initial=0.0)) + add)
+    return Bounds(-round_up(bound), add, tail, slack)
+
+
+def l2_bounds(rounding: Rounding, dim: int, query_norms: npt.NDArray[np.float64], query_errors: npt.NDArray[np.float64], norm_max: float) -> npt.NDArray[np.float64]:
+    """Each query's bound on ``|q·x̃ - q·x|`` over every row of an l2 screen (its output rounding
+    taken at the largest ``|q̃||x̃|``), to which the float32 shift and subtraction add
+    :func:`~embedtools.search.rescore.l2_bound`."""
+    n = norm_max * (1 + (dim + 4) * U32)
+    ex = float(rounding.rows.max(initial=0.0))
+    eq = np.asarray(query_errors, dtype=np.float64)
+    g = gamma(dim)
+    qg = query_norms + eq
+    product = eq * (n + ex) + query_norms * ex + g * qg * (n + ex) + _tiny(dim, qg, n + ex) + rounding.output_abs
+    output = rounding.value_slack() * qg * (n + ex) * (1 + g)
+    out: npt.NDArray[np.float64] = 1.001 * (product + output)
+    return out
+
+
+def upper_bounds(values: npt.NDArray[np.float64], bounds: Bounds, which: npt.NDArray[np.intp]) -> npt.NDArray[np.float64]:
+    """Listed upper bounds from a screen's kernel values (``s + B_i``, best first): ``v + add``, then
+    the output rounding ``u''|s|`` with ``|s| <= |v| + max B + add``, which keeps them in order."""
+    v = values + bounds.add[which, None]
+    out: npt.NDArray[np.float64] = v + bounds.slack * np.abs(v) + bounds.tail[which, None]
+    return out
 
 
 def fits(kind: ScreenKind, q_max: float, norm_max: float) -> bool:
@@ -163,37 +222,7 @@ def fits(kind: ScreenKind, q_max: float, norm_max: float) -> bool:
     return bool(np.isfinite(bound)) and bound < (FLOAT16_SAFE if kind == "float16" else 2.0**100)
 
 
-def _upper_norms(norms: npt.NDArray[np.float32], dim: int) -> npt.NDArray[np.float64]:
-    """True row norms are at most the float32 ones by ``(d + 4)·2⁻²⁴`` relative."""
-    out: npt.NDArray[np.float64] = np.asarray(norms, dtype=np.float64) * (1 + (dim + 4) * U32)
-    return out
-
-
-def row_bounds(error: ProductError, metric: Literal["cosine", "dot"], norms: npt.NDArray[np.float32], dim: int) -> npt.NDArray[np.float32]:
-    """Each row's bound on ``|screened - exact|`` for unit queries, rounded up to float32: the
-    column shift that turns a cosine or dot screen's scores into upper bounds (module docstring).
-    Cosine's is relative to ``1/|x|`` (the screen scales by it), dot's is in the unit query's units."""
-    xn = _upper_norms(norms, dim)
-    qn = 1 + (dim + 4) * U32  # a float32-normalised query's norm, at most
-    product = error.of(qn, xn) + (dim + 4) * U32 * xn  # and the unit query's own rounding
-    k = kappa(dim)
-    if metric == "cosine":
-        inv = np.where(xn > 0, 1.0 / np.where(xn > 0, np.asarray(norms, dtype=np.float64), 1.0), 1.0)
-        bound = 1.001 * inv * product + 4 * k
-    else:
-        bound = 1.001 * product + 4 * k * xn
-    return _round_up(bound)
-
-
-def l2_query_bounds(error: ProductError, dim: int, query_norms: npt.NDArray[np.float64], norm_max: float) -> npt.NDArray[np.float64]:
-    """Each query's bound on ``|q·x̃ - q·x|`` over every row, for an l2 screen (to which the float32
-    shift and subtraction add :func:`~embedtools.search.rescore.l2_bound`)."""
-    n = norm_max * (1 + (dim + 4) * U32)
-    out: npt.NDArray[np.float64] = 1.001 * error.of(query_norms, n)
-    return out
-
-
-def _round_up(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+def round_up(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     f = values.astype(np.float32)
     out: npt.NDArray[np.float32] = np.where(f.astype(np.float64) < values, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
     return out

@@ -10,6 +10,7 @@ or mask, which stages) in one place.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -26,7 +27,7 @@ from embedtools.results import SearchResult
 from embedtools.search.kernel import check_k, check_metric
 from embedtools.search.certified import AUTO_SCREEN_SPEEDUP
 from embedtools.search.rescore import ranks_to_scores, rescore
-from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search
+from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search, row_errors
 from embedtools.tables import F32_BYTES, TableState
 from embedtools.validation import as_queries, check_dimension, check_positive_int
 
@@ -298,11 +299,26 @@ class Searcher:
         x = state.vectors if dim == source else backend.slice_last_dim(state.vectors, dim)
         norms = np.asarray(backend.to_numpy(self._norms(source, state, dim, x)), dtype=np.float32)
         prefix, first = None, None
+        errors: Callable[[], npt.NDArray[np.float64]] | None = None
         if plan.stages:
             width, first = plan.stages[0]
             prefix = self._bounded_prefix(backend, source, state, x, width)
+        index = plan.quantized
+        if index is not None:
+            chunk = max(self._block_bytes // (16 * max(dim, 1)), 1)
+            key = zlib.crc32(index.kind.encode())
+
+            def compute() -> tuple[str, npt.NDArray[np.float32]]:
+                return index.kind, row_errors(backend, index, x, chunk)
+
+            def cached_errors() -> npt.NDArray[np.float64]:
+                kind, found = self._cache(state.screen_errors, key, source, state.rows * F32_BYTES, compute)
+                return np.asarray(found if kind == index.kind else compute()[1], dtype=np.float64)
+
+            errors = cached_errors
+
         found = certified_search(backend, q, x, norms, plan.k, plan.metric, mask=plan.mask, block_bytes=self._block_bytes,
-                                 index=plan.quantized, prefix=prefix, first=first)  # fmt: skip
+                                 index=index, prefix=prefix, first=first, errors=errors)  # fmt: skip
         return ranks_to_scores(found.ranks, plan.metric), found.indices, found.rescored
 
     def _bounded_prefix(self, backend: SearchBackend[Any], source: int, state: TableState[Any], x: Any, width: int) -> BoundedPrefix[Any]:

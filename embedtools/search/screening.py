@@ -37,17 +37,19 @@ from embedtools.search.certified import (
     U32,
     Certified,
     Listed,
-    ProductError,
+    Rounding,
     Screen,
     ScreenKind,
     certified_topk,
     fits,
+    float32_rounding,
     gamma,
-    int8_error,
     kappa,
-    l2_query_bounds,
-    product_error,
-    row_bounds,
+    l2_bounds,
+    low_rounding,
+    round_up,
+    unit_bounds,
+    upper_bounds,
 )
 from embedtools.search.exact import blocked_topk, l2_certified, outside_cosine_range
 from embedtools.search.rescore import PLAIN_RANGE, exact_topk_over, first_shortlist, l2_bound, shortlist_ranks
@@ -55,7 +57,7 @@ from embedtools.search.rescore import PLAIN_RANGE, exact_topk_over, first_shortl
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["LOW_PRECISION_WIDTH", "BoundedPrefix", "bounded_prefix", "certified_search"]
+__all__ = ["LOW_PRECISION_WIDTH", "BoundedPrefix", "bounded_prefix", "certified_search", "row_errors"]
 
 F32 = np.float32
 #: A low-precision screen lists eight times its first shortlist: the common growth step is then
@@ -132,11 +134,13 @@ def certified_search(
     index: QuantizedIndex[ArrayT] | None = None,
     prefix: BoundedPrefix[ArrayT] | None = None,
     first: int | None = None,
+    errors: Callable[[], npt.NDArray[np.float64]] | None = None,
 ) -> Certified:
     """The exact top ``k`` of the float32 rows ``x`` (norms ``norms``, host) for host ``queries``,
-    screened by ``index``'s codes, by ``prefix``, or (neither) by the float32 rows themselves;
+    screened by ``index``'s codes (``errors()``: each row's ``|x̃ - x|``, :func:`row_errors`, asked
+    for only when the screen runs), by ``prefix``, or (neither) by the float32 rows themselves;
     ``first`` is the first shortlist (default ``2k + 2``)."""
-    n, dim = int(backend.shape(x)[0]), queries.shape[1]
+    n = int(backend.shape(x)[0])
     rows = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)
     available = int(rows.size)
     start = first_shortlist(k) if first is None else max(first, k)
@@ -153,7 +157,8 @@ def certified_search(
         if outside_cosine_range(norms).size:
             ranks, idx = over_all(which)
             return Certified(ranks, idx, np.full(which.size, available, dtype=np.int64))
-        sub = _unit_screen(backend, _unit(backend, queries[which]), queries[which], x, norms, metric, product_error("float32", dim),
+        unit = _unit(backend, queries[which])
+        sub = _unit_screen(backend, unit, queries[which], x, norms, metric, float32_rounding(n), np.zeros(which.size),
                            mask, block_bytes, None, None)  # fmt: skip
         return certified_topk(which.size, k, available, screen=sub, exact=lambda w, i: exact(which[w], i), fallback=lambda w: over_all(which[w]),
                               first=first_shortlist(k), width=first_shortlist(k) + 1)  # fmt: skip
@@ -162,7 +167,7 @@ def certified_search(
         found = float32(which)
         return found.ranks, found.indices
 
-    screen = _screen(backend, queries, x, norms, metric, mask, block_bytes, index, prefix)
+    screen = _screen(backend, queries, x, norms, metric, mask, block_bytes, index, prefix, errors)
     if screen is None:
         return float32(np.arange(queries.shape[0], dtype=np.intp))
     return certified_topk(queries.shape[0], k, available, screen=screen, exact=exact, fallback=fallback, first=start,
@@ -179,6 +184,30 @@ def _norms64(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return out
 
 
+def row_errors(backend: SearchBackend[ArrayT], index: QuantizedIndex[ArrayT], x: ArrayT, chunk_rows: int) -> npt.NDArray[np.float32]:
+    """Each row's exact ``|x̃ - x|`` for ``index``'s codes (decoded by the backend, as its product
+    sees them), rounded up to float32: one pass over the table, in chunks of rows on the host."""
+    n = int(backend.shape(x)[0])
+    decode = index.decoder(backend)
+    out = np.empty(n, dtype=np.float64)
+    for start in range(0, n, max(chunk_rows, 1)):
+        idx = np.arange(start, min(start + chunk_rows, n), dtype=np.int64)
+        rows = np.asarray(backend.to_numpy(backend.take_rows(x, idx)), dtype=np.float64)
+        codes = np.asarray(backend.to_numpy(decode(backend.take_rows(index.codes, idx))), dtype=np.float64)
+        out[idx] = np.sqrt(np.einsum("nd,nd->n", codes - rows, codes - rows))
+    return round_up(out * (1 + 2.0**-40))
+
+
+def _query_errors(values: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]] | None, q: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """``|q̃ - q|`` per query, from the values the backend's product sees (``None``: unrounded)."""
+    if values is None:
+        none: npt.NDArray[np.float64] = np.zeros(int(q.shape[0]), dtype=np.float64)
+        return none
+    diff: npt.NDArray[np.float64] = np.asarray(values(q), dtype=np.float64) - q.astype(np.float64)
+    out: npt.NDArray[np.float64] = np.sqrt(np.einsum("qd,qd->q", diff, diff)) * (1 + 2.0**-40)
+    return out
+
+
 def _screen(
     backend: SearchBackend[ArrayT],
     queries: npt.NDArray[np.float32],
@@ -189,6 +218,7 @@ def _screen(
     block_bytes: int,
     index: QuantizedIndex[ArrayT] | None,
     prefix: BoundedPrefix[ArrayT] | None,
+    errors: Callable[[], npt.NDArray[np.float64]] | None,
 ) -> Screen | None:
     """The screen for ``index`` or ``prefix``, or ``None`` where none applies (no index or prefix,
     cosine rows beyond :data:`COSINE_RANGE`, values beyond the screen's range): the float32 path."""
@@ -196,7 +226,6 @@ def _screen(
         return None
     if metric != "l2" and outside_cosine_range(norms).size:
         return None
-    dim = queries.shape[1]
     norm_max = float(norms.max(initial=0.0))
     q_max = float(_norms64(queries).max(initial=0.0))
     if metric == "l2" and not (PLAIN_RANGE[0] <= max(norm_max, q_max) and norm_max <= PLAIN_RANGE[1] and q_max <= PLAIN_RANGE[1]):
@@ -205,31 +234,23 @@ def _screen(
         return _prefix_screen(backend, queries, norms, metric, mask, block_bytes, prefix)
     assert index is not None
     kind = index.codec.kernel
-    rows_of: Callable[[ArrayT], ArrayT] = index.decoder(backend)
-    operand_of: Callable[[npt.NDArray[np.float32]], ArrayT] | None = None
-    if kind in ("bfloat16", "float16"):
+    if kind not in ("bfloat16", "float16", "int8"):
+        return None  # binary codes (signs) carry no bound on the product
+    if kind != "int8":
         screen_kind: ScreenKind = "bfloat16" if kind == "bfloat16" else "float16"
         if not fits(screen_kind, 1.0 + q_max if metric == "l2" else 1.0 + 2.0**-20, norm_max):
             return None
-        error = product_error(screen_kind, dim)
-        native = backend.low_precision(kind)
-        if native is not None:
-            rows_of, operand_of = native.rows, native.operand
-    elif kind == "int8" and index.scale is not None and index.offset is not None:
-        error = int8_error(dim, backend.to_numpy(index.scale), backend.to_numpy(index.offset))
-    else:
-        return None  # binary codes (signs) carry no bound on the product
+    native = backend.low_precision(kind) if kind != "int8" else None
+    exact_rows = row_errors(backend, index, x, max(block_bytes // (16 * max(queries.shape[1], 1)), 1)).astype(np.float64) if errors is None else errors()
+    rounding = low_rounding(kind, exact_rows, native is not None)
+    rows_of: Callable[[ArrayT], ArrayT] = index.decoder(backend) if native is None else native.rows
+    operand_of = None if native is None else native.operand
+    values = None if native is None else native.values
     if metric == "l2":
-        return _l2_screen(backend, queries, index.codes, norms, error, mask, block_bytes, rows_of, operand_of)
-    return _unit_screen(backend, _unit(backend, queries), queries, index.codes, norms, metric, error, mask, block_bytes, rows_of, operand_of)
-
-
-def _listed(vals: npt.NDArray[np.float32], idx: npt.NDArray[np.int64], add: npt.NDArray[np.float64] | None,
-            scale: npt.NDArray[np.float64], offset: npt.NDArray[np.float64]) -> Listed:  # fmt: skip
-    upper = vals.astype(np.float64)
-    if add is not None:
-        upper = upper + add[:, None]
-    return Listed(upper, np.where(np.isfinite(upper), idx, -1), scale, offset)
+        return _l2_screen(backend, queries, index.codes, norms, rounding, _query_errors(values, queries), mask, block_bytes, rows_of, operand_of)
+    unit = _unit(backend, queries)
+    return _unit_screen(backend, unit, queries, index.codes, norms, metric, rounding, _query_errors(values, unit), mask, block_bytes,
+                        rows_of, operand_of)  # fmt: skip
 
 
 def _unit_screen(
@@ -239,7 +260,8 @@ def _unit_screen(
     corpus: ArrayT,
     norms: npt.NDArray[np.float32],
     metric: Metric,
-    error: ProductError,
+    rounding: Rounding,
+    query_errors: npt.NDArray[np.float64],
     mask: npt.NDArray[np.bool_] | None,
     block_bytes: int,
     rows_of: Callable[[ArrayT], ArrayT] | None,
@@ -249,16 +271,17 @@ def _unit_screen(
     top-w *is* the upper-bound order; dot's units are the unit query's (``r / |q|``)."""
     dim = unit.shape[1]
     assert metric != "l2"
-    shift = -row_bounds(error, metric, norms, dim)
+    bounds = unit_bounds(metric, rounding, norms, query_errors, dim)
     scale = (1.0 / np.where(norms >= COSINE_RANGE[0], norms, F32(1.0))).astype(F32) if metric == "cosine" else None
     qn = _norms64(raw)
     unit_scale = np.ones(raw.shape[0]) if metric == "cosine" else 1.0 / np.where(qn > 0, qn, 1.0)
     zeros = np.zeros(raw.shape[0])
 
     def screen(which: npt.NDArray[np.intp], width: int) -> Listed:
-        vals, idx = blocked_topk(backend, unit[which], corpus, width, "dot", block_bytes, scale=scale, shift=shift, mask=mask,
+        vals, idx = blocked_topk(backend, unit[which], corpus, width, "dot", block_bytes, scale=scale, shift=bounds.shift, mask=mask,
                                  rows_of=rows_of, settle_ties=False, operand_of=operand_of)  # fmt: skip
-        return _listed(vals, idx, None, unit_scale[which], zeros[which])
+        upper = upper_bounds(vals.astype(np.float64), bounds, which)
+        return Listed(upper, np.where(np.isfinite(upper), idx, -1), unit_scale[which], zeros[which])
 
     return screen
 
@@ -268,7 +291,8 @@ def _l2_screen(
     queries: npt.NDArray[np.float32],
     corpus: ArrayT,
     norms: npt.NDArray[np.float32],
-    error: ProductError,
+    rounding: Rounding,
+    query_errors: npt.NDArray[np.float64],
     mask: npt.NDArray[np.bool_] | None,
     block_bytes: int,
     rows_of: Callable[[ArrayT], ArrayT] | None,
@@ -281,7 +305,7 @@ def _l2_screen(
     shift = (0.5 * norms * norms).astype(F32)
     qn = _norms64(queries)
     norm_max = float(norms.max(initial=0.0))
-    bound = l2_query_bounds(error, dim, qn, norm_max) + l2_bound(dim, qn, norm_max)
+    bound = l2_bounds(rounding, dim, qn, query_errors, norm_max) + l2_bound(dim, qn, norm_max)
     halves = np.full(queries.shape[0], 0.5)
 
     def screen(which: npt.NDArray[np.intp], width: int) -> Listed:
@@ -290,6 +314,12 @@ def _l2_screen(
         return _listed(vals, idx, bound[which], halves[which], qn[which] ** 2 / 2)
 
     return screen
+
+
+def _listed(vals: npt.NDArray[np.float32], idx: npt.NDArray[np.int64], add: npt.NDArray[np.float64],
+            scale: npt.NDArray[np.float64], offset: npt.NDArray[np.float64]) -> Listed:  # fmt: skip
+    upper = vals.astype(np.float64) + add[:, None]
+    return Listed(upper, np.where(np.isfinite(upper), idx, -1), scale, offset)
 
 
 def _prefix_screen(
