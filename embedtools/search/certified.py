@@ -170,22 +170,25 @@ def unit_bounds(metric: Literal["cosine", "dot"], rounding: Rounding, norms: npt
     """Bounds of a cosine or dot screen by unit queries (module docstring): each row's part is a
     column shift; the query's rounding ``ε_q`` adds ``ε_q·(1 + max ε_x/|x|)`` per query for cosine and,
     with the batch's largest ``ε_q``, ``ε_q·(|x| + ε_x)`` per row for dot."""
-    xn = np.asarray(norms, dtype=np.float64) * (1 + (dim + 4) * U32)
+    grow = 1 + (dim + 4) * U32  # the true norm is at most the float32 one times this
     ex = rounding.rows
-    qn = 1 + (dim + 4) * U32
-    u = rounding.output
+    qn = grow  # a float32-normalised query's norm, at most
     g = gamma(dim)
     k = kappa(dim)
-    grown = qn * (1 + max(u, _ROUNDOFF.get(rounding.kind, (U32, 0.0))[0]))  # |q̃| <= |q̂|(1 + u)
-    per_row = qn * ex + g * grown * (xn + ex) + _tiny(dim, grown, xn + ex) + rounding.output_abs
+    root = TINY * math.sqrt(max(dim, 1))
+    grown = qn * (1 + max(rounding.output, _ROUNDOFF.get(rounding.kind, (U32, 0.0))[0]))  # |q̃| <= |q̂|(1 + u)
+    # per row, before the metric's scaling: qn·ε_x + γ|q̃|(|x| + ε_x) + the flushed-subnormal terms
+    # (:func:`_tiny`), written as  on_ex·ε_x + on_x·|x| + alone  so that it costs three passes
+    on_ex, on_x, alone = qn + g * grown + root, (g * grown + root + (dim + 4) * U32) * grow, root * grown + TINY * (dim + 2) + rounding.output_abs
     eq = np.asarray(query_errors, dtype=np.float64)
-    if metric == "cosine":
-        inv = np.where(norms > 0, 1.0 / np.where(norms > 0, np.asarray(norms, dtype=np.float64), 1.0), 1.0)
-        bound = 1.001 * inv * (per_row + (dim + 4) * U32 * xn) + 4 * k
-        rho = float((ex * inv).max(initial=0.0))
-        add = 1.001 * eq * (1 + rho)
+    x32 = np.asarray(norms, dtype=np.float64)
+    if metric == "cosine":  # divided by |x|: on_x·|x|/|x| is a constant (a zero row, scored 0 exactly, gets it too)
+        inv = 1.0 / np.where(x32 > 0, x32, 1.0)
+        bound = 1.001 * (inv * (on_ex * ex + alone) + on_x) + 4 * k
+        add = 1.001 * eq * (1 + float((ex * inv).max(initial=0.0)))
     else:
-        bound = 1.001 * (per_row + float(eq.max(initial=0.0)) * (xn + ex) + (dim + 4) * U32 * xn) + 4 * k * xn
+        e_max = float(eq.max(initial=0.0))
+        bound = 1.001 * ((on_ex + e_max) * ex + (on_x + e_max * grow + 4 * k * grow / 1.001) * x32 + alone)
         add = np.zeros(eq.shape)
     slack = rounding.value_slack()
     tail = slack * (float(bound.max(initial=0.0)) + add)
@@ -223,9 +226,13 @@ def fits(kind: ScreenKind, q_max: float, norm_max: float) -> bool:
 
 
 def round_up(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
-    f = values.astype(np.float32)
-    out: npt.NDArray[np.float32] = np.where(f.astype(np.float64) < values, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
-    return out
+    """Nonnegative bounds as float32, never below their float64 value: ``2⁻²⁰`` above it before
+    rounding to nearest (relative error ``2⁻²⁴``), or the next float32 up where that underflows."""
+    f = (values * (1 + 2.0**-20)).astype(np.float32)
+    tiny = f < np.float32(2.0**-100)
+    if tiny.any():
+        f[tiny] = np.nextafter(np.maximum(f[tiny], np.float32(0)), np.float32(np.inf))
+    return f
 
 
 def top_by_rank(
