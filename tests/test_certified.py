@@ -248,3 +248,13 @@ def test_describe_reports_the_measured_speedups_and_the_rule() -> None:
     found = et.describe("numpy")
     assert found.screen_speedups == {"bfloat16": 0.0, "float16": 0.0}
     assert "auto_screen: off" in str(found)
+
+
+def test_a_certified_funnel_on_a_prefix_search_uses_its_own_tails() -> None:
+    rows = matryoshka_like(1500, 48, seed=8)
+    queries = matryoshka_like(5, 48, seed=9)
+    store = store_on("numpy", rows)
+    full = store.search(queries, 5, funnel=[(8, 20)], rescore="certified")  # caches the 48-wide tails
+    np.testing.assert_array_equal(full.indices, exact_ids(queries, rows, "cosine", 5))
+    narrow = store.search(queries, 5, dimension=24, funnel=[(8, 20)], rescore="certified")
+    np.testing.assert_array_equal(narrow.indices, exact_ids(queries[:, :24], rows[:, :24], "cosine", 5))

@@ -331,6 +331,8 @@ class Searcher:
             matrix = rotation.matrix[:, :width]
             return cast("BoundedPrefix[Any]", self._cache(rotation.bound_prefixes, width, source, nbytes,
                         lambda: bounded_prefix(backend, x, rotation.prefix, matrix, width, chunk)))  # fmt: skip
+        if int(backend.shape(x)[1]) != source:  # a prefix search's tails end at its own width: not the cached ones
+            return bounded_prefix(backend, x, None, None, width, chunk)
         return cast("BoundedPrefix[Any]", self._cache(state.bound_prefixes, width, source, nbytes,
                     lambda: bounded_prefix(backend, x, None, None, width, chunk)))  # fmt: skip
 
