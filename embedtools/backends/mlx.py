@@ -281,7 +281,9 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
             def wait(result: object) -> None:
                 mx.eval(cast(mx.array, result))  # pyright: ignore[reportUnknownMemberType]  (as in to_numpy)
 
-            self._speedups[kind] = measured_speedup(lambda: mx.matmul(a, b, stream=dev), lambda: mx.matmul(a_low, b_low, stream=dev), wait)
+            self._speedups[kind] = measured_speedup(
+                lambda n: mx.matmul(a[:n], b, stream=dev), lambda n: mx.matmul(a_low[:n], b_low, stream=dev), wait
+            )
         return self._speedups[kind]
 
 

@@ -8,8 +8,9 @@ float32 screen (bound ~``d·2⁻²⁴``), and one that fails there too is scored
 in blocks. Whatever the data, ids are the exact top k (ties to the lower row index).
 
 * **Low precision** (``bfloat16``, ``float16``; ``int8``): the quantised index's codes through the
-  backend's native product (:meth:`~embedtools.protocols.BlockPrimitives.low_precision`) or,
-  without one (NumPy, int8), decoded block by block to float32.
+  backend's native product (:meth:`~embedtools.protocols.BlockPrimitives.low_precision`) where it
+  measured faster than float32 (:meth:`~embedtools.protocols.BlockPrimitives.gemm_speedup`) or,
+  otherwise (NumPy, int8, torch's float16 on most CPUs), decoded block by block to float32.
 * **Prefix** (the certified funnel): for a prefix of width ``p`` (the table's first ``p`` columns, or
   its rotation's), ``q·x = q_p·x_p + q_t·x_t <= q_p·x_p + |q_t||x_t|``. With rows
   ``A = [x_p, |x_t|] / |x|`` and queries ``[q_p, |q_t|]`` the upper bound is one GEMM of width
@@ -240,7 +241,9 @@ def _screen(
         screen_kind: ScreenKind = "bfloat16" if kind == "bfloat16" else "float16"
         if not fits(screen_kind, 1.0 + q_max if metric == "l2" else 1.0 + 2.0**-20, norm_max):
             return None
-    native = backend.low_precision(kind) if kind != "int8" else None
+    # the native product only where it measured faster than float32 (torch's fp16 on a CPU without
+    # AVX512-FP16 ran ~10x slower); otherwise blocks of codes are decoded into the float32 GEMM
+    native = backend.low_precision(kind) if kind != "int8" and backend.gemm_speedup(kind) >= 1.0 else None
     exact_rows = row_errors(backend, index, x, max(block_bytes // (16 * max(queries.shape[1], 1)), 1)).astype(np.float64) if errors is None else errors()
     rounding = low_rounding(kind, exact_rows, native is not None)
     rows_of: Callable[[ArrayT], ArrayT] = index.decoder(backend) if native is None else native.rows

@@ -4,6 +4,9 @@ CPU, float32 output through cuBLAS), with and without a filter."""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,12 @@ from embedtools import ByteBudget, EmbeddingStore, Metric, Sha256Hasher
 from embedtools.filters import Label
 from tests.conformance.backends import IDS, PAIRS
 from tests.helpers import clustered, matryoshka_like, reference_scores
+
+
+@functools.cache
+def _backend(name: str, device: str) -> et.Backend[Any]:
+    """One backend per pair for the module: each times its low-precision GEMMs once, on first use."""
+    return et.make_backend(name, device)
 
 
 def _exact(queries: np.ndarray, corpus: np.ndarray, metric: Metric, k: int, mask: np.ndarray | None = None) -> np.ndarray:
@@ -29,7 +38,7 @@ def test_certified_screens_return_the_exact_ids(name: str, device: str, metric: 
     queries = clustered(9, 40, seed=32)
     labels = ["a" if i % 4 else "b" for i in range(corpus.shape[0])]
     mask = np.array([label == "a" for label in labels])
-    store = EmbeddingStore(et.make_backend(name, device), ByteBudget(1 << 30), Sha256Hasher(), search_block_bytes=1 << 18)
+    store = EmbeddingStore(_backend(name, device), ByteBudget(1 << 30), Sha256Hasher(), search_block_bytes=1 << 18)
     store.add(corpus, labels=labels)
     for kind in ("bfloat16", "float16", "int8"):
         store.quantize(40, kind)
@@ -43,7 +52,7 @@ def test_certified_screens_return_the_exact_ids(name: str, device: str, metric: 
 def test_certified_funnel_returns_the_exact_ids(name: str, device: str) -> None:
     corpus = matryoshka_like(2000, 48, seed=33)
     queries = matryoshka_like(7, 48, seed=34)
-    store = EmbeddingStore(et.make_backend(name, device), ByteBudget(1 << 30), Sha256Hasher())
+    store = EmbeddingStore(_backend(name, device), ByteBudget(1 << 30), Sha256Hasher())
     store.add(corpus)
     for metric in ("cosine", "dot", "l2"):
         got = store.search(queries, 10, metric=metric, funnel=[(12, 30)], rescore="certified")
