@@ -24,7 +24,7 @@ SLOWER = 2.0
 
 
 def measured_speedup(
-    run_f32: Callable[[int], object], run_low: Callable[[int], object], wait: Callable[[object], None], repeats: int = 3
+    run_f32: Callable[[int], object], run_low: Callable[[int], object], wait: Callable[[object], None], repeats: int = 5
 ) -> float:
     """``run_f32``'s best time over ``run_low``'s on :data:`SPEEDUP_SHAPE` (each warmed up once,
     then best of ``repeats``, interleaved so that a neighbour's load hits both alike); ``run(rows)``
