@@ -291,7 +291,10 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
                 elif self._device.type == "mps":
                     torch.mps.synchronize()
 
-            self._speedups[kind] = measured_speedup(lambda n: a[:n] @ b, lambda n: a_low[:n] @ b_low, wait)
+            try:
+                self._speedups[kind] = measured_speedup(lambda n: a[:n] @ b, lambda n: a_low[:n] @ b_low, wait)
+            except (RuntimeError, TypeError):  # a device without this type's matmul (older MPS): no native product
+                self._speedups[kind] = 0.0
         return self._speedups[kind]
 
 
