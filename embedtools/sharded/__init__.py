@@ -1,0 +1,21 @@
+"""A sharded store on Dask ``distributed`` (the ``embedtools[dask]`` extra): :class:`ShardedStore`.
+
+Importing this package needs ``distributed``; ``import embedtools`` does not import it, and
+``embedtools.ShardedStore`` loads it on first use.
+"""
+
+from __future__ import annotations
+
+from embedtools.errors import BackendUnavailableError
+
+try:
+    import distributed as _distributed  # noqa: F401  (the extra's presence, checked once here)
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess without dask
+    raise BackendUnavailableError(
+        "embedtools.sharded needs Dask distributed, which is not installed: pip install 'embedtools[dask]'"
+    ) from exc
+
+from embedtools.sharded.results import SearchStats, ShardedMemoryInfo, ShardedTable
+from embedtools.sharded.store import ShardedStore, load_into
+
+__all__ = ["SearchStats", "ShardedMemoryInfo", "ShardedStore", "ShardedTable", "load_into"]
