@@ -60,7 +60,7 @@ def row_ranges(shapes: tuple[TableShape, ...], rows: Mapping[int, tuple[int, int
         if shape is None:
             raise InvalidArgumentError(f"rows names table {d}d, which the file does not hold; it holds {sorted(known)}")
         start, stop = bounds
-        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= shape.rows):  # pyright: ignore[reportUnnecessaryIsInstance]
+        if not 0 <= start <= stop <= shape.rows:
             raise InvalidArgumentError(f"rows {bounds!r} of table {d}d is not a range within its {shape.rows} rows")
         if stop > start:
             out.append(replace(shape, rows=stop - start))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from embedtools.errors import BackendUnavailableError
 
 try:
-    import distributed as _distributed  # noqa: F401  (the extra's presence, checked once here)
+    import distributed  # noqa: F401  # pyright: ignore[reportUnusedImport]  (the extra's presence, checked here)
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess without dask
     raise BackendUnavailableError(
         "embedtools.sharded needs Dask distributed, which is not installed: pip install 'embedtools[dask]'"

@@ -70,7 +70,7 @@ class Runs:
 
     def local_ranges(self, shares: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """The global ``(start, stop)`` of each shard's piece of an add placed after these runs."""
-        start, out = self.rows, []
+        start, out = self.rows, list[tuple[int, int]]()
         for n in shares:
             out.append((start, start + int(n)))
             start += int(n)
@@ -117,7 +117,7 @@ class Runs:
     def global_order(self, shard_count: int) -> list[tuple[int, int, int]]:
         """``(shard, local_start, length)`` of each run, in global order."""
         seen = [0] * shard_count
-        out = []
+        out: list[tuple[int, int, int]] = []
         for s, n in zip(self.shards, self.lengths, strict=True):
             out.append((s, seen[s], n))
             seen[s] += n

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import numpy as np
@@ -32,6 +32,8 @@ from embedtools.errors import (
     MemoryLimitError,
     ReadOnlyStoreError,
     ShardLostError,
+    StoreFormatError,
+    StoreNotEmptyError,
     UnknownIdError,
 )
 from embedtools.hashing import Sha256Hasher
@@ -40,19 +42,22 @@ from embedtools.protocols import Metric, Quantization
 from embedtools.quantize import check_quantization
 from embedtools.results import MemoryInfo, SearchResult
 from embedtools.search.kernel import check_k, check_metric
-from embedtools.sharded.holder import ShardHolder, ShardTable
+from embedtools.sharded.cluster import Pending, call, release, start_actor, worker_addresses
+from embedtools.sharded.holder import ShardHolder, ShardTable, file_sha256
 from embedtools.sharded.manifest import Manifest, ShardEntry, is_sharded_folder, read_manifest, shard_file, write_manifest
 from embedtools.sharded.merge import merge_topk
 from embedtools.sharded.placement import Runs, place
 from embedtools.sharded.results import SearchStats, ShardedMemoryInfo, ShardedTable, WinnerIds
 from embedtools.tables import labels_for
-from embedtools.validation import JSONObject, LabelsArg, as_config, as_float32_matrix, as_queries, check_dimension, check_ids
+from embedtools.validation import JSONObject, LabelsArg, as_config, as_labels, as_float32_matrix, as_queries, check_dimension, check_ids
 from embedtools.validation import check_positive_int, check_strings, check_update, encode_metadata
 
 if TYPE_CHECKING:
     from distributed import Client
 
     from embedtools.container import Config
+    from embedtools.records import TableRecord
+    from embedtools.store import EmbeddingStore
 
 __all__ = ["ShardedStore"]
 
@@ -88,7 +93,7 @@ def _exclusive(method: Callable[Concatenate[ShardedStore, P], R]) -> Callable[Co
 
     @functools.wraps(method)
     def locked(self: ShardedStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self._lock:
+        with self.lock:
             return method(self, *args, **kwargs)
 
     return locked
@@ -108,14 +113,15 @@ class ShardedStore:
     def __init__(self, client: Client, config: Config | Sequence[Config] | None = None, *, shards: int | None = None,
                  workers: Sequence[str] | None = None, timeout: float | None = None) -> None:  # fmt: skip
         self._client = client
-        addresses = list(workers) if workers is not None else sorted(client.scheduler_info()["workers"])
+        addresses = list(workers) if workers is not None else worker_addresses(client)
         if not addresses:
             raise InvalidArgumentError("the client's cluster has no workers")
         count = len(addresses) if shards is None else check_positive_int(shards, "shards")
         configs = _configs(config, count)
         self._configs: list[dict[str, object]] = configs
         self._timeout = timeout
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
+        """Held by every call: a change's check and commit phases see the same shards."""
         self._runs: dict[int, Runs] = {}
         self._int_labels: dict[int, bool] = {}
         self._config: JSONObject = {}
@@ -128,23 +134,21 @@ class ShardedStore:
         self.last_search: SearchStats | None = None
         """The traffic and timing of the last search (``None`` before the first)."""
         self._workers = [addresses[i % len(addresses)] for i in range(count)]
-        self._futures: list[Any] = [None] * count
-        self._holders: list[Any] = [None] * count
+        self._futures: list[object | None] = [None] * count
+        self._holders: list[object | None] = [None] * count
         for i, handle in enumerate(self._start([(i, self._workers[i]) for i in range(count)])):
             self._futures[i], self._holders[i] = handle
 
     # ------------------------------------------------------------------ the shards' actors
 
-    def _start(self, where: Sequence[tuple[int, str]]) -> list[tuple[Any, Any]]:
-        futures = [self._client.submit(ShardHolder, self._configs[i], actor=True, workers=[w], allow_other_workers=False, pure=False)
-                   for i, w in where]  # fmt: skip
-        return [(f, f.result(timeout=self._timeout)) for f in futures]
+    def _start(self, where: Sequence[tuple[int, str]]) -> list[tuple[object, object]]:
+        return [start_actor(self._client, ShardHolder, (self._configs[i],), w, self._timeout) for i, w in where]
 
-    def _send(self, shard: int, method: str, *args: object) -> Any:
+    def _send(self, shard: int, method: str, *args: object) -> Pending:
         self._traffic += _payload(args)
-        return getattr(self._holders[shard], method)(*args)
+        return call(self._holders[shard], method, *args)
 
-    def _gather(self, calls: Mapping[int, Any]) -> dict[int, Any]:
+    def _gather(self, calls: Mapping[int, Pending]) -> dict[int, Any]:
         """Every call's result; an embedtools error from a shard is raised (after all calls ended),
         any other failure is a lost worker: :class:`_Lost` names the shards that no longer answer."""
         results: dict[int, Any] = {}
@@ -181,7 +185,7 @@ class ShardedStore:
 
     def _alive(self, shard: int) -> bool:
         try:
-            self._holders[shard].pid().result(timeout=_PING_SECONDS)
+            call(self._holders[shard], "pid").result(timeout=_PING_SECONDS)
         except Exception:
             return False
         return True
@@ -199,10 +203,10 @@ class ShardedStore:
         """Reload every lost shard from its file on a live worker; ``False`` if one has no file."""
         if any(self._sources[i] is None for i in self._lost):
             return False
-        live = sorted(self._client.scheduler_info()["workers"])
+        live = worker_addresses(self._client)
         if not live:
             return False
-        load: dict[int, Any] = {}
+        load: dict[int, Pending] = {}
         for i in sorted(self._lost):
             others = [w for j, w in enumerate(self._workers) if j not in self._lost]
             self._workers[i] = min(live, key=lambda w: (others.count(w), live.index(w)))
@@ -250,7 +254,7 @@ class ShardedStore:
         d = self._dimension(dimension)
         infos = self._all("tables")
         shard_rows = self._runs[d].shard_rows(self.shard_count)
-        kinds = sorted({k for info in infos.values() if d in info for k in cast("ShardTable", info[d]).quantized})
+        kinds: list[Quantization] = sorted({k for info in infos.values() if d in info for k in cast("ShardTable", info[d]).quantized})
         return ShardedTable(d, self._runs[d].rows, shard_rows, tuple(kinds), self._int_labels[d])
 
     @_exclusive
@@ -285,7 +289,7 @@ class ShardedStore:
 
     @config.setter
     def config(self, value: Mapping[str, object]) -> None:
-        with self._lock:
+        with self.lock:
             self._hasher.hash_config(value)
             checked = as_config(value)
             self._all("set_config", checked)
@@ -322,7 +326,7 @@ class ShardedStore:
         n, d = host.shape
         runs = self._runs.get(d, Runs())
         existing = None if d not in self._runs else ((0,) if self._int_labels[d] else ("",))
-        new_labels = labels_for(d, labels, n, existing)  # type: ignore[arg-type]
+        new_labels = labels_for(d, labels, n, existing)
         if metadata is not None:
             encode_metadata(metadata, n)
         shares = place(runs.shard_rows(self.shard_count), n)
@@ -425,7 +429,7 @@ class ShardedStore:
         n = len(keys)
         host, d = check_update(vectors, dimension, n)
         d = self._dimension(d)
-        new_labels = None if labels is None else labels_for(d, labels, n, (0,) if self._int_labels[d] else ("",))  # type: ignore[arg-type]
+        new_labels = None if labels is None else labels_for(d, labels, n, (0,) if self._int_labels[d] else ("",))
         if metadata is not None:
             encode_metadata(metadata, n)
         found = self._where(keys, d)
@@ -500,17 +504,19 @@ class ShardedStore:
         metric = check_metric(metric)
         q = as_queries(queries)
         width = q.shape[1]
-        with self._lock:
+        with self.lock:
             source = self._source_dimension(dimension if dimension is not None else width, exact=dimension is None)
-            for attempt in range(1, _RETRIES + 2):
+            attempt = 1
+            while True:
                 try:
                     result, stats = self._search_once(q, k, dimension, metric, options, source)
-                    break
                 except _Lost as lost:
                     if attempt > _RETRIES or not self._recover():
                         raise self._lost_error(sorted(self._lost | set(lost.shards))) from None
-            self.last_search = SearchStats(**{**stats, "seconds": time.perf_counter() - started, "attempts": attempt})
-        return result
+                    attempt += 1
+                    continue
+                self.last_search = replace(stats, seconds=time.perf_counter() - started, attempts=attempt)
+                return result
 
     def _source_dimension(self, width: object, *, exact: bool) -> int:
         """The table a search of ``width`` reads, by the single store's rule (the table of that
@@ -524,7 +530,7 @@ class ShardedStore:
         return min(wider)
 
     def _search_once(self, q: npt.NDArray[np.float32], k: int, dimension: int | None, metric: Metric,
-                     options: Mapping[str, Any], source: int) -> tuple[SearchResult, dict[str, Any]]:  # fmt: skip
+                     options: Mapping[str, Any], source: int) -> tuple[SearchResult, SearchStats]:  # fmt: skip
         self._refuse_lost()
         runs = self._runs[source]
         holding = [s for s, n in enumerate(runs.shard_rows(self.shard_count)) if n]
@@ -546,15 +552,16 @@ class ShardedStore:
         first = found[holding[0]]
         result = SearchResult(indices=winners, scores=scores, metric=metric, dimension=int(first[2]),
                               source_dimension=source, row_ids=WinnerIds(by_row, runs.rows))  # fmt: skip
-        stats = {
-            "shards": len(holding),
-            "queries": n_queries,
-            "k": k,
-            "query_bytes": q.nbytes * len(holding),
-            "candidate_bytes": sum(found[s][0].nbytes + found[s][1].nbytes for s in holding),
-            "id_bytes": sum(rows.size * 4 + sum(len(i.encode()) for i in named[s]) for s, rows in ask.items()),
-            "merge_seconds": merge_seconds,
-        }
+        stats = SearchStats(
+            shards=len(holding),
+            queries=n_queries,
+            k=k,
+            query_bytes=q.nbytes * len(holding),
+            candidate_bytes=sum(found[s][0].nbytes + found[s][1].nbytes for s in holding),
+            id_bytes=sum(rows.size * 4 + sum(len(i.encode()) for i in named[s]) for s, rows in ask.items()),
+            merge_seconds=merge_seconds,
+            seconds=0.0,
+        )
         return result, stats
 
     # ------------------------------------------------------------------ files
@@ -600,11 +607,11 @@ class ShardedStore:
             sources = [_Source(str((target / e.file).resolve()), None, e.sha256, mmap) for e in manifest.shards]
             store._fill(sources, manifest.tables, manifest.config)
             if manifest.config_hash != store.config_hash:
-                raise InvalidArgumentError(f"{target}: the manifest's config hash is not its config's")
+                raise StoreFormatError(f"{target}: the manifest's config hash is not its config's")
             for s, entry in enumerate(manifest.shards):
                 got = {d: t.rows for d, t in cast("dict[int, ShardTable]", store._call("tables", {s: ()})[s]).items()}
                 if got != dict(entry.rows):
-                    raise InvalidArgumentError(f"{target / entry.file} holds tables {got}, the manifest says {dict(entry.rows)}")
+                    raise StoreFormatError(f"{target / entry.file} holds tables {got}, the manifest says {dict(entry.rows)}")
             return store
         shapes = fileformat.read_table_shapes(target)
         header_config: JSONObject = fileformat.read_header(target).get("config", {})
@@ -632,10 +639,10 @@ class ShardedStore:
         self._sources = list(sources)
         self._mapped = any(self._all("mapped").values())
 
-    def to_store(self, store: Any) -> Any:
+    def to_store(self, store: EmbeddingStore) -> EmbeddingStore:
         """Copy every row into one (empty) :class:`EmbeddingStore`, in global order, with the same
         indexes and config (through the client: for stores that fit one machine)."""
-        with self._lock:
+        with self.lock:
             for d in self.dimensions:
                 rows = self._rows_of(d)
                 order = self._runs[d].global_order(self.shard_count)
@@ -651,10 +658,10 @@ class ShardedStore:
 
     def close(self) -> None:
         """Release the shards' actors (their stores go with them); the client stays open."""
-        with self._lock:
+        with self.lock:
             for f in self._futures:
                 if f is not None:
-                    f.release()
+                    release(f)
             self._futures = [None] * self.shard_count
 
 
@@ -680,37 +687,34 @@ def _configs(config: object, count: int) -> list[dict[str, object]]:
 def _payload(value: object) -> int:
     from dask.sizeof import sizeof
 
-    return int(sizeof(value))
+    return int(cast("Callable[[object], int]", sizeof)(value))
 
 
-def load_into(store: Any, path: str | os.PathLike[str]) -> Any:
+def load_into(store: EmbeddingStore, path: str | os.PathLike[str]) -> EmbeddingStore:
     """Fill one empty :class:`EmbeddingStore` from a saved sharded folder, in global row order,
     reading the shard files on this machine (no cluster needed); indexes are rebuilt over all rows."""
     from embedtools.persistence import read_store
 
+    if store.dimensions:
+        raise StoreNotEmptyError(f"load_into fills an empty store; this one holds tables {list(store.dimensions)}")
     folder = atomic.as_store_path(path)
     manifest = read_manifest(folder)
-    records = []
+    records: list[dict[int, TableRecord]] = []
     for entry in manifest.shards:
         file = folder / entry.file
-        from embedtools.sharded.holder import file_sha256
-
         if file_sha256(file) != entry.sha256:
-            raise InvalidArgumentError(f"{file} is not the file the manifest names (its SHA-256 differs)")
+            raise StoreFormatError(f"{file} is not the file the manifest names (its SHA-256 differs)")
         shapes = fileformat.read_table_shapes(file)
         records.append({t.dimension: t for t in read_store(file, shapes, mmap=True, hasher=store.hasher).tables})
-    if store.dimensions:
-        from embedtools.errors import StoreNotEmptyError
-
-        raise StoreNotEmptyError(f"load_into fills an empty store; this one holds tables {list(store.dimensions)}")
     for d, runs in sorted(manifest.tables.items()):
         order = runs.global_order(len(manifest.shards))
         ids = [i for s, a, n in order for i in records[s][d].ids[a : a + n]]
-        labels = [lab for s, a, n in order for lab in records[s][d].labels[a : a + n]]
-        meta = [json.loads(m) for s, a, n in order for m in records[s][d].metadata[a : a + n]]
+        labels = as_labels([lab for s, a, n in order for lab in records[s][d].labels[a : a + n]])
+        meta: list[Mapping[str, object]] = [json.loads(m) for s, a, n in order for m in records[s][d].metadata[a : a + n]]
         vectors = np.concatenate([records[s][d].vectors[a : a + n] for s, a, n in order])
         store.add(vectors, ids, labels, meta)
-        for kind in sorted({q.kind for rec in records if d in rec for q in rec[d].quantized}):
+        kinds: set[Quantization] = {q.kind for rec in records if d in rec for q in rec[d].quantized}
+        for kind in sorted(kinds):
             store.quantize(d, kind)
     store.config = manifest.config
     return store
