@@ -1,0 +1,39 @@
+"""One LocalCluster of 2 worker processes x 1 thread for the sharded tests of a module, bounded in
+time and always closed; each test builds its own stores on it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+#: The most seconds the cluster may take to start, and each shard call in the tests.
+START_SECONDS = 60
+CALL_SECONDS = 60.0
+
+CONFIG = {"backend": "numpy", "max_memory_gb": 0.5}
+
+
+def start_cluster() -> tuple[object, object]:
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       silence_logs=logging.WARNING, timeout=START_SECONDS)  # fmt: skip
+    try:
+        client = distributed.Client(cluster, timeout=START_SECONDS)
+    except BaseException:
+        cluster.close()
+        raise
+    client.wait_for_workers(2, timeout=START_SECONDS)
+    return cluster, client
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[distributed.Client]:
+    cluster, client = start_cluster()
+    try:
+        yield client
+    finally:
+        client.close()  # type: ignore[attr-defined]
+        cluster.close()  # type: ignore[attr-defined]
