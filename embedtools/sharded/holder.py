@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -64,6 +65,12 @@ class ShardHolder:
 
         return make_container(cast("Config", dict(self._config))).store()
 
+    def run(self, method: str, payload: bytes) -> bytes:
+        """The one entry point the client calls: ``method(*args)`` with pickled arguments and result
+        (see :func:`embedtools.sharded.cluster.call`); errors go back as themselves."""
+        args = pickle.loads(payload)  # noqa: S301 - our own client's call
+        return pickle.dumps(getattr(self, method)(*args), protocol=5)
+
     # ------------------------------------------------------------------ inspection
 
     def pid(self) -> int:
@@ -91,6 +98,9 @@ class ShardHolder:
     def ids_at(self, dimension: int, local: npt.NDArray[np.int64]) -> list[str]:
         ids = self._store.table(dimension).ids
         return [ids[i] for i in local.tolist()]
+
+    def ids_of(self, dimension: int) -> tuple[str, ...]:
+        return self._store.table(dimension).ids
 
     def rows_of(self, dimension: int) -> tuple[tuple[str, ...], tuple[Any, ...], tuple[JSONObject, ...], npt.NDArray[np.float32]]:
         """A table's ids, labels, metadata and rows (inspection and conversion to one store only)."""

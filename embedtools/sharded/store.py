@@ -42,7 +42,7 @@ from embedtools.protocols import Metric, Quantization
 from embedtools.quantize import check_quantization
 from embedtools.results import MemoryInfo, SearchResult
 from embedtools.search.kernel import check_k, check_metric
-from embedtools.sharded.cluster import Pending, call, release, start_actor, worker_addresses
+from embedtools.sharded.cluster import Pending, call, release, start_actor, unpack, worker_addresses, worker_gone
 from embedtools.sharded.holder import ShardHolder, ShardTable, file_sha256
 from embedtools.sharded.manifest import Manifest, ShardEntry, is_sharded_folder, read_manifest, shard_file, write_manifest
 from embedtools.sharded.merge import merge_topk
@@ -64,8 +64,6 @@ __all__ = ["ShardedStore"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: How long a liveness probe of a shard's worker may take before the shard counts as lost.
-_PING_SECONDS = 10.0
 #: Searches tried again after reloading lost shards from their files.
 _RETRIES = 2
 
@@ -145,29 +143,31 @@ class ShardedStore:
         return [start_actor(self._client, ShardHolder, (self._configs[i],), w, self._timeout) for i, w in where]
 
     def _send(self, shard: int, method: str, *args: object) -> Pending:
-        self._traffic += _payload(args)
-        return call(self._holders[shard], method, *args)
+        pending, sent = call(self._holders[shard], method, *args)
+        self._traffic += sent
+        return pending
 
     def _gather(self, calls: Mapping[int, Pending]) -> dict[int, Any]:
-        """Every call's result; an embedtools error from a shard is raised (after all calls ended),
-        any other failure is a lost worker: :class:`_Lost` names the shards that no longer answer."""
+        """Every call's result, after all calls ended; an embedtools error from a shard is raised as
+        it is, a call whose worker is gone makes :class:`_Lost` name those shards (never probed
+        again: connecting to a dead worker waits out the connect timeout)."""
         results: dict[int, Any] = {}
         error: BaseException | None = None
-        other: BaseException | None = None
+        lost: list[int] = []
         for shard, future in calls.items():
             try:
-                results[shard] = future.result(timeout=self._timeout)
-                self._traffic += _payload(results[shard])
+                results[shard], received = unpack(future.result(timeout=self._timeout))
+                self._traffic += received
             except EmbedtoolsError as exc:
                 error = error or exc
-            except Exception as exc:  # a connection closed, a worker gone, a timeout
-                other = other or exc
-        if other is not None:
-            lost = tuple(i for i in calls if not self._alive(i))
-            if lost:
-                self._lost.update(lost)
-                raise _Lost(lost) from other
-            raise other
+            except Exception as exc:
+                if not worker_gone(exc):
+                    raise
+                lost.append(shard)
+                error = error or exc
+        if lost:
+            self._lost.update(lost)
+            raise _Lost(tuple(lost)) from error
         if error is not None:
             raise error
         return results
@@ -183,13 +183,6 @@ class ShardedStore:
     def _all(self, method: str, *args: object) -> dict[int, Any]:
         return self._call(method, {s: args for s in range(self.shard_count)})
 
-    def _alive(self, shard: int) -> bool:
-        try:
-            call(self._holders[shard], "pid").result(timeout=_PING_SECONDS)
-        except Exception:
-            return False
-        return True
-
     def _lost_error(self, shards: Sequence[int]) -> ShardLostError:
         named = tuple(sorted(shards))
         return ShardLostError(f"shards {list(named)} were lost with their workers and have no saved file to reload from "
@@ -203,7 +196,8 @@ class ShardedStore:
         """Reload every lost shard from its file on a live worker; ``False`` if one has no file."""
         if any(self._sources[i] is None for i in self._lost):
             return False
-        live = worker_addresses(self._client)
+        dead = {self._workers[i] for i in self._lost}
+        live = [w for w in worker_addresses(self._client) if w not in dead]  # the scheduler may not know yet
         if not live:
             return False
         load: dict[int, Pending] = {}
@@ -245,8 +239,8 @@ class ShardedStore:
 
     @property
     def bytes_through_client(self) -> int:
-        """Payload bytes this store has sent to and received from its shards since it was made
-        (arguments and results of every shard call, as ``dask.sizeof`` counts them)."""
+        """Bytes this store has sent to and received from its shards since it was made (the pickled
+        arguments and results of every shard call; the transport's framing is not counted)."""
         return self._traffic
 
     @_exclusive
@@ -261,10 +255,11 @@ class ShardedStore:
     def ids(self, dimension: int) -> tuple[str, ...]:
         """Every id of a table in global row order (gathered from the shards: inspection, not a hot path)."""
         d = self._dimension(dimension)
-        rows = self._rows_of(d)
+        holding = [s for s, n in enumerate(self._runs[d].shard_rows(self.shard_count)) if n]
+        ids = self._call("ids_of", {s: (d,) for s in holding})
         out: list[str] = []
         for shard, start, n in self._runs[d].global_order(self.shard_count):
-            out.extend(rows[shard][0][start : start + n])
+            out.extend(ids[shard][start : start + n])
         return tuple(out)
 
     def _rows_of(self, d: int) -> dict[int, Any]:
@@ -682,12 +677,6 @@ def _configs(config: object, count: int) -> list[dict[str, object]]:
     for c in configs:
         check_config_keys(c)
     return configs
-
-
-def _payload(value: object) -> int:
-    from dask.sizeof import sizeof
-
-    return int(cast("Callable[[object], int]", sizeof)(value))
 
 
 def load_into(store: EmbeddingStore, path: str | os.PathLike[str]) -> EmbeddingStore:

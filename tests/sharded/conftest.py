@@ -1,5 +1,6 @@
-"""One LocalCluster of 2 worker processes x 1 thread for the sharded tests of a module, bounded in
-time and always closed; each test builds its own stores on it."""
+"""One LocalCluster of 2 worker processes x 1 thread for the sharded tests (the fault tests start
+their own, as they kill its workers), bounded in time and always closed; each test builds its own
+stores on it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ CONFIG = {"backend": "numpy", "max_memory_gb": 0.5}
 
 def start_cluster() -> tuple[object, object]:
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       silence_logs=logging.WARNING, timeout=START_SECONDS)  # fmt: skip
+                                       silence_logs=logging.CRITICAL, timeout=START_SECONDS)  # fmt: skip
     try:
         client = distributed.Client(cluster, timeout=START_SECONDS)
     except BaseException:
@@ -29,7 +30,7 @@ def start_cluster() -> tuple[object, object]:
     return cluster, client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client() -> Iterator[distributed.Client]:
     cluster, client = start_cluster()
     try:
