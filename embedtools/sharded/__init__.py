@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from embedtools.errors import BackendUnavailableError
 
-try:
-    import distributed  # noqa: F401  # pyright: ignore[reportUnusedImport]  (the extra's presence, checked here)
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess without dask
-    raise BackendUnavailableError(
-        "embedtools.sharded needs Dask distributed, which is not installed: pip install 'embedtools[dask]'"
-    ) from exc
+
+def _require_distributed() -> None:
+    try:
+        import distributed  # noqa: F401  # pyright: ignore[reportUnusedImport]
+    except ImportError as exc:  # pragma: no cover - exercised in a subprocess without dask
+        raise BackendUnavailableError(
+            "embedtools.sharded needs Dask distributed, which is not installed: pip install 'embedtools[dask]'"
+        ) from exc
+
+
+_require_distributed()
 
 from embedtools.sharded.results import SearchStats, ShardedMemoryInfo, ShardedTable
 from embedtools.sharded.store import ShardedStore, load_into

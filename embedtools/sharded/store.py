@@ -63,6 +63,7 @@ __all__ = ["ShardedStore"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S", bound="ShardedStore")
 
 #: Searches tried again after reloading lost shards from their files.
 _RETRIES = 2
@@ -86,17 +87,6 @@ class _Lost(Exception):
         self.shards = shards
 
 
-def _exclusive(method: Callable[Concatenate[ShardedStore, P], R]) -> Callable[Concatenate[ShardedStore, P], R]:
-    """One call at a time: a change's check and commit phases must see the same shards."""
-
-    @functools.wraps(method)
-    def locked(self: ShardedStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
 class ShardedStore:
     """An :class:`~embedtools.EmbeddingStore` whose rows are spread over ``shards`` Dask workers.
 
@@ -108,6 +98,17 @@ class ShardedStore:
     the same rows in the same order returns, for every mode whose single-store result is exact.
     """
 
+    @staticmethod
+    def _exclusive(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+        """One call at a time: a change's check and commit phases must see the same shards."""
+
+        @functools.wraps(method)
+        def locked(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            with self._lock:
+                return method(self, *args, **kwargs)
+
+        return locked
+
     def __init__(self, client: Client, config: Config | Sequence[Config] | None = None, *, shards: int | None = None,
                  workers: Sequence[str] | None = None, timeout: float | None = None) -> None:  # fmt: skip
         self._client = client
@@ -118,8 +119,7 @@ class ShardedStore:
         configs = _configs(config, count)
         self._configs: list[dict[str, object]] = configs
         self._timeout = timeout
-        self.lock = threading.RLock()
-        """Held by every call: a change's check and commit phases see the same shards."""
+        self._lock = threading.RLock()
         self._runs: dict[int, Runs] = {}
         self._int_labels: dict[int, bool] = {}
         self._config: JSONObject = {}
@@ -284,7 +284,7 @@ class ShardedStore:
 
     @config.setter
     def config(self, value: Mapping[str, object]) -> None:
-        with self.lock:
+        with self._lock:
             self._hasher.hash_config(value)
             checked = as_config(value)
             self._all("set_config", checked)
@@ -499,7 +499,7 @@ class ShardedStore:
         metric = check_metric(metric)
         q = as_queries(queries)
         width = q.shape[1]
-        with self.lock:
+        with self._lock:
             source = self._source_dimension(dimension if dimension is not None else width, exact=dimension is None)
             attempt = 1
             while True:
@@ -637,7 +637,7 @@ class ShardedStore:
     def to_store(self, store: EmbeddingStore) -> EmbeddingStore:
         """Copy every row into one (empty) :class:`EmbeddingStore`, in global order, with the same
         indexes and config (through the client: for stores that fit one machine)."""
-        with self.lock:
+        with self._lock:
             for d in self.dimensions:
                 rows = self._rows_of(d)
                 order = self._runs[d].global_order(self.shard_count)
@@ -653,7 +653,7 @@ class ShardedStore:
 
     def close(self) -> None:
         """Release the shards' actors (their stores go with them); the client stays open."""
-        with self.lock:
+        with self._lock:
             for f in self._futures:
                 if f is not None:
                     release(f)

@@ -6,23 +6,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed")
+
+import distributed  # noqa: E402  (partly untyped: used through Any below)
+
+from embedtools.container import Config  # noqa: E402
 
 #: The most seconds the cluster may take to start, and each shard call in the tests.
 START_SECONDS = 60
 CALL_SECONDS = 60.0
 
-CONFIG = {"backend": "numpy", "max_memory_gb": 0.5}
+CONFIG: Config = {"backend": "numpy", "max_memory_gb": 0.5}
 
 
-def start_cluster() -> tuple[object, object]:
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+def start_cluster() -> tuple[Any, Any]:
+    dask: Any = distributed
+    cluster = dask.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                        silence_logs=logging.CRITICAL, timeout=START_SECONDS)  # fmt: skip
     try:
-        client = distributed.Client(cluster, timeout=START_SECONDS)
+        client = dask.Client(cluster, timeout=START_SECONDS)
     except BaseException:
         cluster.close()
         raise
@@ -31,10 +37,10 @@ def start_cluster() -> tuple[object, object]:
 
 
 @pytest.fixture(scope="session")
-def client() -> Iterator[distributed.Client]:
+def client() -> Iterator[Any]:
     cluster, client = start_cluster()
     try:
         yield client
     finally:
-        client.close()  # type: ignore[attr-defined]
-        cluster.close()  # type: ignore[attr-defined]
+        client.close()
+        cluster.close()

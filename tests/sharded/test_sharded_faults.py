@@ -25,8 +25,8 @@ def cluster() -> Iterator[Any]:
     try:
         yield client
     finally:
-        client.close()  # type: ignore[attr-defined]
-        cluster.close()  # type: ignore[attr-defined]
+        client.close()
+        cluster.close()
 
 
 def kill(client: Any, worker: str, after: float | None = None) -> None:
@@ -43,9 +43,9 @@ def kill(client: Any, worker: str, after: float | None = None) -> None:
 def build(client: Any, rows: int, dim: int) -> tuple[et.EmbeddingStore, ShardedStore, np.ndarray[Any, Any]]:
     rng = np.random.default_rng(12)
     x = rng.standard_normal((rows, dim)).astype(np.float32)
-    single = et.make_container(CONFIG).store()  # type: ignore[arg-type]
+    single = et.make_container(CONFIG).store()
     single.add(x)
-    sharded = ShardedStore(client, CONFIG, shards=2, timeout=CALL_SECONDS)  # type: ignore[arg-type]
+    sharded = ShardedStore(client, CONFIG, shards=2, timeout=CALL_SECONDS)
     sharded.add(x)
     return single, sharded, rng.standard_normal((200, dim)).astype(np.float32)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -17,8 +17,8 @@ from tests.sharded.conftest import CALL_SECONDS, CONFIG
 
 def stores(client: Any, shards: int = 3) -> tuple[et.EmbeddingStore, ShardedStore, np.ndarray[Any, Any]]:
     rng = np.random.default_rng(7)
-    single = et.make_container(CONFIG).store()  # type: ignore[arg-type]
-    sharded = ShardedStore(client, CONFIG, shards=shards, timeout=CALL_SECONDS)  # type: ignore[arg-type]
+    single = et.make_container(CONFIG).store()
+    sharded = ShardedStore(client, CONFIG, shards=shards, timeout=CALL_SECONDS)
     for n, d in ((40, 8), (13, 8), (9, 4)):
         x = rng.standard_normal((n, d)).astype(np.float32)
         labels = [f"l{i % 3}" for i in range(n)]
@@ -44,7 +44,7 @@ def test_folder_round_trip_with_manifest_and_digests(client: Any, tmp_path: Path
     manifest = json.loads((folder / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == [f"shard-0000{i}.embedtools" for i in range(3)]
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", *(s["file"] for s in manifest["shards"])]
-    loaded = ShardedStore.load(client, folder, CONFIG, timeout=CALL_SECONDS)  # type: ignore[arg-type]
+    loaded = ShardedStore.load(client, folder, CONFIG, timeout=CALL_SECONDS)
     assert loaded.table(8).quantized == ("int8",) and loaded.config == {"model": "m"}
     assert loaded.config_hash == single.config_hash
     assert loaded.ids(8) == single.table(8).ids and loaded.ids(4) == single.table(4).ids
@@ -67,9 +67,9 @@ def test_a_damaged_shard_file_is_refused(client: Any, tmp_path: Path) -> None:
         handle.seek(-3, 2)
         handle.write(b"xyz")
     with pytest.raises(et.StoreFormatError, match="SHA-256"):
-        ShardedStore.load(client, tmp_path / "s", CONFIG)  # type: ignore[arg-type]
+        ShardedStore.load(client, tmp_path / "s", CONFIG)
     with pytest.raises(et.StoreFormatError, match="SHA-256"):
-        load_into(et.make_container(CONFIG).store(), tmp_path / "s")  # type: ignore[arg-type]
+        load_into(et.make_container(CONFIG).store(), tmp_path / "s")
 
 
 def test_one_file_loads_sharded_by_the_placement_rule_without_rows_through_the_client(client: Any, tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_one_file_loads_sharded_by_the_placement_rule_without_rows_through_the_c
     sharded.close()
     single.add(np.random.default_rng(10).standard_normal((20000, 16)).astype(np.float32))
     single.save(tmp_path / "one.embedtools")
-    loaded = ShardedStore.load(client, tmp_path / "one.embedtools", CONFIG, shards=3, timeout=CALL_SECONDS)  # type: ignore[arg-type]
+    loaded = ShardedStore.load(client, tmp_path / "one.embedtools", CONFIG, shards=3, timeout=CALL_SECONDS)
     through = loaded.bytes_through_client
     rows_bytes = sum(single.table(d).to_numpy().nbytes for d in single.dimensions)
     assert 0 < through < rows_bytes // 100  # paths, ranges and small answers only: no row
@@ -88,7 +88,7 @@ def test_one_file_loads_sharded_by_the_placement_rule_without_rows_through_the_c
     same_results(loaded, single, queries)
     info = loaded.memory_info()
     assert all(t.mapped for m in info.shards for t in m.tables.values())
-    unmapped = ShardedStore.load(client, tmp_path / "one.embedtools", CONFIG, shards=2, mmap=False)  # type: ignore[arg-type]
+    unmapped = ShardedStore.load(client, tmp_path / "one.embedtools", CONFIG, shards=2, mmap=False)
     assert not any(t.mapped for m in unmapped.memory_info().shards for t in m.tables.values())
     same_results(unmapped, single, queries)
     for s in (loaded, unmapped):
@@ -100,11 +100,11 @@ def test_a_sharded_folder_loads_into_one_store(client: Any, tmp_path: Path) -> N
     sharded.remove(["3", "20"])
     single.remove(["3", "20"])
     sharded.save(tmp_path / "s")
-    one = load_into(et.make_container(CONFIG).store(), tmp_path / "s")  # type: ignore[arg-type]
+    one = load_into(et.make_container(CONFIG).store(), tmp_path / "s")
     assert one.table(8).ids == single.table(8).ids and one.config == single.config
     assert one.table(8).labels == single.table(8).labels
     same_results(one, single, queries)
-    copy = sharded.to_store(et.make_container(CONFIG).store())  # type: ignore[arg-type]
+    copy = sharded.to_store(et.make_container(CONFIG).store())
     assert copy.table(8).ids == single.table(8).ids
     np.testing.assert_array_equal(copy.table(8).to_numpy(), single.table(8).to_numpy())
     sharded.close()
@@ -138,15 +138,15 @@ def test_refusals_leave_every_shard_unchanged(client: Any) -> None:
             change()
         unchanged()
     with pytest.raises(et.InvalidArgumentError):
-        ShardedStore(client, {"backend": "numpy", "max_memroy_gb": 1})  # type: ignore[typeddict-unknown-key]
+        ShardedStore(client, cast("et.Config", {"backend": "numpy", "max_memroy_gb": 1}))
     sharded.close()
 
 
 def test_a_shard_refusing_rows_for_its_budget_changes_nothing_anywhere(client: Any) -> None:
     """Shard 1's budget holds 100 rows of 64d; an add whose piece for it is larger is refused
     before any shard takes a row, though shard 0 could have taken its piece."""
-    small = {"backend": "numpy", "max_memory_gb": 100 * 65 * 4 / 2**30}
-    sharded = ShardedStore(client, [CONFIG, small], shards=2, timeout=CALL_SECONDS)  # type: ignore[list-item]
+    small: et.Config = {"backend": "numpy", "max_memory_gb": 100 * 65 * 4 / 2**30}
+    sharded = ShardedStore(client, [CONFIG, small], shards=2, timeout=CALL_SECONDS)
     rng = np.random.default_rng(9)
     sharded.add(rng.standard_normal((150, 64)).astype(np.float32))
     before = sharded.memory_info()

@@ -55,8 +55,8 @@ def corpora(draw: st.DrawFn, dim: int | None = None) -> tuple[list[np.ndarray[An
 
 
 def build(client: Any, batches: list[np.ndarray[Any, Any]], shards: int, labels: bool = False) -> tuple[et.EmbeddingStore, ShardedStore]:
-    single = et.make_container(CONFIG).store()  # type: ignore[arg-type]
-    sharded = ShardedStore(client, CONFIG, shards=shards, timeout=CALL_SECONDS)  # type: ignore[arg-type]
+    single = et.make_container(CONFIG).store()
+    sharded = ShardedStore(client, CONFIG, shards=shards, timeout=CALL_SECONDS)
     for batch in batches:
         tags = [("a", "b", "c")[int(abs(r.sum())) % 3] for r in batch] if labels else None
         meta = [{"n": int(r[0])} for r in batch]
