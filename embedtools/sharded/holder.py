@@ -10,7 +10,8 @@ state keyed per store; a plugin adds a lifecycle for nothing the actor lacks.
 
 The holder builds its store from the container configuration it is given, so each worker has its
 own backend, device and budget. Every method does one store call and returns only what the client
-needs: counts, ids asked for, a shard's ``(queries, k)`` candidates — never rows.
+needs: counts, ids asked for, a shard's ``(queries, k)`` candidates — never rows, but for
+``rows_of``, which copies a shard into one store on request.
 """
 
 from __future__ import annotations
