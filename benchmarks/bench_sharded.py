@@ -42,7 +42,7 @@ def cluster(workers: int) -> tuple[Any, Any]:
     import distributed
 
     dask: Any = distributed
-    local = dask.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    local = dask.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               silence_logs=logging.ERROR)  # fmt: skip
     return local, dask.Client(local)
 

@@ -17,6 +17,7 @@ needs: counts, ids asked for, a shard's ``(queries, k)`` candidates — never ro
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,15 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     """The SHA-256 of a file, read in chunks (a shard file can be larger than memory)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def header_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of an embedtools file's verified header, which holds every tensor's SHA-256: a
+    file whose header digest matches and whose tensors load (each checked against its digest) is
+    the file that was saved, without a second pass over its bytes."""
+    from embedtools.fileformat import read_header
+
+    return hashlib.sha256(json.dumps(read_header(path), sort_keys=True).encode()).hexdigest()
 
 
 class ShardHolder:
@@ -181,18 +191,19 @@ class ShardHolder:
 
     # ------------------------------------------------------------------ files
 
-    def save(self, path: str) -> str:
-        """Write this shard's file (atomic, as every save) and return its SHA-256 for the manifest."""
+    def save(self, path: str) -> tuple[str, str]:
+        """Write this shard's file (atomic, as every save); return its SHA-256 and its header's
+        (:func:`header_sha256`) for the manifest."""
         self._store.save(path)
-        return file_sha256(path)
+        return file_sha256(path), header_sha256(path)
 
-    def load(self, path: str, mmap: bool | None, rows: Mapping[int, tuple[int, int]] | None, sha256: str | None) -> None:
-        """Replace this shard's (empty) store by the file at ``path`` (its ``rows`` ranges only, if
-        given), after checking the file is the one the manifest names. ``mmap=None`` maps on NumPy."""
+    def load(self, path: str, mmap: bool | None, rows: Mapping[int, tuple[int, int]] | None, header: str | None) -> None:
+        """Replace this shard's store by the file at ``path`` (its ``rows`` ranges only, if given),
+        after checking its header is the one the manifest names. ``mmap=None`` maps on NumPy."""
         from embedtools.errors import StoreFormatError
 
-        if sha256 is not None and file_sha256(path) != sha256:
-            raise StoreFormatError(f"{path} is not the file the manifest names (its SHA-256 differs)")
+        if header is not None and header_sha256(path) != header:
+            raise StoreFormatError(f"{path} is not the file the manifest names (its header's SHA-256 differs)")
         store = self._fresh()
         use_mmap = store.backend.name == "numpy" if mmap is None else mmap
         self._store = store.load(path, mmap=use_mmap, rows=rows)

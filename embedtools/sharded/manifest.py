@@ -34,8 +34,12 @@ def shard_file(index: int) -> str:
 
 @dataclass(frozen=True)
 class ShardEntry:
+    """One shard's file: its SHA-256 (for any tool), its header's (what a load checks, with the
+    tensors' own digests, in one pass) and its rows per table."""
+
     file: str
     sha256: str
+    header_sha256: str
     rows: Mapping[int, int]
 
 
@@ -51,7 +55,7 @@ def write_manifest(folder: str | os.PathLike[str], manifest: Manifest) -> None:
     body = {
         "format": FORMAT,
         "version": VERSION,
-        "shards": [{"file": s.file, "sha256": s.sha256, "rows": {str(d): n for d, n in sorted(s.rows.items())}} for s in manifest.shards],
+        "shards": [{"file": s.file, "sha256": s.sha256, "header_sha256": s.header_sha256, "rows": {str(d): n for d, n in sorted(s.rows.items())}} for s in manifest.shards],
         "tables": {str(d): runs.to_json() for d, runs in sorted(manifest.tables.items())},
         "config": manifest.config,
         "config_hash": manifest.config_hash,
@@ -76,7 +80,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         if body["format"] != FORMAT or body["version"] != VERSION:
             raise StoreFormatError(f"{path} is not a version {VERSION} {FORMAT} manifest")
         shards = tuple(
-            ShardEntry(str(s["file"]), str(s["sha256"]), {int(d): int(n) for d, n in s["rows"].items()}) for s in body["shards"]
+            ShardEntry(str(s["file"]), str(s["sha256"]), str(s["header_sha256"]), {int(d): int(n) for d, n in s["rows"].items()}) for s in body["shards"]
         )
         tables = {int(d): _runs(runs) for d, runs in body["tables"].items()}
         config: JSONObject = body["config"]

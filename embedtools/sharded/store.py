@@ -67,6 +67,8 @@ S = TypeVar("S", bound="ShardedStore")
 
 #: Searches tried again after reloading lost shards from their files.
 _RETRIES = 2
+#: How long a replacement shard's actor may take to start on a live worker.
+_RECOVER_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class _Source:
 
     path: str
     rows: Mapping[int, tuple[int, int]] | None
-    sha256: str | None
+    header_sha256: str | None
     mmap: bool | None
 
 
@@ -139,8 +141,9 @@ class ShardedStore:
 
     # ------------------------------------------------------------------ the shards' actors
 
-    def _start(self, where: Sequence[tuple[int, str]]) -> list[tuple[object, object]]:
-        return [start_actor(self._client, ShardHolder, (self._configs[i],), w, self._timeout) for i, w in where]
+    def _start(self, where: Sequence[tuple[int, str]], timeout: float | None = None) -> list[tuple[object, object]]:
+        wait = self._timeout if timeout is None else timeout
+        return [start_actor(self._client, ShardHolder, (self._configs[i],), w, wait) for i, w in where]
 
     def _send(self, shard: int, method: str, *args: object) -> Pending:
         pending, sent = call(self._holders[shard], method, *args)
@@ -201,13 +204,19 @@ class ShardedStore:
         if not live:
             return False
         load: dict[int, Pending] = {}
-        for i in sorted(self._lost):
-            others = [w for j, w in enumerate(self._workers) if j not in self._lost]
-            self._workers[i] = min(live, key=lambda w: (others.count(w), live.index(w)))
-            self._futures[i], self._holders[i] = self._start([(i, self._workers[i])])[0]
-            source = self._sources[i]
-            assert source is not None
-            load[i] = self._send(i, "load", source.path, source.mmap, source.rows, source.sha256)
+        placed = [w for j, w in enumerate(self._workers) if j not in self._lost]
+        try:
+            for i in sorted(self._lost):
+                self._workers[i] = min(live, key=lambda w: (placed.count(w), live.index(w)))
+                placed.append(self._workers[i])
+                self._futures[i], self._holders[i] = self._start([(i, self._workers[i])], _RECOVER_SECONDS)[0]
+                source = self._sources[i]
+                assert source is not None
+                load[i] = self._send(i, "load", source.path, source.mmap, source.rows, source.header_sha256)
+        except Exception as exc:  # the worker chosen is gone too (the scheduler did not know yet)
+            if not worker_gone(exc):
+                raise
+            return False
         self._lost.clear()
         try:
             self._gather(load)
@@ -575,12 +584,13 @@ class ShardedStore:
         folder.mkdir(exist_ok=True)
         files = [str((folder / shard_file(s)).resolve()) for s in range(self.shard_count)]
         digests = self._call("save", {s: (files[s],) for s in range(self.shard_count)})
-        entries = tuple(ShardEntry(shard_file(s), digests[s], {d: r.shard_rows(self.shard_count)[s] for d, r in self._runs.items()
-                                                               if r.shard_rows(self.shard_count)[s]})
-                        for s in range(self.shard_count))  # fmt: skip
-        write_manifest(folder, Manifest(entries, dict(self._runs), self._config, self.config_hash))
+        entries: list[ShardEntry] = []
         for s in range(self.shard_count):
-            self._sources[s] = _Source(files[s], None, digests[s], self._mapped)
+            rows = {d: r.shard_rows(self.shard_count)[s] for d, r in self._runs.items()}
+            entries.append(ShardEntry(shard_file(s), digests[s][0], digests[s][1], {d: n for d, n in rows.items() if n}))
+        write_manifest(folder, Manifest(tuple(entries), dict(self._runs), self._config, self.config_hash))
+        for s in range(self.shard_count):
+            self._sources[s] = _Source(files[s], None, digests[s][1], self._mapped)
 
     @classmethod
     def load(cls, client: Client, path: str | os.PathLike[str], config: Config | Sequence[Config] | None = None, *,
@@ -599,7 +609,7 @@ class ShardedStore:
             if shards is not None and shards != len(manifest.shards):
                 raise InvalidArgumentError(f"{target} holds {len(manifest.shards)} shards, not {shards}; it loads as saved")
             store = cls(client, config, shards=len(manifest.shards), workers=workers, timeout=timeout)
-            sources = [_Source(str((target / e.file).resolve()), None, e.sha256, mmap) for e in manifest.shards]
+            sources = [_Source(str((target / e.file).resolve()), None, e.header_sha256, mmap) for e in manifest.shards]
             store._fill(sources, manifest.tables, manifest.config)
             if manifest.config_hash != store.config_hash:
                 raise StoreFormatError(f"{target}: the manifest's config hash is not its config's")
@@ -626,7 +636,7 @@ class ShardedStore:
         return store
 
     def _fill(self, sources: Sequence[_Source], tables: Mapping[int, Runs], config: JSONObject) -> None:
-        self._call("load", {s: (src.path, src.mmap, src.rows, src.sha256) for s, src in enumerate(sources)})
+        self._call("load", {s: (src.path, src.mmap, src.rows, src.header_sha256) for s, src in enumerate(sources)})
         self._runs = dict(tables)
         infos = self._all("tables")
         self._int_labels = {d: any(cast("ShardTable", info[d]).int_labels for info in infos.values() if d in info) for d in tables}

@@ -24,8 +24,9 @@ CONFIG: Config = {"backend": "numpy", "max_memory_gb": 0.5}
 
 
 def start_cluster() -> tuple[Any, Any]:
+    """The cluster and a client on it; the HTTP server on a free port (two clusters may run at once)."""
     dask: Any = distributed
-    cluster = dask.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = dask.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                        silence_logs=logging.CRITICAL, timeout=START_SECONDS)  # fmt: skip
     try:
         client = dask.Client(cluster, timeout=START_SECONDS)

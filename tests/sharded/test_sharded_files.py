@@ -59,17 +59,22 @@ def test_folder_round_trip_with_manifest_and_digests(client: Any, tmp_path: Path
         s.close()
 
 
-def test_a_damaged_shard_file_is_refused(client: Any, tmp_path: Path) -> None:
+def test_a_damaged_or_swapped_shard_file_is_refused(client: Any, tmp_path: Path) -> None:
     _, sharded, _ = stores(client, 2)
     sharded.save(tmp_path / "s")
     sharded.close()
-    with open(tmp_path / "s" / "shard-00001.embedtools", "r+b") as handle:
-        handle.seek(-3, 2)
-        handle.write(b"xyz")
+    folder = tmp_path / "s"
+    first, second = (folder / "shard-00000.embedtools").read_bytes(), (folder / "shard-00001.embedtools").read_bytes()
+    (folder / "shard-00000.embedtools").write_bytes(second)  # valid files, but not the ones the manifest names
+    (folder / "shard-00001.embedtools").write_bytes(first)
+    with pytest.raises(et.StoreFormatError, match="header's SHA-256"):
+        ShardedStore.load(client, folder, CONFIG)
+    (folder / "shard-00000.embedtools").write_bytes(first)
+    (folder / "shard-00001.embedtools").write_bytes(second[:-3] + b"xyz")  # a tensor's bytes changed
+    with pytest.raises(et.StoreFormatError):
+        ShardedStore.load(client, folder, CONFIG)
     with pytest.raises(et.StoreFormatError, match="SHA-256"):
-        ShardedStore.load(client, tmp_path / "s", CONFIG)
-    with pytest.raises(et.StoreFormatError, match="SHA-256"):
-        load_into(et.make_container(CONFIG).store(), tmp_path / "s")
+        load_into(et.make_container(CONFIG).store(), folder)
 
 
 def test_one_file_loads_sharded_by_the_placement_rule_without_rows_through_the_client(client: Any, tmp_path: Path) -> None:
