@@ -96,8 +96,11 @@ class ShardedStore:
     shard: per-worker backend, device and ``max_memory_gb``). Shards are placed round-robin on
     ``workers`` (default: the client's workers now). Rows are placed by the rule of
     :mod:`embedtools.sharded.placement` (each add cut into contiguous pieces that even out the
-    shards' row counts; global row order kept), and searches return exactly what one store holding
-    the same rows in the same order returns, for every mode whose single-store result is exact.
+    shards' row counts; global row order kept), and searches return what one store holding the
+    same rows in the same order returns (see :meth:`search` for how exactly).
+
+    Calls are serialised (one at a time, each on every shard at once). ``timeout`` bounds each shard
+    call: a shard that does not answer in time counts as lost, like one whose worker died.
     """
 
     @staticmethod
@@ -495,10 +498,16 @@ class ShardedStore:
 
         Every shard runs its own store's search (``funnel=``, ``quantized=``, ``where=`` and any
         other option are passed through) and sends back its ``(queries, k)`` scores and local rows;
-        the client merges them (score, then global row). For the exact modes the ids are the single
-        store's. For ``funnel`` with one stage and for ``quantized`` shortlists each shard keeps a
-        shortlist of the same size over its own rows, so the union holds the single store's
-        shortlist and recall is at least the single store's. A shard whose worker is lost mid-search
+        the client merges them (score, then global row). Every score is the one the shard's store
+        computed for that row, so where the single store's arithmetic is exact (``l2``, rescored in
+        float64; products that float32 holds exactly) ids, indices and scores are the single store's
+        bit for bit; float32 ``cosine``/``dot`` scores of other rows can differ in the last bit
+        with how the GEMM was blocked (as one store's do with another block size), which reorders
+        only rows whose scores are that close. For ``funnel`` with one stage and for ``quantized``
+        shortlists each shard keeps a shortlist of the same size over its own rows, so the union
+        holds the single store's shortlist and recall is at least the single store's (an ``int8``
+        index is calibrated per shard, and a multi-stage funnel cuts per shard at every stage: for
+        those this is not a guarantee). A shard whose worker is lost mid-search
         is reloaded from its file and the search run again (all shards), or
         :class:`ShardLostError` names it: never an answer from some of the shards.
         ``row_ids`` of the result holds the winners' ids only. :attr:`last_search` says what moved.
