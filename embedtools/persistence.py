@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -59,6 +59,9 @@ def row_ranges(shapes: tuple[TableShape, ...], rows: Mapping[int, tuple[int, int
         shape = known.get(d)
         if shape is None:
             raise InvalidArgumentError(f"rows names table {d}d, which the file does not hold; it holds {sorted(known)}")
+        given = cast("object", bounds)  # checked: a caller's mapping may hold anything
+        if not (isinstance(given, tuple) and len(cast("tuple[object, ...]", given)) == 2 and all(type(b) is int for b in cast("tuple[object, ...]", given))):
+            raise InvalidArgumentError(f"rows of table {d}d must be a (start, stop) pair of ints, not {bounds!r}")
         start, stop = bounds
         if not 0 <= start <= stop <= shape.rows:
             raise InvalidArgumentError(f"rows {bounds!r} of table {d}d is not a range within its {shape.rows} rows")

@@ -42,8 +42,8 @@ def test_a_row_range_is_those_rows_with_the_files_index_calibration(tmp_path: Pa
 def test_bad_ranges_are_refused_before_anything_is_read(tmp_path: Path) -> None:
     _, path = saved(tmp_path)
     store = et.make_container({"backend": "numpy"}).store()
-    for rows in ({8: (5, 31)}, {8: (6, 5)}, {8: (-1, 3)}, {16: (0, 1)}):
+    for rows in ({8: (5, 31)}, {8: (6, 5)}, {8: (-1, 3)}, {16: (0, 1)}, {8: (0, 2, 3)}, {8: (0.0, 2)}, {8: "ab"}):
         with pytest.raises(et.InvalidArgumentError):
-            store.load(path, rows=rows)
+            store.load(path, rows=rows)  # type: ignore[arg-type]
         assert store.dimensions == () and store.memory_info().used_bytes == 0
     assert store.load(path, rows={8: (4, 4), 3: (0, 5)}).dimensions == (3,)  # an empty range leaves its table out
