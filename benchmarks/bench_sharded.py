@@ -44,7 +44,9 @@ def cluster(workers: int) -> tuple[Any, Any]:
     dask: Any = distributed
     local = dask.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               silence_logs=logging.ERROR)  # fmt: skip
-    return local, dask.Client(local)
+    client = dask.Client(local)
+    client.wait_for_workers(workers, timeout=120)
+    return local, client
 
 
 def projection(rate: float, merge_per_candidate: float, latency: float, dim: int, k: int) -> None:

@@ -22,8 +22,14 @@ class Pending(Protocol):
     def result(self, timeout: float | None = None) -> Any: ...
 
 
-def worker_addresses(client: Client) -> list[str]:
-    """The addresses of the cluster's workers now, sorted."""
+def worker_addresses(client: Client, wait: float | None = None) -> list[str]:
+    """The addresses of the cluster's workers now, sorted; with ``wait``, first wait up to that many
+    seconds for one to be there (a cluster just started, or whose workers are restarting)."""
+    if wait is not None:
+        try:
+            cast("Any", client).wait_for_workers(1, timeout=wait)
+        except TimeoutError:
+            return []
     info = cast("dict[str, Any]", cast("Any", client).scheduler_info())
     return sorted(str(w) for w in cast("dict[str, object]", info["workers"]))
 

@@ -69,6 +69,8 @@ S = TypeVar("S", bound="ShardedStore")
 _RETRIES = 2
 #: How long a replacement shard's actor may take to start on a live worker.
 _RECOVER_SECONDS = 60.0
+#: How long a new store waits for its cluster's first worker.
+_START_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class ShardedStore:
     def __init__(self, client: Client, config: Config | Sequence[Config] | None = None, *, shards: int | None = None,
                  workers: Sequence[str] | None = None, timeout: float | None = None) -> None:  # fmt: skip
         self._client = client
-        addresses = list(workers) if workers is not None else worker_addresses(client)
+        addresses = list(workers) if workers is not None else worker_addresses(client, wait=_START_SECONDS if timeout is None else timeout)
         if not addresses:
             raise InvalidArgumentError("the client's cluster has no workers")
         count = len(addresses) if shards is None else check_positive_int(shards, "shards")
