@@ -43,7 +43,7 @@ def cluster(workers: int) -> tuple[Any, Any]:
 
     dask: Any = distributed
     local = dask.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                              silence_logs=logging.ERROR)  # fmt: skip
+                              silence_logs=logging.CRITICAL)  # fmt: skip
     client = dask.Client(local)
     client.wait_for_workers(workers, timeout=120)
     return local, client
