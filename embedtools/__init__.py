@@ -2,7 +2,7 @@
 
 Importing this package loads NumPy and nothing heavier: the container (dependency-injector) is
 loaded on first use of ``embedtools.Container`` (or ``Config``, ``make_container``), torch/MLX only when a backend is built or looked up
-(``embedtools.TorchBackend`` imports torch).
+(``embedtools.TorchBackend`` imports torch), Dask only for ``embedtools.ShardedStore``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from embedtools.errors import (
     InvalidEmbeddingError,
     MemoryLimitError,
     ReadOnlyStoreError,
+    ShardLostError,
     StoreFormatError,
     StoreNotEmptyError,
     StoreNotFoundError,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from embedtools.backends.numpy import NumpyBackend
     from embedtools.backends.torch import TorchBackend
     from embedtools.container import Config, Container, make_container
+    from embedtools.sharded import ShardedStore
 
 __version__ = "0.1.0"
 
@@ -75,6 +77,8 @@ __all__ = [
     "Quantization",
     "ReadOnlyStoreError",
     "SearchResult",
+    "ShardLostError",
+    "ShardedStore",
     "Sha256Hasher",
     "StudyRow",
     "StudyTable",
@@ -106,6 +110,7 @@ _LAZY = {
     "NumpyBackend": "embedtools.backends.numpy",
     "TorchBackend": "embedtools.backends.torch",
     "MlxBackend": "embedtools.backends.mlx",
+    "ShardedStore": "embedtools.sharded",
 }
 
 # Hidden from type checkers: a module ``__getattr__`` returning ``Any`` would make every misspelt

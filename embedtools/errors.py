@@ -17,6 +17,7 @@ __all__ = [
     "InvalidEmbeddingError",
     "MemoryLimitError",
     "ReadOnlyStoreError",
+    "ShardLostError",
     "StoreFormatError",
     "StoreNotEmptyError",
     "StoreNotFoundError",
@@ -98,3 +99,29 @@ class MemoryLimitError(EmbedtoolsError, MemoryError):
         self.asked = asked
         self.used = used
         self.limit = limit
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # keyword-only fields: the default reduce would call cls(message) and fail (a sharded
+        # store's workers send their errors to the client pickled)
+        return (_memory_limit, (str(self), self.asked, self.used, self.limit))
+
+
+def _memory_limit(message: str, asked: int, used: int, limit: int) -> MemoryLimitError:
+    return MemoryLimitError(message, asked=asked, used=used, limit=limit)
+
+
+class ShardLostError(EmbedtoolsError, RuntimeError):
+    """Shards of a :class:`~embedtools.sharded.ShardedStore` whose worker died and that no saved
+    file can restore: the call gave no answer rather than one from the other shards; ``shards``
+    names them."""
+
+    def __init__(self, message: str, *, shards: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.shards = shards
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_shard_lost, (str(self), self.shards))
+
+
+def _shard_lost(message: str, shards: tuple[int, ...]) -> ShardLostError:
+    return ShardLostError(message, shards=shards)

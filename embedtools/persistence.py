@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -19,9 +19,9 @@ from embedtools.errors import InvalidArgumentError, StoreFormatError, StoreNotFo
 from embedtools.protocols import ArrayBackend, Hasher
 from embedtools.records import StoreRecord, TableRecord, TableShape
 from embedtools.tables import TableState, from_record
-from embedtools.validation import JSONObject
+from embedtools.validation import JSONObject, as_labels
 
-__all__ = ["read_shapes", "read_store", "read_tables", "snapshot"]
+__all__ = ["read_shapes", "read_store", "read_tables", "row_ranges", "snapshot"]
 
 
 def read_shapes(path: object, *, mmap: bool, backend_name: str, hasher: Hasher) -> tuple[Path, tuple[TableShape, ...]]:
@@ -49,12 +49,46 @@ def read_store(path: Path, shapes: tuple[TableShape, ...], *, mmap: bool, hasher
     return record
 
 
+def row_ranges(shapes: tuple[TableShape, ...], rows: Mapping[int, tuple[int, int]]) -> tuple[TableShape, ...]:
+    """The shapes of the row ranges ``rows`` (dimension -> ``(start, stop)``) of the tables
+    ``shapes``: what a load of part of a file (one shard's rows) is billed. Tables not named, or
+    given an empty range, are left out; a range outside its table is refused before anything is read."""
+    known = {s.dimension: s for s in shapes}
+    out: list[TableShape] = []
+    for d, bounds in rows.items():
+        shape = known.get(d)
+        if shape is None:
+            raise InvalidArgumentError(f"rows names table {d}d, which the file does not hold; it holds {sorted(known)}")
+        given = cast("object", bounds)  # checked: a caller's mapping may hold anything
+        if not (isinstance(given, tuple) and len(cast("tuple[object, ...]", given)) == 2 and all(type(b) is int for b in cast("tuple[object, ...]", given))):
+            raise InvalidArgumentError(f"rows of table {d}d must be a (start, stop) pair of ints, not {bounds!r}")
+        start, stop = bounds
+        if not 0 <= start <= stop <= shape.rows:
+            raise InvalidArgumentError(f"rows {bounds!r} of table {d}d is not a range within its {shape.rows} rows")
+        if stop > start:
+            out.append(replace(shape, rows=stop - start))
+    return tuple(sorted(out, key=lambda s: s.dimension))
+
+
+def _sliced(table: TableRecord, start: int, stop: int) -> TableRecord:
+    """Rows ``start:stop`` of a table read from a file: views of mapped arrays stay mapped; indexes
+    keep the file's calibration, so a slice's codes are the rows' codes in the whole table."""
+    quantized = tuple(replace(index, rows=stop - start, codes=index.codes[start:stop]) for index in table.quantized)
+    return replace(table, vectors=table.vectors[start:stop], ids=table.ids[start:stop], labels=as_labels(table.labels[start:stop]),
+                   metadata=table.metadata[start:stop], quantized=quantized)  # fmt: skip
+
+
 def read_tables(
-    backend: ArrayBackend[Any], path: Path, shapes: tuple[TableShape, ...], *, mmap: bool, hasher: Hasher, step: Callable[[], object] = lambda: None
+    backend: ArrayBackend[Any], path: Path, shapes: tuple[TableShape, ...], *, mmap: bool, hasher: Hasher, step: Callable[[], object] = lambda: None,
+    rows: Mapping[int, tuple[int, int]] | None = None,
 ) -> tuple[dict[int, TableState[Any]], JSONObject]:
     """The tables (built on ``backend``) and config of the store at ``path``, by :func:`read_store`;
-    ``step`` is called after the read and after each table (a progress bar's tick)."""
+    ``step`` is called after the read and after each table (a progress bar's tick). With ``rows``
+    (see :func:`row_ranges`) only those row ranges are built; ``shapes`` are then the whole file's."""
     record = read_store(path, shapes, mmap=mmap, hasher=hasher)
+    if rows is not None:
+        parts = {s.dimension for s in row_ranges(shapes, rows)}
+        record = replace(record, tables=tuple(_sliced(t, *rows[t.dimension]) for t in record.tables if t.dimension in parts))
     step()
     built: dict[int, TableState[Any]] = {}
     for table in record.tables:

@@ -23,7 +23,7 @@ from embedtools.budget import format_bytes
 from embedtools.errors import DimensionError, InvalidArgumentError, ReadOnlyStoreError, StoreNotEmptyError
 from embedtools.filters import Filter
 from embedtools.ledger import Ledger, kept_caches_bill, rebuilt_bill
-from embedtools.persistence import read_shapes, read_tables, snapshot
+from embedtools.persistence import read_shapes, read_tables, row_ranges, snapshot
 from embedtools.progress import check_progress, progress_bar
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, check_quantization
@@ -324,7 +324,7 @@ class EmbeddingStore:
             bar.update()
 
     @_exclusive
-    def load(self, path: str | os.PathLike[str], *, mmap: bool = False) -> Self:
+    def load(self, path: str | os.PathLike[str], *, mmap: bool = False, rows: Mapping[int, tuple[int, int]] | None = None) -> Self:
         """Fill this empty store from an embedtools file or a seed ``save_to_disk`` folder; return it.
 
         The memory budget is charged from the file's header before any vector is read; if anything
@@ -335,17 +335,21 @@ class EmbeddingStore:
         disk speed, the budget charges only what is resident (norms, ids, indexes), and the store is
         read-only (:class:`ReadOnlyStoreError`) until :meth:`materialize` copies it into memory.
         Torch and MLX keep tables in their own (device) memory and refuse ``mmap``.
+
+        ``rows={384: (0, 500_000)}`` loads only those row ranges of the named tables (others are
+        left out): how a sharded store's workers each read their part of one file.
         """
         if self._tables:
             raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
         p, shapes = read_shapes(path, mmap=mmap, backend_name=self._backend.name, hasher=self._hasher)
+        billed = shapes if rows is None else row_ranges(shapes, rows)
 
-        bills = {s.dimension: s.nbytes for s in shapes}
-        with self._ledger.reserving(bills), progress_bar(self._progress, len(shapes) + 1, f"load {p.name}", "steps") as bar:
-            built, config = read_tables(self._backend, p, shapes, mmap=mmap, hasher=self._hasher, step=bar.update)
+        bills = {s.dimension: s.nbytes for s in billed}
+        with self._ledger.reserving(bills), progress_bar(self._progress, len(billed) + 1, f"load {p.name}", "steps") as bar:
+            built, config = read_tables(self._backend, p, shapes, mmap=mmap, hasher=self._hasher, step=bar.update, rows=rows)
         self._tables.update(built)
         self._config = config
-        self._mapped_from = p if mmap and shapes else None
+        self._mapped_from = p if mmap and billed else None
         return self
 
     @property
