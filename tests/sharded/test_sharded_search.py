@@ -204,3 +204,16 @@ def test_quantized_shortlist_recall_is_at_least_the_single_stores(client: Any) -
             assert set(t) & set(a) <= set(b)
     finally:
         sharded.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(corpora(), st.integers(1, 3), st.sampled_from(METRICS), st.integers(1, 12))
+def test_certified_search_equals_the_single_store_bit_for_bit(client: Any, corpus: Any, shards: int, metric: et.Metric, k: int) -> None:
+    """``rescore="certified"`` makes every metric exact (float64 rescoring of a proven shortlist),
+    so cosine and dot of any float rows are equal bit for bit too, not only to GEMM rounding."""
+    batches, queries = corpus
+    single, sharded = build(client, batches, shards)
+    try:
+        compare(sharded, single, queries, k, True, metric=metric, rescore="certified")
+    finally:
+        sharded.close()
