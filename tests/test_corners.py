@@ -166,3 +166,31 @@ def test_the_sampled_floor_starts_at_its_threshold_and_only_over_several_blocks(
     calls.clear()
     driver(exact[:BLOCK_ROWS], SAMPLED_FLOOR_MIN, spy)  # one block: its own selection, no sample
     assert not calls
+
+
+def test_a_decoded_corpus_is_walked_in_cache_sized_blocks_even_for_one_query() -> None:
+    """One query's blocks are a million rows (its product is a GEMV); decoded, such a block was the
+    whole table in float32 at once: 60,000 x 64 int8 codes took 15 MB for one query."""
+    import tracemalloc
+
+    from embedtools import ByteBudget, EmbeddingStore, Sha256Hasher
+    from embedtools.search import DECODED_BLOCK_BYTES, ONE_QUERY_BLOCK_ROWS, rows_per_block
+
+    assert rows_per_block(1, gpu=False) == ONE_QUERY_BLOCK_ROWS
+    assert rows_per_block(1, gpu=False, decoded_width=384) * 384 * 4 <= DECODED_BLOCK_BYTES
+    assert rows_per_block(1_000, gpu=False, decoded_width=1 << 20) == 64  # never fewer rows
+    assert rows_per_block(1, gpu=True, decoded_width=384) == rows_per_block(1, gpu=True)
+    corpus = np.random.default_rng(0).standard_normal((60_000, 64)).astype(np.float32)
+    store = EmbeddingStore(make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher())
+    store.add(corpus)
+    store.quantize(64, "int8")
+    query = corpus[7:8] + np.float32(0.01)
+    store.search(query, k=10, quantized="int8")
+    tracemalloc.start()
+    try:
+        found = store.search(query, k=10, quantized="int8")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found.indices[0, 0] == 7
+    assert peak < 2 * DECODED_BLOCK_BYTES + (1 << 20) < corpus.nbytes // 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 from embedtools.search.kernel import (
     BLOCK_ROWS,
     CANDIDATE_BYTES,
+    DECODED_BLOCK_BYTES,
     DEVICE_BLOCK_ROWS,
     ONE_QUERY_BLOCK_ROWS,
     SAMPLE_STRIDE,
@@ -30,6 +31,7 @@ from embedtools.search.rescore import rescore
 __all__ = [
     "BLOCK_ROWS",
     "CANDIDATE_BYTES",
+    "DECODED_BLOCK_BYTES",
     "DEVICE_BLOCK_ROWS",
     "ONE_QUERY_BLOCK_ROWS",
     "SAMPLED_FLOOR_MIN",
