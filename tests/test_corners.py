@@ -21,6 +21,7 @@ from embedtools.search import (
     BLOCK_ROWS,
     GROUPS_PER_SLOT,
     SAMPLED_FLOOR_MIN,
+    RunningTop,
     group_floor,
     host_candidates,
     host_nth_best,
@@ -80,13 +81,35 @@ def test_group_floor_passes_little_more_than_m_rows_on_unordered_scores() -> Non
         assert (passed >= m).all() and passed.mean() < 1.5 * m
 
 
-def test_a_block_too_small_for_groups_gives_its_own_top_m() -> None:
-    block = integer_rows(4 * 10 - 1, 3, seed=1)  # 4m > rows: no group floor for m = 10
-    rows, vals, cols = host_candidates(block, 10, np.full(3, -np.inf, np.float32))
-    assert np.bincount(rows, minlength=3).tolist() == [10, 10, 10]
-    for q in range(3):
-        assert sorted(vals[rows == q].tolist()) == sorted(np.sort(block[:, q])[-10:].tolist())
-        np.testing.assert_array_equal(block[cols[rows == q], q], vals[rows == q])
+def test_a_first_block_gives_every_row_tied_with_its_m_th_best() -> None:
+    """Small blocks (one group per row) as large ones: the rows equal to the m-th best all come,
+    so the running top m can keep the lower indices among them."""
+    for rows in (4 * 10 - 1, 4 * 10, 500):
+        block = integer_rows(rows, 3, seed=rows)  # values in -18..18: ties at the cut
+        got_rows, vals, cols = host_candidates(block, 10, np.full(3, -np.inf, np.float32))
+        for q in range(3):
+            mth = np.sort(block[:, q])[-10]
+            want = np.flatnonzero(block[:, q] >= mth)
+            np.testing.assert_array_equal(np.sort(cols[got_rows == q]), want)
+            np.testing.assert_array_equal(block[cols[got_rows == q], q], vals[got_rows == q])
+
+
+def test_running_top_m_keeps_the_lower_index_of_equal_scores() -> None:
+    """Hamming scores tie by nature and are not settled by a redo: which tied rows a shortlist
+    keeps must not depend on how candidates arrived (blocks, folds)."""
+    rng = np.random.default_rng(9)
+    n_queries, m = 5, 12
+    values = rng.integers(0, 4, (n_queries, 600)).astype(np.float32)
+    want = np.argsort(-values, axis=1, kind="stable")[:, :m]
+    for cut in (50, 200, 600):
+        running = RunningTop(n_queries, m)
+        for start in range(0, 600, cut):
+            block = np.ascontiguousarray(values[:, start : start + cut].T)
+            rows, vals, cols = host_candidates(block, m, running.threshold)
+            running.merge(rows, vals, cols + start)
+        got_vals, got_cols = running.result()
+        np.testing.assert_array_equal(got_cols, want)
+        np.testing.assert_array_equal(got_vals, np.take_along_axis(values, want, axis=1))
 
 
 #: ``k`` on both sides of each switch: the group floor's (``GROUPS_PER_SLOT * m`` rows per block),
@@ -194,3 +217,36 @@ def test_a_decoded_corpus_is_walked_in_cache_sized_blocks_even_for_one_query() -
         tracemalloc.stop()
     assert found.indices[0, 0] == 7
     assert peak < 2 * DECODED_BLOCK_BYTES + (1 << 20) < corpus.nbytes // 2
+
+
+def test_running_top_m_over_indices_beyond_32_bits_keeps_the_best_values() -> None:
+    rng = np.random.default_rng(2)
+    values = rng.permutation(300).astype(np.float32).reshape(3, 100)  # distinct: no tie to break
+    running = RunningTop(3, 7)
+    rows = np.repeat(np.arange(3), 100)
+    running.merge(rows, values.reshape(-1), np.tile(np.arange(100, dtype=np.int64), 3) + (1 << 33))
+    got_vals, got_cols = running.result()
+    want = np.argsort(-values, axis=1)[:, :7]
+    np.testing.assert_array_equal(got_cols, want + (1 << 33))
+    np.testing.assert_array_equal(got_vals, np.take_along_axis(values, want, axis=1))
+
+
+def test_a_binary_shortlist_keeps_the_lower_rows_of_equal_hamming_distance() -> None:
+    """16-bit codes over 9,000 rows: hundreds of rows share each Hamming distance, so the
+    shortlist's last places are a choice among ties, and the choice is the lower row."""
+    from embedtools import ByteBudget, EmbeddingStore, Sha256Hasher
+
+    rng = np.random.default_rng(4)
+    corpus = rng.standard_normal((9_000, 16)).astype(np.float32)
+    queries = rng.standard_normal((8, 16)).astype(np.float32)
+    store = EmbeddingStore(make_backend("numpy"), ByteBudget(1 << 30), Sha256Hasher())
+    store.add(corpus)
+    store.quantize(16, "binary")
+    k, rescore = 10, 3
+    found = store.search(queries, k=k, quantized="binary", rescore=rescore)
+    agreement = np.where(queries > 0, 1, -1) @ np.where(corpus > 0, 1, -1).T
+    shortlist = np.argsort(-agreement, axis=1, kind="stable")[:, : k * rescore]
+    unit = corpus.astype(np.float64) / np.linalg.norm(corpus.astype(np.float64), axis=1, keepdims=True)
+    cosine = np.einsum("qsd,qd->qs", unit[shortlist], queries.astype(np.float64))
+    want = np.take_along_axis(shortlist, np.argsort(-cosine, axis=1, kind="stable")[:, :k], axis=1)
+    np.testing.assert_array_equal(found.indices, want)
