@@ -89,9 +89,9 @@ def test_running_top_m_equals_brute_force(per_query: int, path: str, monkeypatch
     for name in ("_fold_dense", "_fold_each"):
         original = getattr(RunningTop, name)
 
-        def spy(self: RunningTop, *args: object, _name: str = name, _original: object = original) -> None:
+        def spy(self: RunningTop, *args: object, _name: str = name, _original: object = original) -> object:
             calls.append(_name)
-            _original(self, *args)  # type: ignore[operator]
+            return _original(self, *args)  # type: ignore[operator]
 
         monkeypatch.setattr(RunningTop, name, spy)
     rng = np.random.default_rng(per_query)

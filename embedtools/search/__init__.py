@@ -12,6 +12,7 @@ from __future__ import annotations
 from embedtools.search.kernel import (
     BLOCK_ROWS,
     CANDIDATE_BYTES,
+    DECODED_BLOCK_BYTES,
     DEVICE_BLOCK_ROWS,
     ONE_QUERY_BLOCK_ROWS,
     SAMPLE_STRIDE,
@@ -24,15 +25,17 @@ from embedtools.search.kernel import (
     run_topk,
     sampled_floor,
 )
-from embedtools.search.merge import Candidates, RunningTop, best_first, head_rows, host_candidates, host_nth_best
+from embedtools.search.merge import GROUPS_PER_SLOT, Candidates, RunningTop, best_first, group_floor, host_candidates, host_nth_best
 from embedtools.search.rescore import rescore
 
 __all__ = [
     "BLOCK_ROWS",
     "CANDIDATE_BYTES",
+    "DECODED_BLOCK_BYTES",
     "DEVICE_BLOCK_ROWS",
     "ONE_QUERY_BLOCK_ROWS",
     "SAMPLED_FLOOR_MIN",
+    "GROUPS_PER_SLOT",
     "SAMPLE_STRIDE",
     "Candidates",
     "RunningTop",
@@ -40,7 +43,7 @@ __all__ = [
     "check_k",
     "check_metric",
     "check_topk_inputs",
-    "head_rows",
+    "group_floor",
     "host_candidates",
     "host_nth_best",
     "plan_blocks",

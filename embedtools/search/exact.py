@@ -181,7 +181,7 @@ def blocked_topk(
         settle_ties=settle_ties,
         row_mask=mask,
         nth_best=backend.nth_best if caps.select_on_device else None,
-        block_rows=rows_per_block(q.shape[0], gpu=caps.gpu),
+        block_rows=rows_per_block(q.shape[0], gpu=caps.gpu, decoded_width=None if rows_of is None else q.shape[1]),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Candidates", "RunningTop", "best_first", "head_rows", "host_candidates", "host_nth_best"]
+__all__ = ["GROUPS_PER_SLOT", "Candidates", "RunningTop", "best_first", "group_floor", "host_candidates", "host_nth_best"]
 
 def host_nth_best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
     """Each row's n-th largest value of a host ``(queries, rows)`` array."""
@@ -64,27 +64,23 @@ def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArr
     """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``.
 
     One compare against each query's threshold rejects nearly the whole block. Until every query
-    has ``m`` candidates, a large block's threshold is the m-th best of its first
-    :func:`head_rows` rows (all its rows scoring at least that include that head's top ``m``): a
-    partition of the head instead of an ``argpartition`` of the whole block, which cost more time
-    and three blocks' worth of index arrays. A small block gives its own top ``m`` per query.
+    has ``m`` candidates, the block is compared against :func:`group_floor` instead (one
+    max-reduction of the block and a partition of a few times ``m`` maxima): a partition of
+    thousands of strided rows per query cost as much as a third of the block's GEMM for
+    shortlists of 40 to 100. Every row scoring at least that floor is a candidate, rows equal to
+    the block's m-th best included, so that :class:`RunningTop` can keep the lower indices of
+    equal scores. A block of at most ``m`` rows gives all of them.
     """
     n, queries = block.shape
     if np.isneginf(threshold).any():
-        head = head_rows(m)
-        if 2 * head <= n:
-            first = np.partition(block[:head], head - m, axis=0)[head - m]
-            flat = np.flatnonzero(block >= np.maximum(threshold, first))
+        if m < n:
+            flat = np.flatnonzero(block >= np.maximum(threshold, group_floor(block, m)))
             cols, rows = np.divmod(flat, queries)
             return rows, block.reshape(-1)[flat], cols
-        if m >= n:
-            picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
-        else:
-            picked = np.argpartition(block, n - m, axis=0)[n - m :].astype(np.int64, copy=False)
-        vals = np.take_along_axis(block, picked, axis=0)
+        picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
         return (
-            np.repeat(np.arange(queries, dtype=np.int64), picked.shape[0]),
-            np.ascontiguousarray(vals.T).reshape(-1),
+            np.repeat(np.arange(queries, dtype=np.int64), n),
+            np.ascontiguousarray(block.T).reshape(-1),
             np.ascontiguousarray(picked.T).reshape(-1),
         )
     flat = np.flatnonzero(block > threshold)
@@ -92,10 +88,46 @@ def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArr
     return rows, block.reshape(-1)[flat], cols
 
 
-def head_rows(m: int) -> int:
-    """Rows whose m-th best score is a first block's threshold: enough that only ~``m·n/head``
-    of the block's ``n`` rows pass it."""
-    return max(64 * m, 1024)
+#: Groups per slot of the running top ``m`` that :func:`group_floor` cuts a block into.
+GROUPS_PER_SLOT = 4
+
+
+def group_floor(block: npt.NDArray[np.float32], m: int) -> npt.NDArray[np.float32]:
+    """Each query's m-th best of the maxima of ``GROUPS_PER_SLOT * m`` groups of a ``(rows,
+    queries)`` block's consecutive rows (one row each in a block of fewer rows: its m-th best).
+
+    Each group maximum is a distinct row's score, so at least ``m`` of the block's rows score at
+    least this: its own top ``m`` all do, and comparing the block against it with ``>=`` loses
+    none of them. With four groups per slot little more than ``m`` rows per query pass on
+    unordered rows (about ``1.2·m``), so the first fold stays small; rows sorted by score only
+    let more through. NaN scores (an overflowed product) are ignored by the maxima, and a group
+    of NaNs alone counts as ``-inf``.
+    """
+    n, queries = block.shape
+    groups = min(GROUPS_PER_SLOT * m, n)
+    size = n // groups
+    maxima = np.fmax.reduce(block[: groups * size].reshape(groups, size, queries), axis=1)
+    maxima[np.isnan(maxima)] = -np.inf  # a group of NaNs only: no row of it counts
+    floor: npt.NDArray[np.float32] = np.partition(maxima, groups - m, axis=0)[groups - m]
+    return floor
+
+
+#: The packed key of an empty slot (``-inf``, index ``-1``): after every real candidate, ``-inf`` ones too.
+_LOW = 0xFFFFFFFF
+
+
+def _pack(values: npt.NDArray[np.float32], indices: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """int64 keys whose ascending order is best first, equal values by lower index (``-1``, an
+    empty slot, as the highest): :func:`best_first`'s keys, for indices below ``2**32 - 1``."""
+    keys = _ordered_bits(np.asarray(values, dtype=np.float32) + np.float32(0.0), descending=True).astype(np.int64) << 32
+    keys |= indices & _LOW
+    return keys
+
+
+def _unpack(keys: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    cols = keys & _LOW
+    cols[cols == _LOW] = -1
+    return _float_of_bits((keys >> 32).astype(np.int32), descending=True), cols
 
 
 #: From this many new candidates per query, a fold partitions query by query (one Python step
@@ -108,9 +140,12 @@ class RunningTop:
 
     New candidates are buffered and folded in only when the buffer outgrows a few times
     ``queries x m``: grouping them by query is a radix sort on 16-bit query numbers, and keeping the
-    best ``m`` of each query one ``argpartition`` (over all queries at once, padded, or query by
+    best ``m`` of each query one ``partition`` (over all queries at once, padded, or query by
     query when there are many candidates per query) — per block this cost more than the GEMM for
-    shortlists of a few hundred. Thresholds (each row's m-th best)
+    shortlists of a few hundred. What is partitioned are :func:`best_first`'s packed keys, value
+    above and index below, so of equal values the lower indices are kept whatever the blocks and
+    folds were (a candidate rejected for equalling a threshold has a higher index than the row
+    that set it: blocks arrive in row order). Thresholds (each row's m-th best)
     are refreshed at each fold; between two they are merely lower than they could be, which lets a
     few more candidates through and changes nothing. A ``floor`` (see :func:`sampled_floor`) keeps
     thresholds at least that high; a query it starved of candidates ends with empty (``-inf``, ``-1``)
@@ -160,26 +195,38 @@ class RunningTop:
         order = np.argsort(key, kind="stable")  # radix sort for 16-bit keys
         rows, vals, cols = rows[order], vals[order], cols[order]
         counts = np.bincount(rows, minlength=n_queries)
-        if rows.size >= _FOLD_EACH_FROM * n_queries:
-            self._fold_each(vals, cols, counts)
+        if max(int(cols.max(initial=0)), int(self.cols.max(initial=0))) >= _LOW:  # 4 billion rows: by value
+            self._fold_by_value(rows, vals, cols, counts)
         else:
-            self._fold_dense(rows, vals, cols, counts)
+            own, keys = _pack(self.vals, self.cols), _pack(vals, cols)
+            kept = self._fold_each(own, keys, counts) if rows.size >= _FOLD_EACH_FROM * n_queries else self._fold_dense(own, rows, keys, counts)
+            self.vals, self.cols = _unpack(kept)
         self.threshold = np.maximum(self.vals.min(axis=1), self.floor)
 
-    def _fold_each(self, vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]) -> None:
+    def _fold_each(self, own: npt.NDArray[np.int64], keys: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
         """Query by query: one partition over exactly the query's own candidates, no padding."""
         ends = np.cumsum(counts)
         for i, (end, count) in enumerate(zip(ends.tolist(), counts.tolist(), strict=True)):
             if count:
-                v = np.concatenate((self.vals[i], vals[end - count : end]))
-                c = np.concatenate((self.cols[i], cols[end - count : end]))
-                keep = np.argpartition(v, v.size - self.m)[v.size - self.m :]
-                self.vals[i], self.cols[i] = v[keep], c[keep]
+                own[i] = np.partition(np.concatenate((own[i], keys[end - count : end])), self.m - 1)[: self.m]
+        return own
 
     def _fold_dense(
+        self, own: npt.NDArray[np.int64], rows: npt.NDArray[np.int64], keys: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]
+    ) -> npt.NDArray[np.int64]:
+        """All queries at once, through a ``(queries, m + most per query)`` array padded with empty slots."""
+        n_queries = own.shape[0]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(rows.size) - starts[rows]
+        dense = np.full((n_queries, int(counts.max())), _pack(np.full(1, -np.inf, np.float32), np.full(1, -1, np.int64))[0])
+        dense[rows, slot] = keys
+        kept: npt.NDArray[np.int64] = np.partition(np.hstack([own, dense]), self.m - 1, axis=1)[:, : self.m]
+        return kept
+
+    def _fold_by_value(
         self, rows: npt.NDArray[np.int64], vals: npt.NDArray[np.float32], cols: npt.NDArray[np.int64], counts: npt.NDArray[np.intp]
     ) -> None:
-        """All queries at once, through a ``(queries, m + most per query)`` array padded with ``-inf``."""
+        """Indices beyond 32 bits: padded as :meth:`_fold_dense`, partitioned by value alone."""
         n_queries = self.vals.shape[0]
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         slot = np.arange(rows.size) - starts[rows]
