@@ -95,6 +95,9 @@ def first_shortlist(k: int) -> int:
 
 #: Rows sampled (strided) for a centred frame's centre.
 CENTRE_SAMPLE = 1024
+#: Largest gathered block of shortlist rows (with its float64 copies): a block that stays in
+#: cache is gathered and scored faster than one as large as the search's score block may be.
+GATHER_BLOCK_BYTES = 16 << 20
 
 
 class Frame(NamedTuple):
@@ -210,7 +213,7 @@ def rescore_shortlists(
     out_idx = np.empty((n_queries, k), dtype=np.int64)
     per_candidate = 3 * 8 * max(dim, 1)
     cols = max(min(m, max_block_bytes // per_candidate), 1)
-    step = max(max_block_bytes // (per_candidate * cols), 1)
+    step = max(min(max_block_bytes, GATHER_BLOCK_BYTES) // (per_candidate * cols), 1)
     for q0 in range(0, n_queries, step):
         qs = slice(q0, min(q0 + step, n_queries))
         best_r = np.full((qs.stop - qs.start, 0), -np.inf)
