@@ -28,7 +28,8 @@ from embedtools.progress import check_progress, progress_bar
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, check_quantization
 from embedtools.results import MemoryInfo, SearchResult
-from embedtools.search.plan import GATHER_FRACTION, Searcher, auto_screened, plan_search, run_search
+from embedtools.search.auto_screen import auto_screened
+from embedtools.search.plan import GATHER_FRACTION, Searcher, plan_search, run_search
 from embedtools.tables import Table, TableState, appended, kept_rows, labels_for, materialized, new_rows
 from embedtools.tables import positions, removal, replaced_rows, with_index, with_rotation
 from embedtools.validation import JSONObject, LabelsArg, as_config, as_float32_matrix, check_dimension
@@ -60,7 +61,7 @@ class EmbeddingStore:
                  search_block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None,
                  auto_screen: bool = True) -> None:  # fmt: skip
         """``auto_screen``: let plain exact searches screen by a charged bfloat16/float16 index where
-        the backend measured that GEMM fast (:func:`embedtools.search.plan.auto_screened`)."""
+        the backend measured that GEMM fast (:func:`embedtools.search.auto_screen.auto_screened`)."""
         self._backend = backend
         self._accountant = accountant
         self._hasher = hasher
@@ -394,22 +395,15 @@ class EmbeddingStore:
         ``quantized="int8"`` (or ``"float16"``, ``"bfloat16"``, ``"binary"``; see :meth:`quantize`)
         shortlists the ``k * rescore`` best rows by the quantised index, then rescores them exactly
         against the float32 table: scores are exact, recall depends on ``rescore``. It combines
-        with ``where``, not with ``funnel``. ``rescore_with="int8"`` (any index the table has)
-        rescores the shortlist against that index's values instead of the float32 rows: scores are
-        then that index's approximations, and the float32 table is not read at all — what a
-        memory-mapped table wants (``quantized="binary", rescore_with="int8"``: 1/32 + 1/4 of float32
-        in memory, nothing read from disk).
+        with ``where``, not with ``funnel``. ``rescore_with="int8"`` rescores against that index's
+        values instead, so the float32 rows are never read (a memory-mapped table's choice:
+        ``quantized="binary", rescore_with="int8"``); scores are then the index's approximations.
 
-        ``rescore="certified"`` makes a quantised or funnel search exact: ``quantized="bfloat16"``
-        (``"float16"``, ``"int8"``) screens by the index's codes, on the backend's native low-precision
-        GEMM where it has one, and ``funnel=[(p, m)]`` (one stage) by an upper bound from the prefix
-        and each row's tail norm (kept in the budgeted cache), with ``m`` the first shortlist. The
-        shortlist grows as a proven error bound requires and is rescored in float64 from the float32
-        rows, so ids are the exact top k (ties to the lower row) for every query and any data; a query
-        whose shortlist would grow past its limit is scored over every row. ``result.rescored`` says
-        how many rows each query scored exactly, ``result.screen`` what screened it. Without funnel or
-        index, ``"certified"`` is the float32 screen itself, certified the same way. A plain exact
-        search may screen by itself (``auto_screen``; see :func:`embedtools.search.plan.auto_screened`).
+        ``rescore="certified"`` makes a quantised (``bfloat16``, ``float16``, ``int8``) or one-stage
+        funnel search exact: the shortlist grows as a proven bound on the screen's error requires and
+        is rescored in float64, so ids are the exact top k (ties to the lower row) for any data
+        (:mod:`embedtools.search.certified`; ``result.rescored`` and ``result.screen`` say what ran).
+        A plain exact search may screen so by itself (:func:`embedtools.search.auto_screen.auto_screened`).
 
         ``where=Label("a") & Meta("year").between(2020, None)`` (see :mod:`embedtools.filters`)
         searches only the rows that match: exact top-k among them, fewer than ``k`` columns when

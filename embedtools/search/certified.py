@@ -90,7 +90,7 @@ __all__ = [
 #: The most rows per query a screen may shortlist before that query is scored over every row.
 SHORTLIST_MAX = 4096
 #: How much faster than float32 a low-precision GEMM must have measured for the automatic rule
-#: (:func:`embedtools.search.plan.auto_screened`) to screen by it.
+#: (:func:`embedtools.search.auto_screen.auto_screened`) to screen by it.
 AUTO_SCREEN_SPEEDUP = 2.0
 #: float32's unit roundoff.
 U32 = 2.0**-24

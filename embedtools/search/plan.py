@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,7 +25,6 @@ from embedtools.protocols import ArrayBackend, Metric, SearchBackend
 from embedtools.quantize import QuantizedIndex, check_quantization
 from embedtools.results import SearchResult
 from embedtools.search.kernel import check_k, check_metric
-from embedtools.search.certified import AUTO_SCREEN_SPEEDUP
 from embedtools.search.rescore import ranks_to_scores, rescore
 from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search, row_errors
 from embedtools.tables import F32_BYTES, TableState
@@ -35,16 +34,12 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = [
-    "AUTO_SCREEN_MIN_QUERIES",
-    "AUTO_SCREEN_MIN_ROWS",
-    "AUTO_SCREEN_SPEEDUP",
     "CERTIFIABLE",
     "GATHER_FRACTION",
     "PROGRESS_QUERIES",
     "Cache",
     "SearchPlan",
     "Searcher",
-    "auto_screened",
     "check_funnel",
     "check_rescore",
     "plan_search",
@@ -149,35 +144,6 @@ def check_rescore(rescore: object) -> bool:
             return True
         raise InvalidArgumentError(f"rescore must be a positive int or 'certified', got {rescore!r}")
     return False
-
-
-#: The automatic rule's smallest table and batch (see :func:`auto_screened`).
-AUTO_SCREEN_MIN_ROWS = 32_768
-AUTO_SCREEN_MIN_QUERIES = 16
-
-
-def auto_screened(plan: SearchPlan, backend: ArrayBackend[Any], enabled: bool) -> SearchPlan:
-    """The automatic rule: a plain exact search (no funnel, no quantised search) becomes a
-    certified screen when (a) the table holds a ``bfloat16`` or ``float16`` index (its memory is
-    charged already), (b) the backend measured that type's GEMM at least
-    :data:`AUTO_SCREEN_SPEEDUP` times faster than float32 on its device, and (c) the search is
-    large enough to pay for the rescoring: at least :data:`AUTO_SCREEN_MIN_ROWS` rows (after a
-    filter) and :data:`AUTO_SCREEN_MIN_QUERIES` queries. Ids are the same either way; scores are
-    then float64 rescores rounded to float32. ``enabled=False`` (``Config(auto_screen=False)``)
-    keeps every search as planned."""
-    if not enabled or plan.certified or plan.quantized is not None or plan.stages or plan.dim != plan.source:
-        return plan
-    rows = plan.state.rows if plan.mask is None else int(np.count_nonzero(plan.mask))
-    if rows < AUTO_SCREEN_MIN_ROWS or plan.queries.shape[0] < AUTO_SCREEN_MIN_QUERIES:
-        return plan
-    if not callable(getattr(backend, "gemm_speedup", None)):
-        return plan  # a backend without block primitives (a user's ArrayBackend): nothing to measure
-    primitives = cast("SearchBackend[Any]", backend)
-    for kind in ("bfloat16", "float16"):
-        index = plan.state.quantized.get(kind)
-        if index is not None and primitives.gemm_speedup(kind) >= AUTO_SCREEN_SPEEDUP:
-            return replace(plan, quantized=index, certified=True, screen=kind)
-    return plan
 
 
 def _source_table(tables: Mapping[int, TableState[Any]], dim: int, exact: bool) -> tuple[int, TableState[Any]]:
