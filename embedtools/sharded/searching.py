@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -25,32 +25,45 @@ from embedtools.sharded.results import SearchStats, WinnerIds
 from embedtools.sharded.state import ShardedState
 from embedtools.validation import as_queries, check_dimension
 
-__all__ = ["search"]
+__all__ = ["Request", "check_request", "search"]
 
 #: Searches tried again after reloading lost shards from their files.
 _RETRIES = 2
 
 
-def search(state: ShardedState, queries: object, k: int, dimension: int | None, metric: Metric,
-           options: Mapping[str, Any]) -> tuple[SearchResult, SearchStats]:  # fmt: skip
-    """:meth:`ShardedStore.search <embedtools.sharded.store.ShardedStore.search>` and its stats."""
+class Request(NamedTuple):
+    """A search's checked arguments, and when it started."""
+
+    queries: npt.NDArray[np.float32]
+    k: int
+    metric: Metric
+    started: float
+
+
+def check_request(queries: object, k: int, metric: Metric) -> Request:
+    """Check a search's arguments (before it waits for the store's lock)."""
     started = time.perf_counter()
     k = check_k(k)
     metric = check_metric(metric)
-    q = as_queries(queries)
+    return Request(as_queries(queries), k, metric, started)
+
+
+def search(state: ShardedState, request: Request, dimension: int | None, options: Mapping[str, Any]) -> tuple[SearchResult, SearchStats]:
+    """:meth:`ShardedStore.search <embedtools.sharded.store.ShardedStore.search>` and its stats
+    (called under the state's lock)."""
+    q, k, metric, started = request
     width = q.shape[1]
-    with state.lock:
-        source = _source_dimension(state, dimension if dimension is not None else width, exact=dimension is None)
-        attempt = 1
-        while True:
-            try:
-                result, stats = _search_once(state, q, k, dimension, metric, options, source)
-            except ShardsLost as lost:
-                if attempt > _RETRIES or not state.group.recover():
-                    raise state.group.lost_error(sorted(state.group.lost | set(lost.shards))) from None
-                attempt += 1
-                continue
-            return result, replace(stats, seconds=time.perf_counter() - started, attempts=attempt)
+    source = _source_dimension(state, dimension if dimension is not None else width, exact=dimension is None)
+    attempt = 1
+    while True:
+        try:
+            result, stats = _search_once(state, q, k, dimension, metric, options, source)
+        except ShardsLost as lost:
+            if attempt > _RETRIES or not state.group.recover():
+                raise state.group.lost_error(sorted(state.group.lost | set(lost.shards))) from None
+            attempt += 1
+            continue
+        return result, replace(stats, seconds=time.perf_counter() - started, attempts=attempt)
 
 
 def _source_dimension(state: ShardedState, width: object, *, exact: bool) -> int:

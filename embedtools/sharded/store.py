@@ -218,8 +218,9 @@ class ShardedStore:
         :class:`ShardLostError` names it: never an answer from some of the shards.
         ``row_ids`` of the result holds the winners' ids only. :attr:`last_search` says what moved.
         """
+        request = searching.check_request(queries, k, metric)
         with self._state.lock:
-            result, self.last_search = searching.search(self._state, queries, k, dimension, metric, options)
+            result, self.last_search = searching.search(self._state, request, dimension, options)
         return result
 
     # ------------------------------------------------------------------ files (sharded.files)
