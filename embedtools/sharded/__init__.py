@@ -21,6 +21,7 @@ def _require_distributed() -> None:
 _require_distributed()
 
 from embedtools.sharded.results import SearchStats, ShardedMemoryInfo, ShardedTable
-from embedtools.sharded.store import ShardedStore, load_into
+from embedtools.sharded.files import load_into
+from embedtools.sharded.store import ShardedStore
 
 __all__ = ["SearchStats", "ShardedMemoryInfo", "ShardedStore", "ShardedTable", "load_into"]
