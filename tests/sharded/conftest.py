@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -37,11 +38,18 @@ def start_cluster() -> tuple[Any, Any]:
     return cluster, client
 
 
-@pytest.fixture(scope="session")
-def client() -> Iterator[Any]:
+@contextmanager
+def running_cluster() -> Iterator[Any]:
+    """A client on a fresh cluster, closed (with the cluster) however the block ends."""
     cluster, client = start_cluster()
     try:
         yield client
     finally:
         client.close()
         cluster.close()
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Any]:
+    with running_cluster() as client:
+        yield client

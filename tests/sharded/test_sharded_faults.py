@@ -16,17 +16,13 @@ import pytest
 
 import embedtools as et
 from embedtools.sharded import ShardedStore
-from tests.sharded.conftest import CALL_SECONDS, CONFIG, start_cluster
+from tests.sharded.conftest import CALL_SECONDS, CONFIG, running_cluster
 
 
 @pytest.fixture
 def cluster() -> Iterator[Any]:
-    cluster, client = start_cluster()
-    try:
+    with running_cluster() as client:
         yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 def kill(client: Any, worker: str, after: float | None = None) -> None:
