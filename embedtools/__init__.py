@@ -29,7 +29,7 @@ from embedtools.errors import (
 )
 from embedtools.filters import Filter, Ids, Label, Meta
 from embedtools.hashing import Sha256Hasher, canonical_json, config_hash, param_hash
-from embedtools.protocols import QUANTIZATIONS, ArrayBackend, ArrayOps, Backend, Hasher, MemoryAccountant, MemoryReport, Metric, Quantization
+from embedtools.protocols import QUANTIZATIONS, ArrayBackend, ArrayOps, Backend, Hasher, LowPrecisionGemm, MemoryAccountant, MemoryReport, Metric, Quantization
 from embedtools.results import MemoryInfo, SearchResult, TableMemory
 from embedtools.store import EmbeddingStore
 from embedtools.study import StudyRow, StudyTable, study
@@ -62,6 +62,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidEmbeddingError",
     "Label",
+    "LowPrecisionGemm",
     "MemoryAccountant",
     "Meta",
     "MemoryInfo",

@@ -41,6 +41,7 @@ class Config(TypedDict, total=False):
     max_memory_gb: float | str
     hash_length: int
     progress: Literal["auto"] | bool
+    auto_screen: bool
 
 
 DEFAULT_CONFIG: Config = {
@@ -49,6 +50,7 @@ DEFAULT_CONFIG: Config = {
     "max_memory_gb": 8.0,
     "hash_length": DEFAULT_HASH_LENGTH,
     "progress": "auto",
+    "auto_screen": True,
 }
 
 CONFIG_KEYS: frozenset[str] = frozenset(Config.__annotations__)
@@ -103,8 +105,10 @@ def _hasher(hash_length: object) -> Hasher:
     return Sha256Hasher(check_positive_int(hash_length, "hash_length", upper=64))
 
 
-def _store(backend: ArrayBackend[Any], accountant: MemoryAccountant, hasher: Hasher, progress: object) -> EmbeddingStore:
-    return EmbeddingStore(backend, accountant, hasher, progress=check_progress(progress))
+def _store(backend: ArrayBackend[Any], accountant: MemoryAccountant, hasher: Hasher, progress: object, auto_screen: object) -> EmbeddingStore:
+    if not isinstance(auto_screen, bool):
+        raise InvalidArgumentError(f"auto_screen must be true or false, got {auto_screen!r}")
+    return EmbeddingStore(backend, accountant, hasher, progress=check_progress(progress), auto_screen=auto_screen)
 
 
 class Container(containers.DeclarativeContainer):
@@ -124,7 +128,7 @@ class Container(containers.DeclarativeContainer):
     )
     hasher: providers.Provider[Hasher] = providers.Singleton(_hasher, hash_length=config.hash_length)
     store: providers.Provider[EmbeddingStore] = providers.Factory(
-        _store, backend=backend, accountant=accountant, hasher=hasher, progress=config.progress
+        _store, backend=backend, accountant=accountant, hasher=hasher, progress=config.progress, auto_screen=config.auto_screen
     )
 
 

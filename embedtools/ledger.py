@@ -45,8 +45,11 @@ def table_caches(state: TableState[Any]) -> dict[str, int]:
     row = state.rows * F32_BYTES
     caches = {f"prefix_norms/{dim}": row for dim in sorted(state.prefix_norms)}
     caches.update({f"unit_prefix/{dim}": row * dim for dim in sorted(state.unit_prefixes)})
+    caches.update({f"bound_prefix/{dim}": row * (dim + 1) for dim in sorted(state.bound_prefixes)})
+    caches.update({f"screen_error/{kind}": row for kind in sorted(kind for kind, _ in state.screen_errors.values())})
     if state.rotation is not None:
         caches.update({f"rotation_norms/{dim}": row for dim in sorted(state.rotation.norms)})
+        caches.update({f"rotation_bound_prefix/{dim}": row * (dim + 1) for dim in sorted(state.rotation.bound_prefixes)})
     return caches
 
 
@@ -54,7 +57,7 @@ def cache_bytes(state: TableState[Any], *, rotation: bool = True) -> int:
     """What ``state``'s caches are charged; ``rotation=False`` leaves out the rotation's own norm
     caches, which go with the rotation when it is refitted or dropped."""
     caches = table_caches(state)
-    return sum(nbytes for name, nbytes in caches.items() if rotation or not name.startswith("rotation_norms/"))
+    return sum(nbytes for name, nbytes in caches.items() if rotation or not name.startswith("rotation_"))
 
 
 def kept_caches_bill(dimension: int, state: TableState[Any], *, rotation_caches: bool = True, **shape: Any) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,7 @@ __all__ = [
     "SearchBackend",
     "DTypeName",
     "Hasher",
+    "LowPrecisionGemm",
     "MemoryAccountant",
     "MemoryReport",
     "Metric",
@@ -226,6 +227,21 @@ class Capabilities:
     gpu: bool
 
 
+@dataclass(frozen=True)
+class LowPrecisionGemm(Generic[ArrayT]):
+    """A backend's native low-precision product over a quantised index's codes (see
+    :meth:`BlockPrimitives.low_precision`): :meth:`BlockPrimitives.block_scores` runs
+    ``rows(codes[rows]) @ operand(queries)`` in the codes' own type and hands back float32."""
+
+    #: A block of codes as the GEMM's low-precision rows (a reinterpreting view, not a decode).
+    rows: Callable[[ArrayT], ArrayT]
+    #: Host ``(q, d)`` float32 queries rounded to the low-precision type, as the product's right operand.
+    operand: Callable[[npt.NDArray[np.float32]], ArrayT]
+    #: The values ``operand`` holds, back on the host as float32 (the library's own rounding, so a
+    #: certified bound uses the exact ``|q̃ - q|``).
+    values: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+
 class BlockPrimitives(Protocol[ArrayT]):
     """What the one blocked exact top-k (:mod:`embedtools.search.exact`) needs from a backend
     besides the core: a score block and its selection, on the device. Blocks are ``(rows, queries)``."""
@@ -270,6 +286,19 @@ class BlockPrimitives(Protocol[ArrayT]):
 
     def frame_rows(self, rows: ArrayT, scale: float, centre: ArrayT | None) -> ArrayT:
         """``rows * scale - centre`` in float32: rows in a certified l2 screen's frame."""
+        ...
+
+    def low_precision(self, kind: Quantization) -> LowPrecisionGemm[ArrayT] | None:
+        """The library's own product on ``kind``'s codes (``bfloat16``, ``float16``), or ``None``
+        where it has none (NumPy: a certified screen then decodes blocks to float32). Its
+        arithmetic is what :mod:`embedtools.search.certified` bounds: products of the rounded
+        values, float32 accumulation, the result rounded to ``kind`` at most once."""
+        ...
+
+    def gemm_speedup(self, kind: Quantization) -> float:
+        """How many times faster :meth:`low_precision`'s product ran than float32's on this
+        device, timed once (one small GEMM each, on first ask) and kept on the instance; ``0.0``
+        without a native product. The automatic screening rule reads it."""
         ...
 
 

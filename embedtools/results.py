@@ -28,6 +28,12 @@ class SearchResult:
     searched table's ids by row as they were at search time (``indices`` index into them), and
     ``ids`` the ids of the results, built on first access: for k in the thousands, turning
     ``q × k`` indices into strings took longer than the search's selection.
+
+    A certified search (``rescore="certified"``, or the automatic rule) also says what screened it
+    (``screen``: ``"bfloat16"``, ``"float16"``, ``"int8"``, ``"prefix:128"``, or ``None`` for the
+    float32 screen) and, per query, how many rows it scored exactly (``rescored``: the table's row
+    count, after a filter, where a query's shortlist would have exceeded its limit and every row
+    was scored); both are ``None`` for other searches.
     """
 
     indices: npt.NDArray[np.int64]
@@ -36,6 +42,8 @@ class SearchResult:
     dimension: int
     source_dimension: int
     row_ids: Sequence[str] = field(repr=False, compare=False)
+    rescored: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
+    screen: str | None = None
 
     @cached_property
     def ids(self) -> list[list[str]]:

@@ -33,6 +33,8 @@ class Rotation(Generic[ArrayT]):
     components: int
     prefix: ArrayT
     norms: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
+    #: A certified funnel's bounded rotated prefixes, by prefix width (:mod:`embedtools.search.screening`).
+    bound_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
 
 
 def principal_axes(host: npt.NDArray[np.float32], chunk_values: int | None = None) -> npt.NDArray[np.float32]:

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from embedtools import fileformat
 from embedtools.budget import format_bytes
@@ -28,7 +28,7 @@ from embedtools.progress import check_progress, progress_bar
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, MemoryAccountant, Metric
 from embedtools.quantize import Quantization, check_quantization
 from embedtools.results import MemoryInfo, SearchResult
-from embedtools.search.plan import GATHER_FRACTION, Searcher, plan_search, run_search
+from embedtools.search.plan import GATHER_FRACTION, Searcher, auto_screened, plan_search, run_search
 from embedtools.tables import Table, TableState, appended, kept_rows, labels_for, materialized, new_rows
 from embedtools.tables import positions, removal, replaced_rows, with_index, with_rotation
 from embedtools.validation import JSONObject, LabelsArg, as_config, as_float32_matrix, check_dimension
@@ -57,7 +57,10 @@ class EmbeddingStore:
     """
 
     def __init__(self, backend: ArrayBackend[Any], accountant: MemoryAccountant, hasher: Hasher, *,
-                 search_block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None) -> None:  # fmt: skip
+                 search_block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None,
+                 auto_screen: bool = True) -> None:  # fmt: skip
+        """``auto_screen``: let plain exact searches screen by a charged bfloat16/float16 index where
+        the backend measured that GEMM fast (:func:`embedtools.search.plan.auto_screened`)."""
         self._backend = backend
         self._accountant = accountant
         self._hasher = hasher
@@ -68,6 +71,7 @@ class EmbeddingStore:
         self._mapped_from: Path | None = None
         self._progress = check_progress(progress)
         self._lock = threading.RLock()
+        self._auto_screen = auto_screen is True
 
     @staticmethod
     def _exclusive(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
@@ -370,7 +374,7 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ searching (embedtools.search.plan plans it)
 
     def search(self, queries: object, k: int = 10, dimension: int | None = None, metric: Metric = "cosine", *,
-               funnel: Sequence[tuple[int, int]] = (), quantized: Quantization | None = None, rescore: int = 4,
+               funnel: Sequence[tuple[int, int]] = (), quantized: Quantization | None = None, rescore: int | Literal["certified"] = 4,
                rescore_with: Quantization | None = None, where: Filter | None = None) -> SearchResult:  # fmt: skip
         """Exact top-``k`` for each query (``(d,)`` or ``(q, d)``) in the table of that dimension.
 
@@ -392,6 +396,17 @@ class EmbeddingStore:
         memory-mapped table wants (``quantized="binary", rescore_with="int8"``: 1/32 + 1/4 of float32
         in memory, nothing read from disk).
 
+        ``rescore="certified"`` makes a quantised or funnel search exact: ``quantized="bfloat16"``
+        (``"float16"``, ``"int8"``) screens by the index's codes, on the backend's native low-precision
+        GEMM where it has one, and ``funnel=[(p, m)]`` (one stage) by an upper bound from the prefix
+        and each row's tail norm (kept in the budgeted cache), with ``m`` the first shortlist. The
+        shortlist grows as a proven error bound requires and is rescored in float64 from the float32
+        rows, so ids are the exact top k (ties to the lower row) for every query and any data; a query
+        whose shortlist would grow past its limit is scored over every row. ``result.rescored`` says
+        how many rows each query scored exactly, ``result.screen`` what screened it. Without funnel or
+        index, ``"certified"`` is the float32 screen itself, certified the same way. A plain exact
+        search may screen by itself (``auto_screen``; see :func:`embedtools.search.plan.auto_screened`).
+
         ``where=Label("a") & Meta("year").between(2020, None)`` (see :mod:`embedtools.filters`)
         searches only the rows that match: exact top-k among them, fewer than ``k`` columns when
         fewer match (none: an empty result). A selective filter gathers its rows and searches only
@@ -399,6 +414,7 @@ class EmbeddingStore:
         """
         plan = plan_search(dict(self._tables), queries, k, dimension, metric, funnel=funnel, quantized=quantized,
                            rescore=rescore, rescore_with=rescore_with, where=where)  # fmt: skip
+        plan = auto_screened(plan, self._backend, self._auto_screen)
         searcher = Searcher(self._backend, self._block_bytes, functools.partial(self._cached, plan.state))
         return run_search(searcher, plan, self._progress)
 

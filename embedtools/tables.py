@@ -52,6 +52,11 @@ class TableState(Generic[ArrayT]):
     rotation: Rotation[ArrayT] | None = None
     prefix_norms: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
     unit_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
+    #: A certified funnel's bounded prefixes, by prefix width (see :mod:`embedtools.search.screening`).
+    bound_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
+    #: Each row's exact rounding error in a quantised index, for certified screens: keyed by the
+    #: index's position in :data:`embedtools.quantize.CODECS` at the time, valued ``(kind, errors)``.
+    screen_errors: dict[int, Any] = field(default_factory=dict[int, Any])
 
     @property
     def rows(self) -> int:

@@ -202,7 +202,7 @@ def test_unknown_keys_are_refused_with_a_suggestion_before_anything_is_built() -
         c.config.from_dict({"backnd": "numpy", "max_memroy_gb": 1})
     assert "'backnd'" in str(info.value)
     assert c.config() == DEFAULT_CONFIG  # nothing was merged
-    with pytest.raises(InvalidArgumentError, match="unknown configuration key 'colour'; the keys are backend, device"):
+    with pytest.raises(InvalidArgumentError, match="unknown configuration key 'colour'; the keys are auto_screen, backend, device"):
         c.config.from_dict({"colour": 1})
 
 

@@ -176,9 +176,19 @@ class Description:
     installed: tuple[str, ...]
     devices: dict[str, tuple[str, ...]] = field(default_factory=dict[str, tuple[str, ...]])
     versions: dict[str, str | None] = field(default_factory=dict[str, str | None])
+    #: How many times faster than float32 each low-precision GEMM ran on this backend's device
+    #: (``0.0``: no native product), as the automatic screening rule measured it.
+    screen_speedups: dict[str, float] = field(default_factory=dict[str, float])
+    #: Whether the automatic rule would screen plain exact searches here, and by what.
+    auto_screen: str = ""
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend} on {self.device}", f"why: {self.reason}"]
+        if self.screen_speedups:
+            rates = ", ".join(f"{kind} {rate:.2f}x" for kind, rate in self.screen_speedups.items())
+            lines.append(f"low-precision GEMM vs float32: {rates}")
+        if self.auto_screen:
+            lines.append(f"auto_screen: {self.auto_screen}")
         lines += [f"  {name}: devices {', '.join(found)}" for name, found in self.devices.items()]
         lines += [f"  {package}: {version or 'not installed'}" for package, version in self.versions.items()]
         return "\n".join(lines)
@@ -193,9 +203,18 @@ def _version(package: str) -> str | None:
 
 def describe(backend: str = "auto", device: str | None = None) -> Description:
     """Build the backend ``(backend, device)`` resolves to and report it with versions and reasons."""
+    from embedtools.search.certified import AUTO_SCREEN_SPEEDUP
+
     choice = resolve(backend, device)
     built = make_backend(choice.name, choice.device)
     installed = available_backends()
+    speedups: dict[str, float] = {kind: built.gemm_speedup(kind) for kind in ("bfloat16", "float16")}
+    fast = [kind for kind, rate in speedups.items() if rate >= AUTO_SCREEN_SPEEDUP]
+    rule = (
+        f"on: exact searches of tables with a {' or '.join(fast)} index screen by it (certified, same ids)"
+        if fast
+        else f"off: no low-precision GEMM ran {AUTO_SCREEN_SPEEDUP:g}x faster than float32 here, exact search stays float32"
+    )
     return Description(
         backend=built.name,
         device=built.device,
@@ -203,4 +222,6 @@ def describe(backend: str = "auto", device: str | None = None) -> Description:
         installed=installed,
         devices={name: devices(name) for name in installed},
         versions={p: _version(p) for p in ("embedtools", "numpy", "torch", "mlx", "dependency-injector", "safetensors")},
+        screen_speedups=speedups,
+        auto_screen=rule,
     )

@@ -7,12 +7,45 @@ backend.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Generic, cast
 
 from embedtools.protocols import ArrayT
 from embedtools.validation import check_prefix
 
-__all__ = ["SharedOps"]
+__all__ = ["SPEEDUP_SHAPE", "SharedOps", "measured_speedup"]
+
+#: ``(rows, width, queries)`` of the one GEMM a backend times per low-precision kind: large enough
+#: that the library's blocked kernel (not call overhead) runs, small enough to take milliseconds.
+SPEEDUP_SHAPE = (4096, 384, 96)
+#: A low-precision product this much slower than float32 on its first timed run is not timed further.
+SLOWER = 2.0
+
+
+def measured_speedup(
+    run_f32: Callable[[int], object], run_low: Callable[[int], object], wait: Callable[[object], None], repeats: int = 5
+) -> float:
+    """``run_f32``'s best time over ``run_low``'s on :data:`SPEEDUP_SHAPE` (each warmed up once,
+    then best of ``repeats``, interleaved so that a neighbour's load hits both alike); ``run(rows)``
+    multiplies that many rows, ``wait`` blocks until a result is computed (a device synchronise,
+    MLX's ``eval``). A product already :data:`SLOWER` times slower on its first timed run (MLX's
+    bf16 on a CPU, torch's fp16 without AVX512-FP16) is reported from that run, so a slow kind
+    costs two of its products to rule out."""
+
+    def timed(run: Callable[[int], object]) -> float:
+        start = time.perf_counter()
+        wait(run(SPEEDUP_SHAPE[0]))
+        return time.perf_counter() - start
+
+    timed(run_f32)
+    timed(run_low)
+    best = [timed(run_f32), timed(run_low)]
+    if best[1] > SLOWER * best[0]:
+        return best[0] / best[1]
+    for _ in range(repeats - 1):
+        best = [min(best[0], timed(run_f32)), min(best[1], timed(run_low))]
+    return best[0] / max(best[1], 1e-9)
 
 
 class SharedOps(Generic[ArrayT]):

@@ -15,9 +15,9 @@ import numpy as np
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
-from embedtools.backends._shared import SharedOps
+from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, measured_speedup
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
-from embedtools.protocols import Capabilities, DTypeName, Quantization
+from embedtools.protocols import Capabilities, DTypeName, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
 from embedtools.search.merge import Candidates
@@ -67,6 +67,7 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
         self.device: str = name
         self._device = mx.Device(mx.gpu if name == "gpu" else mx.cpu)
         self.capabilities: Capabilities = Capabilities(select_on_device=name == "gpu" if select_on_device is None else select_on_device, gpu=name == "gpu")
+        self._speedups: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"MlxBackend(device={self.device!r})"
@@ -204,6 +205,8 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
                      rows_of: Callable[[mx.array], mx.array] | None) -> mx.array:  # fmt: skip
         dev = self._device
         block = mx.matmul(corpus[rows] if rows_of is None else rows_of(corpus[rows]), operand, stream=dev)
+        if block.dtype != mx.float32:  # a low-precision product: float32 accumulation, one rounding to its type
+            block = block.astype(mx.float32, stream=dev)
         if scale is not None:
             block = mx.multiply(block, mx.expand_dims(scale[rows], 1, stream=dev), stream=dev)
         if shift is not None:
@@ -244,6 +247,44 @@ class MlxBackend(SharedOps[mx.array], BlockedTopk[mx.array]):
         dev = self._device
         out = mx.multiply(rows, scale, stream=dev) if scale != 1.0 else rows
         return mx.subtract(out, centre, stream=dev) if centre is not None else out
+
+    def low_precision(self, kind: Quantization) -> LowPrecisionGemm[mx.array] | None:
+        """MLX's own bf16/fp16 matmul (Metal's GEMM accumulates half types in float32; the CPU's
+        converts to float32 for its BLAS), the result rounded to the type once."""
+        low = {"bfloat16": mx.bfloat16, "float16": mx.float16}.get(kind)
+        if low is None:
+            return None
+        dev = self._device
+
+        def as_rows(codes: mx.array) -> mx.array:
+            return codes.view(mx.bfloat16, stream=dev) if kind == "bfloat16" else codes
+
+        def operand(queries: npt.NDArray[np.float32]) -> mx.array:
+            return mx.contiguous(mx.array(queries).astype(low, stream=dev).T, stream=dev)
+
+        def values(queries: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return _host_f32(mx.array(queries).astype(low, stream=dev).astype(mx.float32, stream=dev))
+
+        return LowPrecisionGemm(as_rows, operand, values)
+
+    def gemm_speedup(self, kind: Quantization) -> float:
+        if kind not in self._speedups:
+            low = {"bfloat16": mx.bfloat16, "float16": mx.float16}.get(kind)
+            if low is None:
+                return 0.0
+            rows, width, queries = SPEEDUP_SHAPE
+            dev = self._device
+            a = mx.random.normal((rows, width), key=mx.random.key(0), stream=dev)
+            b = mx.random.normal((width, queries), key=mx.random.key(1), stream=dev)
+            a_low, b_low = a.astype(low, stream=dev), b.astype(low, stream=dev)
+
+            def wait(result: object) -> None:
+                mx.eval(cast(mx.array, result))  # pyright: ignore[reportUnknownMemberType]  (as in to_numpy)
+
+            self._speedups[kind] = measured_speedup(
+                lambda n: mx.matmul(a[:n], b, stream=dev), lambda n: mx.matmul(a_low[:n], b_low, stream=dev), wait
+            )
+        return self._speedups[kind]
 
 
 def _host_f32(a: mx.array) -> npt.NDArray[np.float32]:

@@ -11,7 +11,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
 from embedtools.backends._shared import SharedOps
 from embedtools.errors import DimensionError, InvalidArgumentError
-from embedtools.protocols import Capabilities, DTypeName, Quantization
+from embedtools.protocols import Capabilities, DTypeName, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
 from embedtools.search.merge import Candidates, host_candidates, host_nth_best
@@ -199,6 +199,14 @@ class NumpyBackend(SharedOps["npt.NDArray[Any]"], BlockedTopk["npt.NDArray[Any]"
     def frame_rows(self, rows: npt.NDArray[Any], scale: float, centre: npt.NDArray[np.float32] | None) -> npt.NDArray[np.float32]:
         out: npt.NDArray[np.float32] = rows * F32(scale) if scale != 1.0 else rows
         return out - centre if centre is not None else out
+
+    def low_precision(self, kind: Quantization) -> LowPrecisionGemm[npt.NDArray[Any]] | None:
+        """None: NumPy has no bf16/fp16 GEMM; a certified screen decodes blocks to float32 (correct, not faster)."""
+        return None
+
+    def gemm_speedup(self, kind: Quantization) -> float:
+        """Never measured: without a native product there is nothing to time."""
+        return 0.0
 
 
 def _safe_divisor(norms: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -14,9 +14,9 @@ import torch.utils.dlpack
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
-from embedtools.backends._shared import SharedOps
+from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, measured_speedup
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
-from embedtools.protocols import Capabilities, DTypeName, Quantization
+from embedtools.protocols import Capabilities, DTypeName, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
 from embedtools.search.merge import Candidates
@@ -80,6 +80,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         self.device: str = str(self._device)
         gpu = self._device.type != "cpu"
         self.capabilities: Capabilities = Capabilities(select_on_device=gpu if select_on_device is None else select_on_device, gpu=gpu)
+        self._speedups: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"TorchBackend(device={self.device!r})"
@@ -214,7 +215,14 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
     def block_scores(self, corpus: torch.Tensor, rows: slice,
                      operand: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
                      rows_of: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:  # fmt: skip
-        block = (corpus[rows] if rows_of is None else rows_of(corpus[rows])) @ operand
+        lhs = corpus[rows] if rows_of is None else rows_of(corpus[rows])
+        if operand.dtype != torch.float32 and lhs.device.type == "cuda":
+            # float32 out: cuBLAS accumulates and reduces (split-K too) in float32, no bf16/fp16 rounding
+            block = torch.mm(lhs, operand, out_dtype=torch.float32)
+        else:
+            block = lhs @ operand
+            if block.dtype != torch.float32:  # a low-precision product (oneDNN, MPS): its one rounding, then float32
+                block = block.to(torch.float32)
         if scale is not None:
             block.mul_(scale[rows].unsqueeze(1))
         if shift is not None:
@@ -247,6 +255,58 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
     def frame_rows(self, rows: torch.Tensor, scale: float, centre: torch.Tensor | None) -> torch.Tensor:
         out = rows * scale if scale != 1.0 else rows
         return out - centre if centre is not None else out
+
+    def low_precision(self, kind: Quantization) -> LowPrecisionGemm[torch.Tensor] | None:
+        """torch's own bf16/fp16 matmul: oneDNN on a CPU (AVX512-BF16/AMX where present; products
+        exact in float32, float32 accumulation, the output rounded to the type once), cuBLAS on
+        CUDA (float32 out, see ``block_scores``), MPS's on Apple GPUs."""
+        low = _LOW.get(kind)
+        if low is None:
+            return None
+        as_rows = _bf16_rows if kind == "bfloat16" else _same
+
+        def operand(queries: npt.NDArray[np.float32]) -> torch.Tensor:
+            return self.from_numpy(queries).to(low).T
+
+        def values(queries: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return _host_f32(self.from_numpy(queries).to(low))
+
+        return LowPrecisionGemm(as_rows, operand, values)
+
+    @torch.no_grad()
+    def gemm_speedup(self, kind: Quantization) -> float:
+        if kind not in self._speedups:
+            low = _LOW.get(kind)
+            if low is None:
+                return 0.0
+            rows, width, queries = SPEEDUP_SHAPE
+            generator = torch.Generator(device=self._device).manual_seed(0)
+            a = torch.randn(rows, width, generator=generator, device=self._device)
+            b = torch.randn(width, queries, generator=generator, device=self._device)
+            a_low, b_low = a.to(low), b.to(low)
+
+            def wait(_: object) -> None:
+                if self._device.type == "cuda":
+                    torch.cuda.synchronize(self._device)
+                elif self._device.type == "mps":
+                    torch.mps.synchronize()
+
+            try:
+                self._speedups[kind] = measured_speedup(lambda n: a[:n] @ b, lambda n: a_low[:n] @ b_low, wait)
+            except (RuntimeError, TypeError):  # a device without this type's matmul (older MPS): no native product
+                self._speedups[kind] = 0.0
+        return self._speedups[kind]
+
+
+_LOW: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bf16_rows(codes: torch.Tensor) -> torch.Tensor:
+    return codes.view(torch.bfloat16)  # the index's int16 words are torch's own bfloat16
+
+
+def _same(codes: torch.Tensor) -> torch.Tensor:
+    return codes
 
 
 def _np_name(dtype: str) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 from embedtools.backends._norms import COSINE_RANGE
 from embedtools.errors import DimensionError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayT, Metric, SearchBackend
+from embedtools.search.certified import Certified
 from embedtools.search.kernel import check_k, check_metric, check_topk_inputs, rows_per_block, run_topk
 from embedtools.search.merge import Candidates, host_candidates
 from embedtools.search.rescore import IDENTITY, Frame, Screened, exact_topk_over, l2_topk, ranks_to_scores, top_by_rank
@@ -24,7 +25,7 @@ from embedtools.search.rescore import IDENTITY, Frame, Screened, exact_topk_over
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["BlockedTopk", "exact_topk", "merge_side", "outside_cosine_range"]
+__all__ = ["BlockedTopk", "blocked_topk", "exact_topk", "l2_certified", "merge_side", "outside_cosine_range"]
 
 F32 = np.float32
 Scored = tuple["npt.NDArray[np.float32]", "npt.NDArray[np.int64]"]
@@ -77,7 +78,8 @@ def exact_topk(
     norms = None if norms_of is None else np.asarray(backend.to_numpy(norms_of), dtype=F32)
     if metric == "l2" and decode is None:
         assert norms is not None
-        return _l2_exact(backend, raw_q, x, k, norms, mask, max_block_bytes)
+        certified = l2_certified(backend, raw_q, x, k, norms, mask, max_block_bytes)
+        return ranks_to_scores(certified.ranks, "l2"), certified.indices
     side = None
     if metric == "cosine" and decode is None:
         assert norms is not None
@@ -127,23 +129,27 @@ def blocked_topk(
     rows_of: Callable[[ArrayT], ArrayT] | None,
     l2_distances: Callable[[slice, npt.NDArray[np.int64]], npt.NDArray[np.float32]] | None = None,
     settle_ties: bool = True,
+    operand_of: Callable[[npt.NDArray[np.float32]], ArrayT] | None = None,
 ) -> Scored:
     """:func:`~embedtools.search.kernel.run_topk` over the backend's blocks of ``x`` against host
     queries ``q`` (already in the metric's form), ranked by ``(x·q) * scale - shift`` with masked
-    rows shifted to ``-inf``. The callables are made here once per search, not per block."""
+    rows shifted to ``-inf``. The callables are made here once per search, not per block.
+    ``operand_of`` makes the product's right operand (a low-precision screen's rounded queries;
+    default :meth:`~embedtools.protocols.BlockPrimitives.query_operand`)."""
     if mask is not None:  # masked rows rank at -inf: shifted down by +inf
         penalty = np.where(mask, F32(0), F32(np.inf))
         shift = penalty if shift is None else shift + penalty
     scale_d = None if scale is None else backend.from_numpy(scale)
     shift_d = None if shift is None else backend.from_numpy(shift)
     operands: dict[tuple[int, int], ArrayT] = {}
+    make_operand = backend.query_operand if operand_of is None else operand_of
 
     def score_block(qs: slice, rs: slice) -> ArrayT:
         key = (qs.start, qs.stop)
         operand = operands.get(key)
         if operand is None:  # once per chunk of queries (and per redone query)
             operands.clear()
-            operand = operands[key] = backend.query_operand(np.ascontiguousarray(q[qs]))
+            operand = operands[key] = make_operand(np.ascontiguousarray(q[qs]))
         return backend.block_scores(x, rs, operand, scale_d, shift_d, rows_of)
 
     def to_host(block: ArrayT) -> npt.NDArray[np.float32]:
@@ -179,7 +185,7 @@ def blocked_topk(
     )
 
 
-def _l2_exact(
+def l2_certified(
     backend: SearchBackend[ArrayT],
     q: npt.NDArray[np.float32],
     x: ArrayT,
@@ -187,7 +193,7 @@ def _l2_exact(
     norms: npt.NDArray[np.float32],
     mask: npt.NDArray[np.bool_] | None,
     max_block_bytes: int,
-) -> Scored:
+) -> Certified:
     """Exact l2 (:func:`embedtools.search.rescore.l2_topk`), screened by the blocked float32 kernel."""
     n, width = _rows(backend, x), q.shape[1]
     last: list[tuple[Frame, npt.NDArray[np.float32]]] = []

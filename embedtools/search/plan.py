@@ -10,8 +10,9 @@ or mask, which stages) in one place.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,18 +21,35 @@ import numpy as np
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.filters import Filter
 from embedtools.progress import progress_bar, shows
-from embedtools.protocols import ArrayBackend, Metric
+from embedtools.protocols import ArrayBackend, Metric, SearchBackend
 from embedtools.quantize import QuantizedIndex, check_quantization
 from embedtools.results import SearchResult
 from embedtools.search.kernel import check_k, check_metric
-from embedtools.search.rescore import rescore
+from embedtools.search.certified import AUTO_SCREEN_SPEEDUP
+from embedtools.search.rescore import ranks_to_scores, rescore
+from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search, row_errors
 from embedtools.tables import F32_BYTES, TableState
 from embedtools.validation import as_queries, check_dimension, check_positive_int
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["GATHER_FRACTION", "PROGRESS_QUERIES", "Cache", "SearchPlan", "Searcher", "check_funnel", "plan_search", "run_search"]
+__all__ = [
+    "AUTO_SCREEN_MIN_QUERIES",
+    "AUTO_SCREEN_MIN_ROWS",
+    "AUTO_SCREEN_SPEEDUP",
+    "CERTIFIABLE",
+    "GATHER_FRACTION",
+    "PROGRESS_QUERIES",
+    "Cache",
+    "SearchPlan",
+    "Searcher",
+    "auto_screened",
+    "check_funnel",
+    "check_rescore",
+    "plan_search",
+    "run_search",
+]
 
 #: A filter matching at most this share of a table's rows is searched by gathering those rows
 #: (cheaper than scoring the whole table); a broader one is applied as a mask inside the kernel.
@@ -71,6 +89,10 @@ class SearchPlan:
     rescore_with: QuantizedIndex[Any] | None
     #: The validated host queries, cut to ``dim`` columns, contiguous.
     queries: npt.NDArray[np.float32]
+    #: ``rescore="certified"`` (or the automatic rule): the exact top k by a certified screen.
+    certified: bool = False
+    #: What screens a certified search (``SearchResult.screen``): a kind, ``"prefix:p"``, or ``None``.
+    screen: str | None = None
 
 
 def plan_search(
@@ -96,13 +118,66 @@ def plan_search(
     if width < dim:
         raise DimensionError(f"queries have width {width}, fewer than dimension {dim}")
     stages = check_funnel(funnel, kk, dim)
+    certified = check_rescore(rescore)
+    if certified and len(stages) > 1:
+        raise InvalidArgumentError(f"a certified funnel has one stage (its shortlist grows as the bound requires), got {stages}")
     source, state = _source_table(tables, dim, exact=dimension is None)
-    index, rescore_factor = _quantized_index(state, source, dim, quantized, rescore, stages)
+    index, rescore_factor = _quantized_index(state, source, dim, quantized, 1 if certified else rescore, stages)
     rescorer = _rescoring_index(state, source, index, rescore_with)
+    screen = None
+    if certified:
+        if rescorer is not None:
+            raise InvalidArgumentError("rescore='certified' rescores against the float32 rows; it does not combine with rescore_with")
+        if index is not None and index.codec.kernel not in CERTIFIABLE:
+            raise InvalidArgumentError(f"a {index.kind} index has no bound on its scores; certified screening takes {', '.join(CERTIFIABLE)}")
+        screen = index.kind if index is not None else f"prefix:{stages[0][0]}" if stages else None
     mask = _filter_mask(state, where)
     kk = min(kk, state.rows if mask is None else int(np.count_nonzero(mask)))
     return SearchPlan(source, state, dim, kk, checked_metric, tuple(stages), index, mask, rescore_factor, rescorer,
-                      np.ascontiguousarray(q[:, :dim]))  # fmt: skip
+                      np.ascontiguousarray(q[:, :dim]), certified, screen)  # fmt: skip
+
+
+#: Index kinds a certified screen can bound (module :mod:`embedtools.search.certified`).
+CERTIFIABLE: tuple[str, ...] = ("bfloat16", "float16", "int8")
+
+
+def check_rescore(rescore: object) -> bool:
+    """Whether ``rescore`` asks for a certified search (``"certified"``); any other string is
+    refused here, an int is checked where a quantised search uses it."""
+    if isinstance(rescore, str):
+        if rescore == "certified":
+            return True
+        raise InvalidArgumentError(f"rescore must be a positive int or 'certified', got {rescore!r}")
+    return False
+
+
+#: The automatic rule's smallest table and batch (see :func:`auto_screened`).
+AUTO_SCREEN_MIN_ROWS = 32_768
+AUTO_SCREEN_MIN_QUERIES = 16
+
+
+def auto_screened(plan: SearchPlan, backend: ArrayBackend[Any], enabled: bool) -> SearchPlan:
+    """The automatic rule: a plain exact search (no funnel, no quantised search) becomes a
+    certified screen when (a) the table holds a ``bfloat16`` or ``float16`` index (its memory is
+    charged already), (b) the backend measured that type's GEMM at least
+    :data:`AUTO_SCREEN_SPEEDUP` times faster than float32 on its device, and (c) the search is
+    large enough to pay for the rescoring: at least :data:`AUTO_SCREEN_MIN_ROWS` rows (after a
+    filter) and :data:`AUTO_SCREEN_MIN_QUERIES` queries. Ids are the same either way; scores are
+    then float64 rescores rounded to float32. ``enabled=False`` (``Config(auto_screen=False)``)
+    keeps every search as planned."""
+    if not enabled or plan.certified or plan.quantized is not None or plan.stages or plan.dim != plan.source:
+        return plan
+    rows = plan.state.rows if plan.mask is None else int(np.count_nonzero(plan.mask))
+    if rows < AUTO_SCREEN_MIN_ROWS or plan.queries.shape[0] < AUTO_SCREEN_MIN_QUERIES:
+        return plan
+    if not callable(getattr(backend, "gemm_speedup", None)):
+        return plan  # a backend without block primitives (a user's ArrayBackend): nothing to measure
+    primitives = cast("SearchBackend[Any]", backend)
+    for kind in ("bfloat16", "float16"):
+        index = plan.state.quantized.get(kind)
+        if index is not None and primitives.gemm_speedup(kind) >= AUTO_SCREEN_SPEEDUP:
+            return replace(plan, quantized=index, certified=True, screen=kind)
+    return plan
 
 
 def _source_table(tables: Mapping[int, TableState[Any]], dim: int, exact: bool) -> tuple[int, TableState[Any]]:
@@ -214,6 +289,53 @@ class Searcher:
             scores, indices = rescore(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
         return scores, indices
 
+    def run_certified(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """One batch through a certified plan (:mod:`embedtools.search.screening`): scores, rows,
+        and how many rows each query scored exactly."""
+        if not callable(getattr(self._backend, "low_precision", None)):
+            raise InvalidArgumentError(f"backend {self._backend.name!r} has no block primitives for a certified search")
+        backend = cast("SearchBackend[Any]", self._backend)
+        source, state, dim = plan.source, plan.state, plan.dim
+        x = state.vectors if dim == source else backend.slice_last_dim(state.vectors, dim)
+        norms = np.asarray(backend.to_numpy(self._norms(source, state, dim, x)), dtype=np.float32)
+        prefix, first = None, None
+        errors: Callable[[], npt.NDArray[np.float64]] | None = None
+        if plan.stages:
+            width, first = plan.stages[0]
+            prefix = self._bounded_prefix(backend, source, state, x, width)
+        index = plan.quantized
+        if index is not None:
+            chunk = max(self._block_bytes // (16 * max(dim, 1)), 1)
+            key = zlib.crc32(index.kind.encode())
+
+            def compute() -> tuple[str, npt.NDArray[np.float32]]:
+                return index.kind, row_errors(backend, index, x, chunk)
+
+            def cached_errors() -> npt.NDArray[np.float64]:
+                kind, found = self._cache(state.screen_errors, key, source, state.rows * F32_BYTES, compute)
+                return np.asarray(found if kind == index.kind else compute()[1], dtype=np.float64)
+
+            errors = cached_errors
+
+        found = certified_search(backend, q, x, norms, plan.k, plan.metric, mask=plan.mask, block_bytes=self._block_bytes,
+                                 index=index, prefix=prefix, first=first, errors=errors)  # fmt: skip
+        return ranks_to_scores(found.ranks, plan.metric), found.indices, found.rescored
+
+    def _bounded_prefix(self, backend: SearchBackend[Any], source: int, state: TableState[Any], x: Any, width: int) -> BoundedPrefix[Any]:
+        """The certified funnel's bounded prefix at ``width``, cached (and charged) per table version:
+        in the rotation's space where the table has a rotation at least that wide (full-width searches)."""
+        chunk = max(self._block_bytes // (16 * max(int(backend.shape(x)[1]), 1)), 1)
+        nbytes = state.rows * (width + 1) * F32_BYTES
+        rotation = state.rotation
+        if rotation is not None and width <= rotation.components and int(backend.shape(x)[1]) == source:
+            matrix = rotation.matrix[:, :width]
+            return cast("BoundedPrefix[Any]", self._cache(rotation.bound_prefixes, width, source, nbytes,
+                        lambda: bounded_prefix(backend, x, rotation.prefix, matrix, width, chunk)))  # fmt: skip
+        if int(backend.shape(x)[1]) != source:  # a prefix search's tails end at its own width: not the cached ones
+            return bounded_prefix(backend, x, None, None, width, chunk)
+        return cast("BoundedPrefix[Any]", self._cache(state.bound_prefixes, width, source, nbytes,
+                    lambda: bounded_prefix(backend, x, None, None, width, chunk)))  # fmt: skip
+
     def _masked_topk(
         self,
         q: npt.NDArray[np.float32],
@@ -283,6 +405,7 @@ def run_search(searcher: Searcher, plan: SearchPlan, progress: bool | None) -> S
     draw a bar (``progress``, see :func:`embedtools.progress.shows`) is cut into steps: each step
     reads the table once more."""
     q, kk = plan.queries, plan.k
+    rescored: npt.NDArray[np.int64] | None = None
     if q.shape[0] == 0 or kk == 0:
         scores = np.empty((q.shape[0], kk), dtype=np.float32)
         indices = np.empty((q.shape[0], kk), dtype=np.int64)
@@ -291,12 +414,25 @@ def run_search(searcher: Searcher, plan: SearchPlan, progress: bool | None) -> S
         split = shows(progress) and q.shape[0] > step
         chunks = [slice(i, i + step) for i in range(0, q.shape[0], step)] if split else [slice(None)]
         parts: list[Scored] = []
+        counts: list[npt.NDArray[np.int64]] = []
         with progress_bar(progress if len(chunks) > 1 else False, q.shape[0], "search", "queries") as bar:
             for chunk in chunks:
-                parts.append(searcher.run(plan, q[chunk]))
+                if plan.certified:
+                    s, i, c = searcher.run_certified(plan, q[chunk])
+                    parts.append((s, i))
+                    counts.append(c)
+                else:
+                    parts.append(searcher.run(plan, q[chunk]))
                 bar.update(len(parts[-1][1]))
         scores = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         indices = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        if counts:
+            rescored = np.concatenate(counts)
+    if plan.certified and rescored is None:
+        rescored = np.zeros(q.shape[0], dtype=np.int64)
     scores.setflags(write=False)
     indices.setflags(write=False)
-    return SearchResult(indices=indices, scores=scores, metric=plan.metric, dimension=plan.dim, source_dimension=plan.source, row_ids=plan.state.ids)
+    if rescored is not None:
+        rescored.setflags(write=False)
+    return SearchResult(indices=indices, scores=scores, metric=plan.metric, dimension=plan.dim, source_dimension=plan.source, row_ids=plan.state.ids,
+                        rescored=rescored, screen=plan.screen)

@@ -15,12 +15,13 @@ with ``take_rows`` and scored on the host in float64, from the stored float32 ro
    ``δ`` covers the absolute error of products that underflow (subnormal or flushed to zero).
    ``r`` orders rows as ``-||q - x||`` does, since ``||q' - x'||² = |q'|² - 2r`` and the frame
    only translates and scales.
-2. **Shortlist.** With ``t`` the k-th best screened score, the true k-th best is at least
-   ``t - B``, so every row of the true top k screens at least ``t - 2B``. A query whose m-th
-   screened score is already below that (strictly) has every such row among its top ``m``;
-   others are screened again with eight times the ``m``, and a query that would need more than
-   :data:`SHORTLIST_MAX` (or a fraction of the table) is scored exactly over every row, in
-   blocks — adversarial data costs time, never memory or correctness.
+2. **Shortlist.** The screen lists each query's best rows by ``s + B``, an upper bound on ``r``;
+   :func:`~embedtools.search.certified.certified_topk` rescores the first ``m = 2k + 2`` exactly
+   and certifies the query when the next listed row's upper bound is strictly below the exact
+   k-th (in the frame's units: ``r' = (|q'|² - scale²·||q - x||²)/2``). Others rescore or are
+   screened again with eight times the ``m``, and a query that would need more than
+   :data:`~embedtools.search.certified.SHORTLIST_MAX` (or a fraction of the table) is scored
+   exactly over every row, in blocks — adversarial data costs time, never memory or correctness.
 3. **Frame.** Data far from the origin (a large common offset) makes ``B`` as large as the
    norms; a query that fails to certify is screened again in a centred frame (where the centre is
    at least a quarter of the spread around it; otherwise centring gains nothing and the shortlist
@@ -59,6 +60,7 @@ import numpy.typing as npt
 
 from embedtools.backends._norms import COSINE_RANGE
 from embedtools.protocols import ArrayBackend, ArrayT, Metric
+from embedtools.search.certified import SHORTLIST_MAX, Certified, Listed, certified_topk, top_by_rank
 
 __all__ = [
     "IDENTITY",
@@ -74,6 +76,7 @@ __all__ = [
     "ranks_to_scores",
     "rescore",
     "rescore_shortlists",
+    "shortlist_ranks",
     "top_by_rank",
 ]
 
@@ -82,8 +85,6 @@ F32 = np.float32
 U = 2.0**-24
 #: Magnitudes (row and query norms) the plain float32 kernel screens in without a frame.
 PLAIN_RANGE = (2.0**-40, 2.0**40)
-#: The most rows per query a screen may shortlist before that query is scored over every row.
-SHORTLIST_MAX = 4096
 def first_shortlist(k: int) -> int:
     """Rows per query the first screen keeps: with twice ``k`` (plus two), a query fails to
     certify only if ``k + 2`` further rows crowd within ``2B`` of its k-th, which on data that
@@ -173,14 +174,6 @@ def ranks_to_scores(ranks: npt.NDArray[np.float64], metric: Metric) -> npt.NDArr
         if metric == "l2":
             return np.sqrt(np.maximum(-ranks, 0.0)).astype(F32)
         return ranks.astype(F32)
-
-
-def top_by_rank(
-    ranks: npt.NDArray[np.float64], indices: npt.NDArray[np.int64], k: int
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Each row's best ``k`` (larger rank first, equal ranks by lower index); ``-inf`` ranks are empty slots."""
-    order = np.lexsort((indices, -ranks), axis=1)[:, :k]
-    return np.take_along_axis(ranks, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
 def _host64(backend: ArrayBackend[Any], array: Any) -> npt.NDArray[np.float64]:
@@ -336,50 +329,71 @@ def l2_topk(
     row_mask: npt.NDArray[np.bool_] | None,
     max_block_bytes: int,
     screen: L2Screen,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Exact ``l2`` top-k (distances ascending, ties to the lower index) for any finite float32
-    rows and queries: the backend's float32 ``screen``, certified and rescored as the module
-    docstring derives. ``norm_max`` is the largest float32 norm of ``corpus``'s rows."""
+) -> Certified:
+    """Exact ``l2`` top-k (exact ranks, ties to the lower index) for any finite float32 rows and
+    queries: the backend's float32 ``screen``, certified by
+    :func:`~embedtools.search.certified.certified_topk` with the bound of step 1 and rescored in
+    float64 (steps 2–4). ``norm_max`` is the largest float32 norm of ``corpus``'s rows."""
     n_queries, dim = queries.shape
     rows = np.arange(n_rows, dtype=np.int64) if row_mask is None else np.flatnonzero(row_mask).astype(np.int64)
     available = int(rows.size)
-    k = min(k, available)
-    scores = np.empty((n_queries, k), dtype=F32)
-    indices = np.empty((n_queries, k), dtype=np.int64)
-    if k == 0 or n_queries == 0:
-        return scores, indices
     raw_norms = _norms64(queries)
-    frame = IDENTITY if _plain_range(norm_max, raw_norms) else _centred_frame(backend, corpus, rows, queries, norm_max)[0]
-    tried_frame = frame is not IDENTITY
-    m = min(first_shortlist(k), available)
-    pending = np.arange(n_queries, dtype=np.intp)
-    while pending.size:
-        fq = frame_queries(queries[pending], frame)
-        screened = screen(fq, m, frame)
-        vals, idx = screened.values.astype(np.float64), screened.indices
+    frames = [IDENTITY if _plain_range(norm_max, raw_norms) else _centred_frame(backend, corpus, rows, queries, norm_max)[0]]
+
+    def listed(which: npt.NDArray[np.intp], width: int) -> Listed:
+        frame = frames[0]
+        fq = frame_queries(queries[which], frame)
+        screened = screen(fq, width, frame)
         bound = l2_bound(dim, _norms64(fq), screened.norm_max)
-        done = np.full(pending.size, idx.shape[1] >= available)
-        if not done.all():
-            done |= vals[:, -1] < vals[:, k - 1] - 2 * bound
-        if done.any():
-            ranks, best = rescore_shortlists(backend, queries[pending[done]], corpus, idx[done], k, "l2", max_block_bytes)
-            scores[pending[done]], indices[pending[done]] = ranks_to_scores(ranks, "l2"), best
-        pending = pending[~done]
-        if not pending.size:
-            break
-        if not tried_frame:  # centred data gains nothing from a frame: straight to a longer shortlist
-            tried_frame = True
-            offset_frame, useful = _centred_frame(backend, corpus, rows, queries[pending], norm_max)
-            if useful:
-                frame = offset_frame
-                continue
-        if 8 * m <= min(SHORTLIST_MAX, available // 4):
-            m *= 8
-        else:
-            ranks, best = exact_topk_over(backend, queries[pending], corpus, rows, k, "l2", max_block_bytes)
-            scores[pending], indices[pending] = ranks_to_scores(ranks, "l2"), best
-            break
-    return scores, indices
+        upper = screened.values.astype(np.float64) + bound[:, None]
+        q_exact = queries[which].astype(np.float64) * frame.scale
+        if frame.centre is not None:
+            q_exact = q_exact - frame.centre.astype(np.float64)
+        scale = np.full(which.size, frame.scale**2 / 2)
+        return Listed(upper, screened.indices, scale, np.einsum("qd,qd->q", q_exact, q_exact) / 2)
+
+    def refine(which: npt.NDArray[np.intp]) -> bool:
+        if frames[0] is not IDENTITY:
+            return False  # centred data gains nothing from a frame: straight to a longer shortlist
+        offset_frame, useful = _centred_frame(backend, corpus, rows, queries[which], norm_max)
+        if useful:
+            frames[0] = offset_frame
+        return useful
+
+    def exact(which: npt.NDArray[np.intp], idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        return shortlist_ranks(backend, queries[which], corpus, idx, "l2", max_block_bytes)
+
+    def fallback(which: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        return exact_topk_over(backend, queries[which], corpus, rows, k, "l2", max_block_bytes)
+
+    first = first_shortlist(k)
+    return certified_topk(n_queries, k, available, screen=listed, exact=exact, fallback=fallback, first=first,
+                          width=first + 1, refine=refine)  # fmt: skip
+
+
+def shortlist_ranks(
+    backend: ArrayBackend[Any],
+    queries: npt.NDArray[np.float32],
+    corpus: Any,
+    shortlists: npt.NDArray[np.int64],
+    metric: Metric,
+    max_block_bytes: int,
+) -> npt.NDArray[np.float64]:
+    """:func:`exact_ranks` of each query's own ``(q, m)`` rows of ``corpus`` (``-1``: ``-inf``),
+    gathered in blocks of queries whose float64 copies stay within ``max_block_bytes``."""
+    n_queries, m = shortlists.shape
+    out = np.full((n_queries, m), -np.inf)
+    if not m or not n_queries:
+        return out
+    q64 = queries.astype(np.float64)
+    step = max(max_block_bytes // (3 * 8 * max(queries.shape[1], 1) * m), 1)
+    for q0 in range(0, n_queries, step):
+        qs = slice(q0, min(q0 + step, n_queries))
+        idx = shortlists[qs]
+        valid = idx >= 0
+        host = _host64(backend, backend.take_rows(corpus, np.where(valid, idx, 0)))
+        out[qs] = np.where(valid, exact_ranks(q64[qs], host, metric), -np.inf)
+    return out
 
 
 def rescore(
