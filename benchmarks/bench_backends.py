@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 import embedtools as et
-from benchmarks.common import blas_kernel, cpu_model, clustered, interleaved_best, problem_arguments, queries_near
+from benchmarks.common import print_header, clustered, interleaved_best, problem_arguments, queries_near
 from embedtools.backends import available_backends, devices
 from embedtools.quantize import Quantization
 
@@ -82,8 +82,7 @@ def main() -> None:
     parser.add_argument("--quantized", action="store_true", help="also time quantised search on each backend")
     parser.add_argument("--k", type=int, default=10, help="top-k (1000 or 5000: a reranker's shortlist)")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}")
-    print(f"python {sys.version.split()[0]}; BLAS: {blas_kernel()}")
+    print_header("benchmarks.bench_backends")
     table = clustered(args.rows, args.dim, seed=0)
     queries = queries_near(table, args.queries, seed=1)
     k = args.k

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 import embedtools as et
-from benchmarks.common import best_of, blas_kernel, cpu_model, clustered, problem_arguments, queries_near
+from benchmarks.common import print_header, best_of, clustered, problem_arguments, queries_near
 
 F32 = npt.NDArray[np.float32]
 
@@ -54,8 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, embedtools {et.__version__}")
-    print(f"CPU: {cpu_model()}")
-    print(f"BLAS: {blas_kernel()}")
+    print_header("benchmarks.bench_core")
 
     bare = import_seconds("pass", args.repeat)
     numpy_only = import_seconds("import numpy", args.repeat)

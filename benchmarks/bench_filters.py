@@ -11,14 +11,13 @@ import sys
 import numpy as np
 
 import embedtools as et
-from benchmarks.common import blas_kernel, cpu_model, clustered, interleaved_best, problem_arguments, queries_near
+from benchmarks.common import print_header, clustered, interleaved_best, problem_arguments, queries_near
 
 
 def main() -> None:
     parser = problem_arguments(__doc__)
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}")
-    print(f"python {sys.version.split()[0]}, numpy {np.__version__}; BLAS: {blas_kernel()}")
+    print_header("benchmarks.bench_filters")
     table = clustered(args.rows, args.dim, seed=0)
     queries = queries_near(table, args.queries, seed=1)
     rng = np.random.default_rng(2)

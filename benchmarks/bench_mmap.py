@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import embedtools as et
-from benchmarks.common import blas_kernel, cpu_model, clustered, problem_arguments
+from benchmarks.common import print_header, clustered, problem_arguments
 
 CHILD = """
 import json, os, sys, time
@@ -52,8 +52,7 @@ print(json.dumps({"load": loaded, "total": total, "read": read_bytes() - before_
 def main() -> None:
     parser = problem_arguments(__doc__)
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}")
-    print(f"python {sys.version.split()[0]}; BLAS: {blas_kernel()}")
+    print_header("benchmarks.bench_mmap")
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as folder:
         path = Path(folder) / "big.safetensors"
         store = et.EmbeddingStore(et.make_backend("numpy"), et.ByteBudget(64 << 30), et.Sha256Hasher())

@@ -87,6 +87,24 @@ def blas_kernel() -> str:
     return "; ".join(parts) or "no BLAS found by threadpoolctl"
 
 
+def print_header(module: str) -> None:
+    """What every benchmark prints first: the command that reproduces it, the CPU, its flags, the BLAS
+    kernel and the libraries' versions, so a figure can be read against the machine that printed it."""
+    import importlib.util
+    import shlex
+    import sys
+
+    unset = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE " if not {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"} & set(os.environ) else ""
+    print(f"command: {unset}python -m {module} {shlex.join(sys.argv[1:])}".rstrip())
+    print(f"CPU: {cpu_model()}")
+    versions = f"python {sys.version.split()[0]}, numpy {np.__version__}"
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    print(f"{versions}; BLAS: {blas_kernel()}")
+
+
 def queries_near(table: npt.NDArray[np.float32], n: int, seed: int) -> npt.NDArray[np.float32]:
     """Queries drawn like the corpus: random rows of it plus a little noise (sigma 0.1)."""
     rng = np.random.default_rng(seed)

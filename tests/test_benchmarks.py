@@ -1,0 +1,76 @@
+"""Smoke tests of issue 16's benchmark sections at tiny sizes: they run, and what they check holds.
+
+The figures themselves are machine-dependent and never asserted; what is asserted is what the
+sections would report wrongly if the code under them were wrong: certified results equal to float32
+exact search on every query, every scaling point measured (or skipped when over the limit), the plot
+written, and the GPU check script's Python steps passing on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_certified, bench_scaling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_certified_section_reports_exact_ids_on_every_query(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    bench_certified.section_certified(3000, 64, 6, 1, "cpu", ("bfloat16",), min_ratio=0.0, gemm_side=256)
+    out = capsys.readouterr().out
+    assert re.search(r"bfloat16 \d+ GFLOP/s", out)
+    assert "ids differ from float32 exact on 0 of 6 queries" in out, out
+    assert "target <= 1.0x" in out
+
+
+def test_certified_sets_agree_with_float32_exact(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    bench_certified.section_certified_sets(3000, 64, 6, 1, real=False)
+    out = capsys.readouterr().out
+    counts = [int(n) for n in re.findall(r"mismatches\s+(\d+)", out)]
+    assert len(counts) == 2 * 2 * 3, out  # two sets x two backends x (bf16, funnel, rotated funnel)
+    assert counts == [0] * len(counts), out
+    assert "certified funnel after fit_rotation" in out
+
+
+def test_scaling_measures_each_point_skips_over_the_limit_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_png = tmp_path / "scaling.png"
+    methods = ("store f32 (numpy)", "numpy naive")
+    results = bench_scaling.section_scaling(True, 1, out_png, memory_limit_gb=0.05, axes={"rows": (1000, 10**7), "queries": (3,), "dims": (16,)},
+                                            centre=(1000, 16, 3), methods=methods)  # fmt: skip
+    printed = capsys.readouterr().out
+    measured = results["rows"][bench_scaling.Point(1000, 16, 3)]
+    for method in methods:
+        r = measured[method]
+        assert isinstance(r, dict), r
+        assert float(r["seconds"]) > 0 and float(r["extra_bytes"]) >= 0
+    assert all(isinstance(v, str) and v.startswith("skipped") for v in results["rows"][bench_scaling.Point(10**7, 16, 3)].values())
+    assert "skipped" in printed and "varying dims" in printed
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_check_runs_its_python_steps_on_the_cpu() -> None:
+    pytest.importorskip("torch")
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "gpu_check: every step passed" in done.stdout
+    assert "float32 GEMM floor" in done.stdout or "not applicable" in done.stdout
+
+
+def test_gpu_check_refuses_a_python_without_the_dependencies(tmp_path: Path) -> None:
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\nexec python3 -I -S \"$@\"\n", encoding="utf-8")  # no site-packages: no numpy
+    bare.chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(bare)}, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "lacks numpy" in done.stdout
