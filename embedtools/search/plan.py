@@ -271,11 +271,10 @@ class Searcher:
             prefix = self._bounded_prefix(backend, source, state, x, width)
         index = plan.quantized
         if index is not None:
-            chunk = max(self._block_bytes // (16 * max(dim, 1)), 1)
             key = zlib.crc32(index.kind.encode())
 
             def compute() -> tuple[str, npt.NDArray[np.float32]]:
-                return index.kind, row_errors(backend, index, x, chunk)
+                return index.kind, row_errors(backend, index, x, self._block_bytes)
 
             def cached_errors() -> npt.NDArray[np.float64]:
                 kind, found = self._cache(state.screen_errors, key, source, state.rows * F32_BYTES, compute)

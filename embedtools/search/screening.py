@@ -185,17 +185,20 @@ def _norms64(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return out
 
 
-def row_errors(backend: SearchBackend[ArrayT], index: QuantizedIndex[ArrayT], x: ArrayT, chunk_rows: int) -> npt.NDArray[np.float32]:
+def row_errors(backend: SearchBackend[ArrayT], index: QuantizedIndex[ArrayT], x: ArrayT, block_bytes: int) -> npt.NDArray[np.float32]:
     """Each row's exact ``|x̃ - x|`` for ``index``'s codes (decoded by the backend, as its product
-    sees them), rounded up to float32: one pass over the table, in chunks of rows on the host."""
-    n = int(backend.shape(x)[0])
+    sees them), rounded up to float32: one pass over the table, in chunks of rows on the host whose
+    copies (the rows and codes gathered, decoded, and in float64: about 40 bytes a value) stay
+    within ``block_bytes``, the search's own bound on its extra memory."""
+    n, dim = int(backend.shape(x)[0]), max(int(backend.shape(x)[1]), 1)
+    chunk_rows = max(block_bytes // (40 * dim), 1)
     decode = index.decoder(backend)
     out = np.empty(n, dtype=np.float64)
-    for start in range(0, n, max(chunk_rows, 1)):
+    for start in range(0, n, chunk_rows):
         idx = np.arange(start, min(start + chunk_rows, n), dtype=np.int64)
-        rows = np.asarray(backend.to_numpy(backend.take_rows(x, idx)), dtype=np.float64)
-        codes = np.asarray(backend.to_numpy(decode(backend.take_rows(index.codes, idx))), dtype=np.float64)
-        out[idx] = np.sqrt(np.einsum("nd,nd->n", codes - rows, codes - rows))
+        diff = np.asarray(backend.to_numpy(decode(backend.take_rows(index.codes, idx))), dtype=np.float64)
+        diff -= np.asarray(backend.to_numpy(backend.take_rows(x, idx)), dtype=np.float64)
+        out[idx] = np.sqrt(np.einsum("nd,nd->n", diff, diff))
     return round_up(out * (1 + 2.0**-40))
 
 
@@ -244,7 +247,7 @@ def _screen(
     # the native product only where it measured faster than float32 (torch's fp16 on a CPU without
     # AVX512-FP16 ran ~10x slower); otherwise blocks of codes are decoded into the float32 GEMM
     native = backend.low_precision(kind) if kind != "int8" and backend.gemm_speedup(kind) >= 1.0 else None
-    exact_rows = row_errors(backend, index, x, max(block_bytes // (16 * max(queries.shape[1], 1)), 1)).astype(np.float64) if errors is None else errors()
+    exact_rows = row_errors(backend, index, x, block_bytes).astype(np.float64) if errors is None else errors()
     rounding = low_rounding(kind, exact_rows, native is not None)
     rows_of: Callable[[ArrayT], ArrayT] = index.decoder(backend) if native is None else native.rows
     operand_of = None if native is None else native.operand
