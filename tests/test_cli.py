@@ -21,6 +21,7 @@ def test_demo_runs_end_to_end() -> None:
     assert "query 0: doc-0 (" in text
     assert "vectors and ids identical: True; search identical: True" in text
     assert "Matryoshka funnel (16-d prefix shortlist of 100, rescored at 64-d): top-3 overlap with exact" in text
+    assert "certified bfloat16 screen (a proven error bound sizes each shortlist, rescored in float64): top-3 overlap with exact 100%" in text
     assert "binary index" in text
     assert "config_hash({'model': 'bert', 'dim': 768, 'batch_size': 32}) = 4864205289d401c2" in text
     assert out.stderr == ""
