@@ -30,8 +30,11 @@ def worker_addresses(client: Client, wait: float | None = None) -> list[str]:
             cast("Any", client).wait_for_workers(1, timeout=wait)
         except TimeoutError:
             return []
-    info = cast("dict[str, Any]", cast("Any", client).scheduler_info())
-    return sorted(str(w) for w in cast("dict[str, object]", info["workers"]))
+    # ``nthreads()`` asks the scheduler each time; ``scheduler_info()`` returns a cache that the
+    # client's periodic refresh may overwrite with one listing no workers at all (a race seen
+    # under load: "the cluster has no workers" with both running)
+    threads = cast("dict[str, object]", cast("Any", client).nthreads())
+    return sorted(str(w) for w in threads)
 
 
 def start_actor(client: Client, cls: type, args: tuple[object, ...], worker: str, timeout: float | None) -> tuple[object, object]:
