@@ -331,20 +331,17 @@ class EmbeddingStore:
         The memory budget is charged from the file's header before any vector is read; if anything
         fails (budget, checksum, format) the store is left empty and nothing stays reserved.
 
-        ``mmap=True`` (NumPy backend, embedtools files) maps the tables read-only from the file
-        instead of reading them into memory: a table larger than RAM is searched block by block at
-        disk speed, the budget charges only what is resident (norms, ids, indexes), and the store is
-        read-only (:class:`ReadOnlyStoreError`) until :meth:`materialize` copies it into memory.
-        Torch and MLX keep tables in their own (device) memory and refuse ``mmap``.
-
-        ``rows={384: (0, 500_000)}`` loads only those row ranges of the named tables (others are
-        left out): how a sharded store's workers each read their part of one file.
+        ``mmap=True`` (NumPy backend, embedtools files) maps the tables read-only from the file: a
+        table larger than RAM is searched at disk speed, the budget charges only what is resident,
+        and the store is read-only (:class:`ReadOnlyStoreError`) until :meth:`materialize`. Torch
+        and MLX keep tables in their own (device) memory and refuse ``mmap``. ``rows={384: (0, n)}``
+        loads only those row ranges of the named tables: how a sharded store's workers each read
+        their part of one file.
         """
         if self._tables:
             raise StoreNotEmptyError(f"load fills an empty store; this one holds tables {list(self.dimensions)}")
         p, shapes = read_shapes(path, mmap=mmap, backend_name=self._backend.name, hasher=self._hasher)
         billed = shapes if rows is None else row_ranges(shapes, rows)
-
         bills = {s.dimension: s.nbytes for s in billed}
         with self._ledger.reserving(bills), progress_bar(self._progress, len(billed) + 1, f"load {p.name}", "steps") as bar:
             built, config = read_tables(self._backend, p, shapes, mmap=mmap, hasher=self._hasher, step=bar.update, rows=rows)

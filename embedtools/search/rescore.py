@@ -25,8 +25,7 @@ with ``take_rows`` and scored on the host in float64, from the stored float32 ro
 3. **Frame.** Data far from the origin (a large common offset) makes ``B`` as large as the
    norms; a query that fails to certify is screened again in a centred frame (where the centre is
    at least a quarter of the spread around it; otherwise centring gains nothing and the shortlist
-   grows instead): rows and queries
-   are ``x·s - c`` with ``c`` the (float32) mean of a strided sample of the rows (any centre is
+   grows instead): rows and queries are ``x·s - c`` with ``c`` the (float32) mean of a strided sample of the rows (any centre is
    correct, since the bound covers its rounding; a sample mean is as good as the exact one for
    shrinking the norms and costs ``take_rows`` of ~1,000 rows, not a pass over the table), and
    ``s`` a power of two bringing the magnitudes near 1, so that data near float32's ends
@@ -34,19 +33,14 @@ with ``take_rows`` and scored on the host in float64, from the stored float32 ro
    The frame is applied block by block inside the backend's own kernel, so no table-sized copy
    is made; data that needs no frame (magnitudes within ``2^±40``) runs the plain kernel with
    the stored norms, and pays only for the bound and the float64 rescoring of ``m = 2k + 2`` rows.
-   Nothing is kept with the table: the frame's norms are one more pass over it, only for a search
-   that needed the frame, so tables carry no new cache and the budget no new charge (a centred
-   copy cached per table would make offset data as fast as centred data, for a table's worth of
-   memory; it can be added behind this same screen if offset tables turn out to be common).
+   Nothing is kept with the table: a frame's norms are one more pass, only when a frame is needed.
 4. **Rescore.** The shortlist's rows are scored in float64 (``-Σ(q - x)²``, differences taken in
    float64, so no cancellation) and the best ``k`` kept, ties to the lower row index; returned
    distances are those float64 distances rounded to float32.
 
 The bound assumes true float32 products (not TF32 or bfloat16 passes, which a user can enable in
 torch with ``set_float32_matmul_precision``); the rest holds for any summation order.
-
-The same screen/bound/rescore split serves any float32 screen whose error can be bounded (the
-low-precision screening of issue 16); only the bound and the screen's kernel change.
+The low-precision screens run the same loop with their own bounds (:mod:`embedtools.search.screening`).
 """
 
 from __future__ import annotations
