@@ -233,7 +233,7 @@ class _FastLowPrecision(NumpyBackend):
         return self.speedup
 
 
-@pytest.mark.parametrize(("speedup", "auto", "screens"), [(3.0, True, True), (1.2, True, False), (3.0, False, False)])
+@pytest.mark.parametrize(("speedup", "auto", "screens"), [(3.0, True, True), (2.5, True, True), (2.3, True, False), (1.2, True, False), (3.0, False, False)])
 def test_the_automatic_rule_screens_only_where_it_pays(speedup: float, auto: bool, screens: bool) -> None:
     rng = np.random.default_rng(2)
     rows = rng.standard_normal((AUTO_SCREEN_MIN_ROWS, 16)).astype(np.float32)
