@@ -27,6 +27,7 @@ from embedtools.results import SearchResult
 from embedtools.search.kernel import check_k, check_metric
 from embedtools.search.rescore import ranks_to_scores, rescore
 from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search, row_errors
+from embedtools.search.settle import listed_rows, settle_near_ties, settles
 from embedtools.tables import F32_BYTES, TableState
 from embedtools.validation import as_queries, check_dimension, check_positive_int
 
@@ -249,11 +250,26 @@ class Searcher:
             first_metric = "dot"
         else:
             stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
+        if not stages and metric != "l2" and callable(getattr(self._backend, "low_precision", None)):
+            available = state.rows if mask is None else int(np.count_nonzero(mask))
+            if settles(kk, available):
+                return self._settled_exact(plan, stage_q, corpus, norms, available)
         scores, indices = self._masked_topk(stage_q, corpus, norms, first_size, first_metric, mask)
         for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
             stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)
             scores, indices = rescore(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
         return scores, indices
+
+    def _settled_exact(self, plan: SearchPlan, q: npt.NDArray[np.float32], corpus: Any, norms: Any, available: int) -> Scored:
+        """Plain cosine/dot exact search with float32 near-ties settled (:mod:`embedtools.search.settle`)."""
+        listed = self._masked_topk(q, corpus, norms, listed_rows(plan.k, available), plan.metric, plan.mask)
+
+        def host_norms() -> npt.NDArray[np.float32]:
+            return np.asarray(self._backend.to_numpy(self._norms(plan.source, plan.state, plan.dim, corpus)), dtype=np.float32)
+
+        backend = cast("SearchBackend[Any]", self._backend)
+        return settle_near_ties(backend, q, corpus, host_norms, plan.k, plan.metric, listed, available=available, mask=plan.mask,
+                                block_bytes=self._block_bytes)  # fmt: skip
 
     def run_certified(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """One batch through a certified plan (:mod:`embedtools.search.screening`): scores, rows,
