@@ -26,6 +26,11 @@ from embedtools.sharded import ShardedStore
 from tests.sharded.conftest import CALL_SECONDS, CONFIG
 
 METRICS: tuple[et.Metric, ...] = ("cosine", "dot", "l2")
+# A Dask client thread (its event loop runs beside the main thread) can draw from the global random
+# module while hypothesis generates an example in the main thread; hypothesis then
+# warns that a strategy used ``random`` (an error under filterwarnings = error) and, replaying,
+# calls the strategy flaky. Our strategies use no ``random``: the warning is about that thread.
+pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies:hypothesis.errors.HypothesisDeprecationWarning")
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
