@@ -136,9 +136,12 @@ def _chunks(total: int, step: int) -> Iterator[slice]:
 
 
 #: A top-k whose running shortlist ``m = k + 1`` is at least this long first guesses each query's
-#: final threshold from a sample (:func:`sampled_floor`); for smaller ``m`` the running threshold
-#: settles within a block or two anyway.
-SAMPLED_FLOOR_MIN = 100
+#: final threshold from a sample (:func:`sampled_floor`): every one with ``k >= 1``. It was 100, on the
+#: grounds that a short shortlist's running threshold settles within a block or two; that holds for
+#: rows in random order, not for a table added topic by topic (the real benchmark set, documentation
+#: embedded module by module), where each block brought a query hundreds of candidates to fold and
+#: ``k = 10`` took 1.3x its time with the floor (``bench_search --only real``'s sweeps time each k).
+SAMPLED_FLOOR_MIN = 2
 #: Every this-many-th row is sampled: 1/32 more GEMM work, against folding several times fewer candidates.
 SAMPLE_STRIDE = 32
 
@@ -211,7 +214,7 @@ def run_topk(
     way — float32 rows go through :mod:`embedtools.search.rescore`, which is exact. ``settle_ties=False`` skips the redo, for approximate
     shortlists whose scores tie by nature (Hamming distances) and are rescored anyway.
 
-    Large ``k`` (``m >= SAMPLED_FLOOR_MIN``): each query's threshold starts at a floor guessed from
+    Over more than one block (``m >= SAMPLED_FLOOR_MIN``, i.e. any ``k``): each query's threshold starts at a floor guessed from
     a strided sample of rows (:func:`sampled_floor`) instead of ``-inf``, and a query that the floor
     left with fewer than ``m`` candidates is redone without one. ``nth_best(block, n)`` gives each
     query's n-th best score of a block, on the host (default: ``to_host`` and a partition there).
