@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from embedtools.search import SAMPLE_STRIDE, best_first, host_nth_best, sampled_floor
+from embedtools.search import SAMPLE_STRIDE, best_first, host_candidates, host_nth_best, sampled_floor, unscaled_bound
 from tests.helpers import clustered, reference_scores
 
 
@@ -136,3 +136,41 @@ def test_a_large_k_over_many_queries_stays_within_a_small_multiple_of_the_block_
         tracemalloc.stop()
     assert peak - scores.nbytes - indices.nbytes < 2 * bound
     assert indices.shape == (2_000, 500)
+
+
+def candidate_set(found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]) -> dict[tuple[int, int], float]:
+    rows, vals, cols = found
+    return {(int(r), int(c)): float(v) for r, v, c in zip(rows.tolist(), vals.tolist(), cols.tolist(), strict=True)}
+
+
+@st.composite
+def unscaled_blocks(draw: st.DrawFn) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Raw products, positive row scales and finite thresholds, with products put a few ulps either
+    side of ``threshold / scale``: where a bound one rounding too tight would lose a row."""
+    n, queries = draw(st.integers(2, 12)), draw(st.integers(1, 5))
+    spread = draw(st.sampled_from([1.0, 1.000001, 1.01, 3.0]))
+    scale = np.float32(draw(st.floats(0.25, 4.0, width=32))) * np.linspace(1.0, spread, n, dtype=np.float32)
+    threshold = np.array(draw(st.lists(st.sampled_from([0.0, 1e-38, 2.0**-110, -1e-38]) | st.floats(-2.0, 2.0, width=32), min_size=queries, max_size=queries)), np.float32)
+    ulps = np.array(draw(st.lists(st.integers(-4, 4), min_size=n * queries, max_size=n * queries)), np.int32).reshape(n, queries)
+    edge = (threshold[None, :] / scale[:, None]).astype(np.float32)
+    raw = (edge.view(np.int32) + np.where(edge >= 0, ulps, -ulps)).view(np.float32)
+    noise = np.array(draw(st.lists(st.floats(-3.0, 3.0, width=32), min_size=n * queries, max_size=n * queries)), np.float32).reshape(n, queries)
+    far = np.array(draw(st.lists(st.booleans(), min_size=n * queries, max_size=n * queries))).reshape(n, queries)
+    return np.where(far, noise, raw).astype(np.float32), scale.astype(np.float32), threshold
+
+
+@given(unscaled_blocks(), st.integers(1, 3))
+def test_host_candidates_with_a_row_scale_are_exactly_the_scaled_blocks(drawn: tuple[npt.NDArray[np.float32], ...], m: int) -> None:
+    """Comparing unscaled products against ``unscaled_bound`` and scaling what passes must give the
+    candidates (and the very float32 values) that scaling the whole block gave."""
+    raw, scale, threshold = drawn
+    want = candidate_set(host_candidates(raw * scale[:, None], m, threshold))
+    got = candidate_set(host_candidates(raw.copy(), m, threshold, scale))
+    assert got == want
+
+
+def test_unscaled_bound_keeps_infinite_and_nan_thresholds() -> None:
+    threshold = np.array([np.inf, np.nan, -np.inf, 0.5, -0.5], np.float32)
+    bound = unscaled_bound(threshold, np.array([0.5, 2.0], np.float32))
+    assert bound[0] == np.inf and np.isnan(bound[1]) and bound[2] == -np.inf
+    assert 0.25 > bound[3] > 0.2499 and -1.0 > bound[4] > -1.0001  # t / max(s) just below, t / min(s) just beyond

@@ -25,7 +25,7 @@ from embedtools.search.kernel import (
     run_topk,
     sampled_floor,
 )
-from embedtools.search.merge import GROUPS_PER_SLOT, Candidates, RunningTop, best_first, group_floor, host_candidates, host_nth_best
+from embedtools.search.merge import GROUPS_PER_SLOT, Candidates, RunningTop, best_first, group_floor, host_candidates, host_nth_best, unscaled_bound
 from embedtools.search.rescore import rescore
 
 __all__ = [
@@ -33,9 +33,9 @@ __all__ = [
     "CANDIDATE_BYTES",
     "DECODED_BLOCK_BYTES",
     "DEVICE_BLOCK_ROWS",
+    "GROUPS_PER_SLOT",
     "ONE_QUERY_BLOCK_ROWS",
     "SAMPLED_FLOOR_MIN",
-    "GROUPS_PER_SLOT",
     "SAMPLE_STRIDE",
     "Candidates",
     "RunningTop",
@@ -51,4 +51,5 @@ __all__ = [
     "rows_per_block",
     "run_topk",
     "sampled_floor",
+    "unscaled_bound",
 ]

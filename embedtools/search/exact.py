@@ -25,10 +25,19 @@ from embedtools.search.rescore import IDENTITY, Frame, Screened, exact_topk_over
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["BlockedTopk", "blocked_topk", "exact_topk", "l2_certified", "merge_side", "outside_cosine_range"]
+__all__ = ["ROW_SCALE_SPREAD", "Block", "BlockedTopk", "blocked_topk", "exact_topk", "l2_certified", "merge_side", "outside_cosine_range"]
 
 F32 = np.float32
 Scored = tuple["npt.NDArray[np.float32]", "npt.NDArray[np.int64]"]
+Block = tuple[ArrayT, "npt.NDArray[np.float32] | None"]
+"""A score block as the kernel walks it: the backend's block, and the host row scale its scores
+still need (``None``: scaled already)."""
+
+#: Largest ratio of a block's cosine row scales (``1/|x|``) for which the host selection compares
+#: unscaled products (:func:`~embedtools.search.merge.host_candidates`' ``row_scale``):
+#: unit-normalised embeddings, whose norms are 1 to float32 rounding, are far inside it; a prefix's
+#: norms, spread wide, would loosen its one bound per query until many rows passed it.
+ROW_SCALE_SPREAD = 1.01
 
 
 class BlockedTopk(Generic[ArrayT]):
@@ -136,6 +145,13 @@ def blocked_topk(
     rows shifted to ``-inf``. The callables are made here once per search, not per block.
     ``operand_of`` makes the product's right operand (a low-precision screen's rounded queries;
     default :meth:`~embedtools.protocols.BlockPrimitives.query_operand`)."""
+    caps = backend.capabilities
+    # Selected on the host, a block of scaled products (cosine's) leaves its row scale to the
+    # selection (host_candidates' ``row_scale``): only the few candidates are scaled, not the whole
+    # block. Not with a shift of its own (a screen's), which applies after the scale (the mask's
+    # penalty, 0 or +inf, gives the same bits before it as after), nor for a block whose scales
+    # spread wide (the bound would let many rows through).
+    deferred = None if caps.select_on_device or shift is not None else scale
     if mask is not None:  # masked rows rank at -inf: shifted down by +inf
         penalty = np.where(mask, F32(0), F32(np.inf))
         shift = penalty if shift is None else shift + penalty
@@ -144,26 +160,37 @@ def blocked_topk(
     operands: dict[tuple[int, int], ArrayT] = {}
     make_operand = backend.query_operand if operand_of is None else operand_of
 
-    def score_block(qs: slice, rs: slice) -> ArrayT:
+    def score_block(qs: slice, rs: slice) -> Block[ArrayT]:
         key = (qs.start, qs.stop)
         operand = operands.get(key)
         if operand is None:  # once per chunk of queries (and per redone query)
             operands.clear()
             operand = operands[key] = make_operand(np.ascontiguousarray(q[qs]))
-        return backend.block_scores(x, rs, operand, scale_d, shift_d, rows_of)
+        row_scale = None if deferred is None else deferred[rs]
+        if row_scale is not None and row_scale.size and row_scale.max() > ROW_SCALE_SPREAD * row_scale.min():
+            row_scale = None
+        block = backend.block_scores(x, rs, operand, scale_d if row_scale is None else None, shift_d, rows_of)
+        return block, row_scale
 
-    def to_host(block: ArrayT) -> npt.NDArray[np.float32]:
-        return np.ascontiguousarray(backend.host_block(block).T)
+    def to_host(block: Block[ArrayT]) -> npt.NDArray[np.float32]:
+        scores, row_scale = backend.host_block(block[0]), block[1]
+        return np.ascontiguousarray((scores if row_scale is None else scores * row_scale[:, None]).T)
 
-    caps = backend.capabilities
-    candidates: Callable[[ArrayT, int, npt.NDArray[np.float32]], Candidates]
+    candidates: Callable[[Block[ArrayT], int, npt.NDArray[np.float32]], Candidates]
+    nth_best: Callable[[Block[ArrayT], int], npt.NDArray[np.float32]] | None = None
     if caps.select_on_device:
-        candidates = backend.device_candidates
-    else:
-        host_block = backend.host_block
 
-        def host_select(block: ArrayT, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
-            return host_candidates(host_block(block), m, threshold)
+        def device_select(block: Block[ArrayT], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+            return backend.device_candidates(block[0], m, threshold)
+
+        def device_nth_best(block: Block[ArrayT], n: int) -> npt.NDArray[np.float32]:
+            return backend.nth_best(block[0], n)
+
+        candidates, nth_best = device_select, device_nth_best
+    else:
+
+        def host_select(block: Block[ArrayT], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+            return host_candidates(backend.host_block(block[0]), m, threshold, block[1])
 
         candidates = host_select
 
@@ -180,7 +207,7 @@ def blocked_topk(
         l2_distances=_unused_l2 if l2_distances is None else l2_distances,
         settle_ties=settle_ties,
         row_mask=mask,
-        nth_best=backend.nth_best if caps.select_on_device else None,
+        nth_best=nth_best,
         block_rows=rows_per_block(q.shape[0], gpu=caps.gpu, decoded_width=None if rows_of is None else q.shape[1]),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["GROUPS_PER_SLOT", "Candidates", "RunningTop", "best_first", "group_floor", "host_candidates", "host_nth_best"]
+__all__ = ["GROUPS_PER_SLOT", "Candidates", "RunningTop", "best_first", "group_floor", "host_candidates", "host_nth_best", "unscaled_bound"]
 
 def host_nth_best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
     """Each row's n-th largest value of a host ``(queries, rows)`` array."""
@@ -60,7 +60,9 @@ Candidates = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[n
 
 
 
-def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
+def host_candidates(
+    block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32], row_scale: npt.NDArray[np.float32] | None = None
+) -> Candidates:
     """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``.
 
     One compare against each query's threshold rejects nearly the whole block. Until every query
@@ -70,8 +72,18 @@ def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArr
     shortlists of 40 to 100. Every row scoring at least that floor is a candidate, rows equal to
     the block's m-th best included, so that :class:`RunningTop` can keep the lower indices of
     equal scores. A block of at most ``m`` rows gives all of them.
+
+    ``row_scale`` (positive, one per row: cosine's ``1/|x|``): ``block`` holds the products before
+    that scaling, and a score is ``block * row_scale`` (the same float32 product the backend would
+    have made). Scaling the whole block was a pass over it as long as the compare's, for a few
+    candidates per query; instead the raw products are compared against :func:`unscaled_bound`,
+    and only what passes is scaled and compared again. That bound is one per query for the whole
+    block, as loose as the block's scales are spread: the caller scales a block of widely spread
+    scales itself (:data:`~embedtools.search.exact.ROW_SCALE_SPREAD`).
     """
     n, queries = block.shape
+    if row_scale is not None and np.isneginf(threshold).any():
+        block, row_scale = block * row_scale[:, None], None
     if np.isneginf(threshold).any():
         if m < n:
             flat = np.flatnonzero(block >= np.maximum(threshold, group_floor(block, m)))
@@ -83,9 +95,43 @@ def host_candidates(block: npt.NDArray[np.float32], m: int, threshold: npt.NDArr
             np.ascontiguousarray(block.T).reshape(-1),
             np.ascontiguousarray(picked.T).reshape(-1),
         )
-    flat = np.flatnonzero(block > threshold)
+    if row_scale is None:
+        flat = np.flatnonzero(block > threshold)
+        cols, rows = np.divmod(flat, queries)
+        return rows, block.reshape(-1)[flat], cols
+    flat = np.flatnonzero(block > unscaled_bound(threshold, row_scale))
     cols, rows = np.divmod(flat, queries)
-    return rows, block.reshape(-1)[flat], cols
+    vals = block.reshape(-1)[flat] * row_scale[cols]
+    keep = vals > threshold[rows]
+    return rows[keep], vals[keep], cols[keep]
+
+
+#: Relative slack of :func:`unscaled_bound`: beyond the three float32 roundings (the scaling, the
+#: bound's division and its product with this factor) that it must absorb.
+_BOUND_SLACK = 2.0**-20
+#: Positive thresholds below this are bounded by 0 (a positive score needs a positive product):
+#: their quotient could be subnormal, where a rounding is not relative.
+_TINY = 2.0**-100
+
+
+def unscaled_bound(threshold: npt.NDArray[np.float32], row_scale: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Per query, a value every product ``p`` must exceed for ``fl(p * s) > threshold`` with any of
+    the rows' scales ``s`` (all positive, finite).
+
+    For ``t >= 0``: ``fl(p·s) <= p·s·(1+u)`` when ``p > 0`` (and ``p <= 0`` gives no positive score),
+    so ``p > t / (s·(1+u)) >= t / (s_max·(1+u))``; the bound is ``fl(fl(t / s_max)·(1 - 2^-20))``,
+    whose two roundings and the slack keep it below that (``(1+u)^3 (1-2^-20) < 1``, ``u = 2^-24``).
+    For ``t < 0``: any ``p >= 0`` passes a negative bound, and for ``p < 0``
+    ``fl(p·s) >= p·s·(1+u)`` gives ``p > t / (s·(1+u)) >= t / (s_min·(1-u))``; the bound is
+    ``fl(fl(t / s_min)·(1 + 2^-20))``, more negative than that (``(1-u)^3 (1+2^-20) > 1``).
+    ``+inf`` stays ``+inf`` (nothing passes, as before), NaN stays NaN (through the division).
+    """
+    hi, lo = np.float32(row_scale.max()), np.float32(row_scale.min())
+    with np.errstate(over="ignore", under="ignore"):
+        above = (threshold / hi) * np.float32(1 - _BOUND_SLACK)
+        below = (threshold / lo) * np.float32(1 + _BOUND_SLACK)
+    bound: npt.NDArray[np.float32] = np.where(threshold >= _TINY, above, np.where(threshold >= 0, np.float32(0), below)).astype(np.float32)
+    return bound
 
 
 #: Groups per slot of the running top ``m`` that :func:`group_floor` cuts a block into.

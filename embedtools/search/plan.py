@@ -41,6 +41,7 @@ __all__ = [
     "Cache",
     "SearchPlan",
     "Searcher",
+    "block_primitives",
     "check_funnel",
     "check_rescore",
     "plan_search",
@@ -217,6 +218,13 @@ def check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
     return stages
 
 
+def block_primitives(backend: ArrayBackend[Any]) -> SearchBackend[Any] | None:
+    """``backend`` as a :class:`~embedtools.protocols.SearchBackend`, or ``None`` where it lacks the
+    block primitives that settling and certified screening are written over (a user's own backend
+    may provide only :class:`~embedtools.protocols.ArrayBackend`)."""
+    return cast("SearchBackend[Any]", backend) if callable(getattr(backend, "low_precision", None)) else None
+
+
 class Searcher:
     """Runs plans on one backend; made per search, so it holds nothing between searches (the
     caches it fills live in the table's state, through the store's budgeted ``cache``)."""
@@ -250,33 +258,35 @@ class Searcher:
             first_metric = "dot"
         else:
             stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
-        if not stages and metric != "l2" and callable(getattr(self._backend, "low_precision", None)):
+        blocks = block_primitives(self._backend)
+        if not stages and metric != "l2" and blocks is not None:
             available = state.rows if mask is None else int(np.count_nonzero(mask))
             if settles(kk, available):
-                return self._settled_exact(plan, stage_q, corpus, norms, available)
+                return self._settled_exact(blocks, plan, stage_q, corpus, norms, available)
         scores, indices = self._masked_topk(stage_q, corpus, norms, first_size, first_metric, mask)
         for stage_dim, size in [*stages[1:], (dim, kk)] if stages else []:
             stage_q, corpus, norms = self._stage(source, state, q, stage_dim, metric, rotated and stage_dim < dim)
             scores, indices = rescore(self._backend, stage_q, corpus, norms, indices, metric, size, self._block_bytes)
         return scores, indices
 
-    def _settled_exact(self, plan: SearchPlan, q: npt.NDArray[np.float32], corpus: Any, norms: Any, available: int) -> Scored:
+    def _settled_exact(
+        self, backend: SearchBackend[Any], plan: SearchPlan, q: npt.NDArray[np.float32], corpus: Any, norms: Any, available: int
+    ) -> Scored:
         """Plain cosine/dot exact search with float32 near-ties settled (:mod:`embedtools.search.settle`)."""
         listed = self._masked_topk(q, corpus, norms, listed_rows(plan.k, available), plan.metric, plan.mask)
 
         def host_norms() -> npt.NDArray[np.float32]:
-            return np.asarray(self._backend.to_numpy(self._norms(plan.source, plan.state, plan.dim, corpus)), dtype=np.float32)
+            return np.asarray(backend.to_numpy(self._norms(plan.source, plan.state, plan.dim, corpus)), dtype=np.float32)
 
-        backend = cast("SearchBackend[Any]", self._backend)
         return settle_near_ties(backend, q, corpus, host_norms, plan.k, plan.metric, listed, available=available, mask=plan.mask,
                                 block_bytes=self._block_bytes)  # fmt: skip
 
     def run_certified(self, plan: SearchPlan, q: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """One batch through a certified plan (:mod:`embedtools.search.screening`): scores, rows,
         and how many rows each query scored exactly."""
-        if not callable(getattr(self._backend, "low_precision", None)):
+        backend = block_primitives(self._backend)
+        if backend is None:
             raise InvalidArgumentError(f"backend {self._backend.name!r} has no block primitives for a certified search")
-        backend = cast("SearchBackend[Any]", self._backend)
         source, state, dim = plan.source, plan.state, plan.dim
         x = state.vectors if dim == source else backend.slice_last_dim(state.vectors, dim)
         norms = np.asarray(backend.to_numpy(self._norms(source, state, dim, x)), dtype=np.float32)

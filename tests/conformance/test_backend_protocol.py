@@ -150,6 +150,17 @@ def test_topk_matches_float64_reference(backend: Backend[Any], metric: Metric, b
     assert (np.diff(order, axis=1) >= 0).all(), "best first"
 
 
+@pytest.mark.parametrize("k", [1, 10, 60])
+def test_cosine_topk_over_unit_rows_is_exact(backend: Backend[Any], k: int) -> None:
+    """Rows normalised to float32 rounding (sentence embeddings) are selected on their unscaled
+    products (their scales are within ``ROW_SCALE_SPREAD``), over several blocks from a sampled floor."""
+    corpus = clustered(9000, 16, seed=11)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = clustered(12, 16, seed=12)
+    scores, indices = backend.topk(backend.from_numpy(queries), backend.from_numpy(corpus), k, "cosine")
+    assert_exact_topk(queries, corpus, "cosine", k, indices, scores)
+
+
 def test_topk_uses_given_norms_and_handles_zero_rows(backend: Backend[Any]) -> None:
     corpus = clustered(50, 8, seed=1)
     corpus[[3, 10]] = 0.0
