@@ -49,6 +49,7 @@ def table_caches(state: TableState[Any]) -> dict[str, int]:
     caches.update({f"screen_error/{kind}": row for kind in sorted(kind for kind, _ in state.screen_errors.values())})
     if state.rotation is not None:
         caches.update({f"rotation_norms/{dim}": row for dim in sorted(state.rotation.norms)})
+        caches.update({f"rotation_unit_prefix/{dim}": row * dim for dim in sorted(state.rotation.unit_prefixes)})
         caches.update({f"rotation_bound_prefix/{dim}": row * (dim + 1) for dim in sorted(state.rotation.bound_prefixes)})
     return caches
 

@@ -33,6 +33,8 @@ class Rotation(Generic[ArrayT]):
     components: int
     prefix: ArrayT
     norms: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
+    #: A cosine funnel's first stage: the rotated prefix at a width, normalised (as the table's own ``unit_prefixes``).
+    unit_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
     #: A certified funnel's bounded rotated prefixes, by prefix width (:mod:`embedtools.search.screening`).
     bound_prefixes: dict[int, ArrayT] = field(default_factory=dict[int, ArrayT])
 

@@ -65,7 +65,7 @@ def test_rotation_charges_releases_and_follows_the_table(tmp_path: Path) -> None
     np.testing.assert_array_equal(loaded_rotation.matrix, state.rotation.matrix)
     q = clustered(4, 32, seed=3)
     assert loaded.search(q, k=5, funnel=[(8, 30)]).ids == store.search(q, k=5, funnel=[(8, 30)]).ids
-    assert loaded.memory_info().used_bytes == store.memory_info().used_bytes  # both cached the 8-d norms
+    assert loaded.memory_info().used_bytes == store.memory_info().used_bytes  # both cached the 8-d unit prefix
     store.fit_rotation(32, components=16)  # refitting releases the old rotation's norm cache
     assert store.memory_info().used_bytes == 120 * 33 * 4 + 32 * 32 * 4 + 120 * 16 * 4
     store.drop_rotation(32)
@@ -73,6 +73,29 @@ def test_rotation_charges_releases_and_follows_the_table(tmp_path: Path) -> None
     assert store.memory_info().used_bytes == 120 * 33 * 4
     with pytest.raises(InvalidArgumentError):
         store.drop_rotation(32)
+
+
+def test_a_rotated_cosine_funnel_ranks_on_a_charged_unit_copy_of_the_rotated_prefix() -> None:
+    corpus, q = clustered(300, 32), clustered(6, 32, seed=4)
+    store = make_store()
+    store.add(corpus)
+    store.fit_rotation(32, components=8)
+    before = store.memory_info().used_bytes
+    found = store.search(q, k=5, funnel=[(8, 40)])
+    assert dict(store.table(32).caches) == {"rotation_unit_prefix/8": 300 * 8 * 4}
+    assert store.memory_info().used_bytes == before + 300 * 8 * 4
+    # the same search by hand: rotated queries against the normalised rotated prefix, then exact cosine
+    rotation = store.table(32).rotation
+    assert rotation is not None
+    prefix = np.asarray(rotation.prefix)[:, :8]
+    first = (q @ rotation.matrix[:, :8]) @ (prefix / np.linalg.norm(prefix, axis=1, keepdims=True)).T
+    exact = reference_scores(q, corpus, "cosine")
+    for row, shortlist in enumerate(np.argsort(-first, axis=1, kind="stable")[:, :40]):
+        best = shortlist[np.argsort(-exact[row, shortlist], kind="stable")[:5]]
+        assert found.indices[row].tolist() == best.tolist()
+    assert store.search(q, k=5, funnel=[(8, 40)]).ids == found.ids  # the cached copy ranks alike
+    store.drop_rotation(32)  # the copy goes with the rotation, and its bytes with it
+    assert dict(store.table(32).caches) == {} and store.memory_info().used_bytes == 300 * 33 * 4
 
 
 def test_full_shortlist_with_rotation_is_exact() -> None:

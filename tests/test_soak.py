@@ -188,7 +188,7 @@ def check_charged_as_fresh_plus_caches(store: EmbeddingStore, fresh: EmbeddingSt
         for name, nbytes in table.caches.items():
             kind, width = name.split("/")
             assert int(width) < d
-            assert nbytes == table.rows * 4 * (int(width) if kind == "unit_prefix" else 1), (name, nbytes)
+            assert nbytes == table.rows * 4 * (int(width) if kind.endswith("unit_prefix") else 1), (name, nbytes)
         assert set(base[d].caches) <= set(table.caches), "a search shape cached on the copy is not cached on the store"
 
 

@@ -456,14 +456,14 @@ def test_a_table_shows_its_indexes_rotation_and_caches_with_their_bytes() -> Non
     store.search(clustered(2, 32, seed=1), k=3, dimension=16)
     caches = dict(store.table(32).caches)
     assert caches and all(nbytes > 0 for nbytes in caches.values())
-    assert set(caches) <= {f"{name}/{d}" for name in ("prefix_norms", "unit_prefix", "rotation_norms") for d in (8, 16)}
+    assert set(caches) <= {f"{name}/{d}" for name in ("prefix_norms", "unit_prefix", "rotation_norms", "rotation_unit_prefix") for d in (8, 16)}
     info = store.memory_info().tables[32]
     assert info.caches == caches and info.rotation == 32 * 32 * 4 + 100 * 8 * 4
     # the parts add up to the charge: rows and norms, indexes, rotation, caches
     assert info.nbytes == 100 * 33 * 4 + sum(info.quantized.values()) + info.rotation + sum(info.caches.values())
     assert info.nbytes == store.memory_info().used_bytes
     store.drop_rotation(32)
-    assert store.table(32).rotation is None and not any(name.startswith("rotation_norms/") for name in store.table(32).caches)
+    assert store.table(32).rotation is None and not any(name.startswith("rotation_") for name in store.table(32).caches)
     assert store.memory_info().used_bytes == 100 * 33 * 4 + sum(info.quantized.values()) + sum(
-        b for name, b in caches.items() if not name.startswith("rotation_norms/")
+        b for name, b in caches.items() if not name.startswith("rotation_")
     )

@@ -252,12 +252,10 @@ class Searcher:
         first_dim, first_size = stages[0] if stages else (dim, kk)
         rotated = state.rotation is not None and bool(stages) and dim == source
         first_metric = metric
-        if stages and metric == "cosine" and not (rotated and state.rotation and first_dim <= state.rotation.components):
-            # the shortlist's own scores are discarded: rank by q · (x / |x|) on a cached unit copy
-            stage_q, corpus, norms = np.ascontiguousarray(q[:, :first_dim]), self._unit_prefix(source, state, first_dim), None
-            first_metric = "dot"
-        else:
-            stage_q, corpus, norms = self._stage(source, state, q, first_dim, metric, rotated)
+        unit = bool(stages) and metric == "cosine"  # its scores are discarded: rank by q · (x / |x|) on a cached unit copy
+        stage_q, corpus, norms = self._stage(source, state, q, first_dim, "dot" if unit else metric, rotated)
+        if unit:
+            corpus, first_metric = self._unit_prefix(source, state, first_dim, corpus, rotated), "dot"
         blocks = block_primitives(self._backend)
         if not stages and metric != "l2" and blocks is not None:
             available = state.rows if mask is None else int(np.count_nonzero(mask))
@@ -374,16 +372,13 @@ class Searcher:
         norms = self._cache(rotation.norms, dim, source, state.rows * F32_BYTES, lambda: self._backend.row_norms(corpus))
         return stage_q, corpus, norms
 
-    def _unit_prefix(self, source: int, state: TableState[Any], dim: int) -> Any:
-        """The first ``dim`` columns, normalised, as one contiguous array: a cosine funnel's first
-        stage then ranks by a plain product, without a strided read or a scaling pass per search."""
-        return self._cache(
-            state.unit_prefixes,
-            dim,
-            source,
-            state.rows * dim * F32_BYTES,
-            lambda: self._backend.normalize(self._backend.slice_last_dim(state.vectors, dim)),
-        )
+    def _unit_prefix(self, source: int, state: TableState[Any], dim: int, prefix: Any, rotated: bool) -> Any:
+        """``prefix`` (the stage's first ``dim`` columns, rotated or not) normalised, as one
+        contiguous array cached with the table or its rotation: a cosine funnel's first stage then
+        ranks by a plain product, without a strided read or a scaling pass per search."""
+        rotation = state.rotation
+        unit_prefixes = rotation.unit_prefixes if rotated and rotation is not None and dim <= rotation.components else state.unit_prefixes
+        return self._cache(unit_prefixes, dim, source, state.rows * dim * F32_BYTES, lambda: self._backend.normalize(prefix))
 
     def _view(self, source: int, state: TableState[Any], dim: int, metric: Metric) -> tuple[Any, Any]:
         """The table's first ``dim`` columns (a view) and, unless the metric is ``dot``, their norms."""
