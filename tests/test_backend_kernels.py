@@ -14,7 +14,16 @@ import pytest
 
 from embedtools import make_backend
 from embedtools.protocols import Metric, SearchBackend
-from embedtools.search import BLOCK_ROWS, DEVICE_BLOCK_ROWS, ONE_QUERY_BLOCK_ROWS, host_nth_best, plan_blocks, rows_per_block
+from embedtools.search import (
+    BLOCK_ROWS,
+    DEVICE_BLOCK_ROWS,
+    MIN_BATCH_BLOCK_ROWS,
+    ONE_QUERY_BLOCK_ROWS,
+    SCORE_BLOCK_BYTES,
+    host_nth_best,
+    plan_blocks,
+    rows_per_block,
+)
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
@@ -97,5 +106,10 @@ def test_plan_blocks_counts_each_querys_shortlist_against_the_bound() -> None:
 
 def test_blocks_are_cache_sized_for_a_cpu_batch_streaming_for_one_query_and_launch_sized_on_a_gpu() -> None:
     assert rows_per_block(1, gpu=False) == ONE_QUERY_BLOCK_ROWS > BLOCK_ROWS
-    assert rows_per_block(2, gpu=False) == rows_per_block(10_000, gpu=False) == BLOCK_ROWS
+    sizes = [rows_per_block(n, gpu=False) for n in (2, 256, 300, 500, 1_000, 4_096, 100_000)]
+    assert sizes[:2] == [BLOCK_ROWS, BLOCK_ROWS]
+    assert sizes == sorted(sizes, reverse=True)  # a larger batch never gets more rows
+    assert all(size % 64 == 0 for size in sizes)
+    assert 1_000 * 4 * sizes[4] <= SCORE_BLOCK_BYTES < 1_000 * 4 * BLOCK_ROWS  # its scores fit
+    assert sizes[-1] == MIN_BATCH_BLOCK_ROWS
     assert rows_per_block(1, gpu=True) == rows_per_block(10_000, gpu=True) == DEVICE_BLOCK_ROWS

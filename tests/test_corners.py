@@ -20,11 +20,13 @@ from embedtools import make_backend
 from embedtools.search import (
     BLOCK_ROWS,
     GROUPS_PER_SLOT,
+    MIN_BATCH_BLOCK_ROWS,
     SAMPLED_FLOOR_MIN,
     RunningTop,
     group_floor,
     host_candidates,
     host_nth_best,
+    rows_per_block,
     run_topk,
 )
 
@@ -122,6 +124,18 @@ SWITCH_KS = (1, 9, 10, 39, 40, 98, 99, 100,
 def test_exact_search_at_every_switch_point_is_the_stable_top_k(k: int) -> None:
     corpus = integer_rows(3 * BLOCK_ROWS + 123, 6, seed=k)
     queries = integer_rows(7, 6, seed=k + 1)
+    scores, indices = make_backend("numpy").topk(queries, corpus, k, "dot")
+    want_scores, want_indices = stable_topk(queries.astype(np.float64) @ corpus.T.astype(np.float64), k)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+@pytest.mark.parametrize("k", [1, 10, 99])
+def test_exact_search_of_a_large_batch_over_its_smaller_blocks_is_the_stable_top_k(k: int) -> None:
+    n_queries = 1_500
+    assert rows_per_block(n_queries, gpu=False) < BLOCK_ROWS
+    corpus = integer_rows(3 * MIN_BATCH_BLOCK_ROWS + 77, 6, seed=k)
+    queries = integer_rows(n_queries, 6, seed=k + 1)
     scores, indices = make_backend("numpy").topk(queries, corpus, k, "dot")
     want_scores, want_indices = stable_topk(queries.astype(np.float64) @ corpus.T.astype(np.float64), k)
     np.testing.assert_array_equal(indices, want_indices)

@@ -22,6 +22,8 @@ from embedtools.search.merge import Candidates, RunningTop, best_first, host_nth
 
 __all__ = [
     "BLOCK_ROWS",
+    "MIN_BATCH_BLOCK_ROWS",
+    "SCORE_BLOCK_BYTES",
     "CANDIDATE_BYTES",
     "DECODED_BLOCK_BYTES",
     "DEVICE_BLOCK_ROWS",
@@ -73,6 +75,13 @@ def check_topk_inputs(query_width: int, row_width: int, metric: Metric, corpus_n
 #: Corpus rows scored per block on a CPU: small enough that a block of scores for a batch of queries
 #: stays in cache while it is scaled and its candidates are selected, large enough for an efficient GEMM.
 BLOCK_ROWS = 4096
+#: Bytes of float32 scores a CPU block for a large batch holds at most: past it the block's scaling
+#: and selection read scores back from memory, not cache. A 4,096-row block for 1,000 queries
+#: (16 MiB of scores) made the real-set funnel's first stage and the bare kernel slower than 1,024
+#: rows (4 MiB) did; batches of up to 256 queries keep :data:`BLOCK_ROWS`.
+SCORE_BLOCK_BYTES = 4 << 20
+#: Fewest rows a CPU batch block shrinks to, however many queries: below it the GEMM loses speed.
+MIN_BATCH_BLOCK_ROWS = 1024
 #: Corpus rows per block for a single query on a CPU: its product is a GEMV that streams the table at
 #: memory speed, and 4,096-row blocks only added a call, a compare and a merge per block to it.
 ONE_QUERY_BLOCK_ROWS = 1 << 20
@@ -94,12 +103,17 @@ DECODED_BLOCK_BYTES = 3 << 20
 def rows_per_block(n_queries: int, *, gpu: bool, decoded_width: int | None = None) -> int:
     """Rows per top-k block: :data:`DEVICE_BLOCK_ROWS` on a GPU; on a CPU, :data:`ONE_QUERY_BLOCK_ROWS`
     for one query and :data:`BLOCK_ROWS` for a batch (whose GEMM and selection want a block of
-    scores that stays in cache), and for a corpus decoded block by block (``decoded_width``: the
+    scores that stays in cache, so a large batch gets fewer rows: at most :data:`SCORE_BLOCK_BYTES`
+    of scores, at least :data:`MIN_BATCH_BLOCK_ROWS` rows), and for a corpus decoded block by block (``decoded_width``: the
     decoded rows' width) at most :data:`DECODED_BLOCK_BYTES` of decoded rows, in a multiple of 64
     rows. Every backend asks here, so they agree."""
     if gpu:
         return DEVICE_BLOCK_ROWS
-    rows = ONE_QUERY_BLOCK_ROWS if n_queries == 1 else BLOCK_ROWS
+    if n_queries == 1:
+        rows = ONE_QUERY_BLOCK_ROWS
+    else:
+        fitting = SCORE_BLOCK_BYTES // (4 * max(n_queries, 1)) // 64 * 64
+        rows = min(BLOCK_ROWS, max(MIN_BATCH_BLOCK_ROWS, fitting))
     if decoded_width is not None:
         rows = min(rows, max(DECODED_BLOCK_BYTES // (4 * max(decoded_width, 1)) // 64 * 64, 64))
     return rows
