@@ -208,6 +208,9 @@ def rescore_shortlists(
     per_candidate = 3 * 8 * max(dim, 1)
     cols = max(min(m, max_block_bytes // per_candidate), 1)
     step = max(min(max_block_bytes, GATHER_BLOCK_BYTES) // (per_candidate * cols), 1)
+    # One column block (the usual shortlist): every query's ranks are kept, shortlist-sized, and
+    # ordered by one top_by_rank at the end, not by one per block of queries.
+    whole = np.empty((n_queries, m), dtype=np.float64) if cols >= m else None
     for q0 in range(0, n_queries, step):
         qs = slice(q0, min(q0 + step, n_queries))
         best_r = np.full((qs.stop - qs.start, 0), -np.inf)
@@ -215,7 +218,8 @@ def rescore_shortlists(
         for c0 in range(0, m, cols):
             idx = shortlists[qs, c0 : c0 + cols]
             valid = idx >= 0
-            safe = np.where(valid, idx, 0)
+            complete = bool(valid.all())
+            safe = idx if complete else np.where(valid, idx, 0)
             gathered = backend.take_rows(corpus, safe)
             host = backend.to_numpy(gathered if decode is None else decode(gathered))
             if metric == "l2":
@@ -223,9 +227,16 @@ def rescore_shortlists(
             else:
                 row_norms = None if norms is None else _host64(backend, backend.take_rows(norms, safe))
                 ranks = _gemm_ranks(np.asarray(host, dtype=F32), q32[qs], q64[qs], metric, row_norms)
-            ranks = np.where(valid, ranks, -np.inf)
-            best_r, best_i = top_by_rank(np.hstack([best_r, ranks]), np.hstack([best_i, idx]), k)
-        out_ranks[qs], out_idx[qs] = best_r, best_i
+            if not complete:
+                ranks = np.where(valid, ranks, -np.inf)
+            if whole is not None:
+                whole[qs] = ranks
+            else:
+                best_r, best_i = top_by_rank(np.hstack([best_r, ranks]), np.hstack([best_i, idx]), k)
+        if whole is None:
+            out_ranks[qs], out_idx[qs] = best_r, best_i
+    if whole is not None:
+        out_ranks, out_idx = top_by_rank(whole, shortlists, k)
     return out_ranks, out_idx
 
 
