@@ -82,9 +82,10 @@ def host_candidates(
     scales itself (:data:`~embedtools.search.exact.ROW_SCALE_SPREAD`).
     """
     n, queries = block.shape
-    if row_scale is not None and np.isneginf(threshold).any():
+    filling = bool(np.isneginf(threshold).any())  # some query has fewer than m candidates yet
+    if row_scale is not None and filling:
         block, row_scale = block * row_scale[:, None], None
-    if np.isneginf(threshold).any():
+    if filling:
         if m < n:
             flat = np.flatnonzero(block >= np.maximum(threshold, group_floor(block, m)))
             cols, rows = np.divmod(flat, queries)
