@@ -6,10 +6,10 @@ The blocked float32 kernel's cosine and dot scores are each within ``ε`` of the
 
 * two listed rows whose float32 scores differ by more than ``2ε`` are in the exact order; rows
   joined by gaps of at most ``2ε`` (a *near chain*) may be swapped, and only those are rescored
-  exactly (float64, from the stored rows: the rows of chains that reach into the top k, not the
-  whole list — on the real set, with its duplicate texts, rescoring every listed row of each
-  query with a chain cost more than the k = 30 scan's difference to k = 50) and re-ordered
-  inside their chain, ties to the lower row;
+  exactly (float64, from the stored rows: only the rows of chains that reach into the top k, since
+  on the real set, with its duplicate texts, nearly every query has a chain, and rescoring each
+  one's whole list made k = 30-40 the slow corner of ``bench_search --only real``'s k-sweep) and
+  re-ordered inside their chain, ties to the lower row;
 * the top-k *set* is certain when the last listed score is below the k-th minus ``2ε``: every row
   not listed then scores exactly below every listed top-k row. The kernel lists
   :func:`listed_rows` (``k`` plus a margin) for that; a query whose margin is crowded goes to the
