@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -31,8 +31,10 @@ __all__ = [
     "BlockPrimitives",
     "Capabilities",
     "SearchBackend",
+    "block_primitives",
     "DTypeName",
     "Hasher",
+    "HostFloat",
     "LowPrecisionGemm",
     "MemoryAccountant",
     "MemoryReport",
@@ -42,6 +44,8 @@ __all__ = [
 ]
 
 ArrayT = TypeVar("ArrayT")
+#: The host float types of :meth:`BlockPrimitives.host_matmul`.
+HostFloat = TypeVar("HostFloat", np.float32, np.float64)
 
 Metric = Literal["cosine", "dot", "l2"]
 METRICS: tuple[Metric, ...] = ("cosine", "dot", "l2")
@@ -295,6 +299,13 @@ class BlockPrimitives(Protocol[ArrayT]):
         values, float32 accumulation, the result rounded to ``kind`` at most once."""
         ...
 
+    def host_matmul(self, a: npt.NDArray[HostFloat], b: npt.NDArray[HostFloat]) -> npt.NDArray[HostFloat]:
+        """``np.matmul(a, b)`` of host arrays (stacked alike), run on this library's own CPU threads.
+        Between a search's device GEMMs the host multiplies small operands (rotated queries, a
+        funnel's bound, shortlist rescoring); through NumPy's BLAS its threads stay spinning after
+        each call and take the cores a torch search's next GEMM needs."""
+        ...
+
     def gemm_speedup(self, kind: Quantization) -> float:
         """How many times faster :meth:`low_precision`'s product ran than float32's on this
         device, timed once (one small GEMM each, on first ask) and kept on the instance; ``0.0``
@@ -308,6 +319,13 @@ class SearchBackend(ArrayBackend[ArrayT], BlockPrimitives[ArrayT], Protocol[Arra
 
 class Backend(SearchBackend[ArrayT], ArrayOps[ArrayT], Protocol[ArrayT]):
     """Every bundled backend (what :func:`embedtools.make_backend` returns): all three Protocols."""
+
+
+def block_primitives(backend: ArrayBackend[Any]) -> SearchBackend[Any] | None:
+    """``backend`` as a :class:`SearchBackend`, or ``None`` where it lacks the block primitives
+    (a user's own backend may provide only :class:`ArrayBackend`): checked by one of them, as a
+    runtime-checkable Protocol would, without its cost per search."""
+    return cast("SearchBackend[Any]", backend) if callable(getattr(backend, "low_precision", None)) else None
 
 
 @dataclass(frozen=True)

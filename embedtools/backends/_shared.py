@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Generic, cast
+from typing import TYPE_CHECKING, Any, Generic, cast
 
-from embedtools.protocols import ArrayT
+import numpy as np
+
+from embedtools.protocols import ArrayT, HostFloat
 from embedtools.validation import check_prefix
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["SPEEDUP_SHAPE", "SharedOps", "measured_speedup"]
 
@@ -61,3 +66,9 @@ class SharedOps(Generic[ArrayT]):
     def slice_last_dim(self, array: ArrayT, dim: int) -> ArrayT:
         view: ArrayT = cast(Any, array)[..., : check_prefix(dim, self.shape(array)[-1])]
         return view
+
+    def host_matmul(self, a: npt.NDArray[HostFloat], b: npt.NDArray[HostFloat]) -> npt.NDArray[HostFloat]:
+        """NumPy's own product: the NumPy backend shares its BLAS threads with the host, and MLX's
+        CPU kernels were not measured to suffer from them (torch's were: it overrides this)."""
+        out: npt.NDArray[HostFloat] = np.matmul(a, b)
+        return out

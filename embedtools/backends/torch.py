@@ -16,7 +16,7 @@ from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
 from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, measured_speedup
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
-from embedtools.protocols import Capabilities, DTypeName, LowPrecisionGemm, Quantization
+from embedtools.protocols import Capabilities, DTypeName, HostFloat, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
 from embedtools.search.merge import Candidates
@@ -229,6 +229,13 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             block.sub_(shift[rows].unsqueeze(1))
         return block
 
+    @torch.no_grad()
+    def host_matmul(self, a: npt.NDArray[HostFloat], b: npt.NDArray[HostFloat]) -> npt.NDArray[HostFloat]:
+        # on the CPU whatever the device: small host operands, multiplied by torch's intra-op threads
+        # (the ones its GEMMs use), so NumPy's BLAS threads never wake to spin beside them
+        out: npt.NDArray[HostFloat] = (_host_tensor(a) @ _host_tensor(b)).numpy()
+        return out
+
     def host_block(self, block: torch.Tensor) -> npt.NDArray[np.float32]:
         return _host_f32(block)  # on the CPU, the tensor's own memory
 
@@ -312,6 +319,12 @@ def _same(codes: torch.Tensor) -> torch.Tensor:
 def _np_name(dtype: str) -> str:
     _torch_dtype(dtype)  # refuses names torch does not know, with the same error as elsewhere
     return dtype
+
+
+def _host_tensor(a: npt.NDArray[Any]) -> torch.Tensor:
+    """A CPU tensor over ``a``'s memory; a read-only array (a memory-mapped table's) is copied,
+    as torch may not share it."""
+    return _from_numpy(a if a.flags.writeable else a.copy())
 
 
 def _host_f32(t: torch.Tensor) -> npt.NDArray[np.float32]:

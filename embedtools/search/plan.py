@@ -21,11 +21,11 @@ import numpy as np
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.filters import Filter
 from embedtools.progress import progress_bar, shows
-from embedtools.protocols import ArrayBackend, Metric, SearchBackend
+from embedtools.protocols import ArrayBackend, Metric, SearchBackend, block_primitives
 from embedtools.quantize import QuantizedIndex, check_quantization
 from embedtools.results import SearchResult
 from embedtools.search.kernel import check_k, check_metric
-from embedtools.search.rescore import ranks_to_scores, rescore
+from embedtools.search.rescore import host_product, ranks_to_scores, rescore
 from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search, row_errors
 from embedtools.search.settle import listed_rows, settle_near_ties, settles
 from embedtools.tables import F32_BYTES, TableState
@@ -41,7 +41,6 @@ __all__ = [
     "Cache",
     "SearchPlan",
     "Searcher",
-    "block_primitives",
     "check_funnel",
     "check_rescore",
     "plan_search",
@@ -218,13 +217,6 @@ def check_funnel(funnel: object, k: int, dim: int) -> list[tuple[int, int]]:
     return stages
 
 
-def block_primitives(backend: ArrayBackend[Any]) -> SearchBackend[Any] | None:
-    """``backend`` as a :class:`~embedtools.protocols.SearchBackend`, or ``None`` where it lacks the
-    block primitives that settling and certified screening are written over (a user's own backend
-    may provide only :class:`~embedtools.protocols.ArrayBackend`)."""
-    return cast("SearchBackend[Any]", backend) if callable(getattr(backend, "low_precision", None)) else None
-
-
 class Searcher:
     """Runs plans on one backend; made per search, so it holds nothing between searches (the
     caches it fills live in the table's state, through the store's budgeted ``cache``)."""
@@ -365,7 +357,7 @@ class Searcher:
         if not rotated or rotation is None or dim > rotation.components:
             corpus, norms = self._view(source, state, dim, metric)
             return np.ascontiguousarray(q[:, :dim]), corpus, norms
-        stage_q = np.ascontiguousarray(q @ rotation.matrix[:, :dim], dtype=np.float32)
+        stage_q = np.ascontiguousarray(host_product(self._backend, q, rotation.matrix[:, :dim]), dtype=np.float32)
         corpus = self._backend.slice_last_dim(rotation.prefix, dim)
         if metric == "dot":
             return stage_q, corpus, None

@@ -47,13 +47,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from embedtools.backends._norms import COSINE_RANGE
-from embedtools.protocols import ArrayBackend, ArrayT, Metric
+from embedtools.protocols import ArrayBackend, ArrayT, HostFloat, Metric, block_primitives
 from embedtools.search.certified import SHORTLIST_MAX, Certified, Listed, certified_topk, top_by_rank
 
 __all__ = [
@@ -141,25 +141,33 @@ def _norms64(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return out
 
 
+HostRows = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+
+
 def exact_ranks(
     queries: npt.NDArray[np.float64],
-    rows: npt.NDArray[np.float64],
+    rows: HostRows,
     metric: Metric,
     row_norms: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64]:
     """float64 scores where larger is better: ``(q, d)`` queries against ``(q, m, d)`` rows (each
     query its own) or ``(m, d)`` rows (shared). ``l2`` is ``-Σ(q - x)²``; cosine divides by the
     rows' norms (``row_norms``, e.g. the original rows' when ``rows`` are decoded codes) and the
-    query's, zero norms counting as one so that zero vectors score 0."""
+    query's, zero norms counting as one so that zero vectors score 0. float32 rows are widened
+    inside each product, a buffer at a time, to the same float64 values a float64 copy would
+    hold: a shortlist's float64 copy cost more than the products themselves."""
     shared = rows.ndim == 2
     if metric == "l2":
         diff = (rows[None, :, :] if shared else rows) - queries[:, None, :]
         l2: npt.NDArray[np.float64] = -np.einsum("qmd,qmd->qm", diff, diff)
         return l2
-    dots: npt.NDArray[np.float64] = queries @ rows.T if shared else np.einsum("qmd,qd->qm", rows, queries)
+    if shared:
+        dots: npt.NDArray[np.float64] = queries @ rows.T.astype(np.float64, copy=False)
+    else:
+        dots = np.einsum("qmd,qd->qm", rows, queries, dtype=np.float64)
     if metric == "dot":
         return dots
-    xn = np.sqrt(np.einsum("...d,...d->...", rows, rows)) if row_norms is None else row_norms
+    xn = np.sqrt(np.einsum("...d,...d->...", rows, rows, dtype=np.float64)) if row_norms is None else row_norms
     qn = np.sqrt(np.einsum("qd,qd->q", queries, queries))
     cos: npt.NDArray[np.float64] = dots / np.where(xn > 0, xn, 1.0) / np.where(qn > 0, qn, 1.0)[:, None]
     return cos
@@ -173,8 +181,25 @@ def ranks_to_scores(ranks: npt.NDArray[np.float64], metric: Metric) -> npt.NDArr
         return ranks.astype(F32)
 
 
+def host_product(backend: ArrayBackend[Any], a: npt.NDArray[HostFloat], b: npt.NDArray[HostFloat]) -> npt.NDArray[HostFloat]:
+    """``np.matmul(a, b)`` on ``backend``'s own host threads where it has them
+    (:meth:`~embedtools.protocols.BlockPrimitives.host_matmul`), NumPy's otherwise."""
+    blocks = block_primitives(backend)
+    out: npt.NDArray[HostFloat] = np.matmul(a, b) if blocks is None else blocks.host_matmul(a, b)
+    return out
+
+
 def _host64(backend: ArrayBackend[Any], array: Any) -> npt.NDArray[np.float64]:
     return np.asarray(backend.to_numpy(array), dtype=np.float64)
+
+
+def _float_rows(host: npt.NDArray[Any]) -> HostRows:
+    """Rows for :func:`exact_ranks`: float32 or float64 ones as they are, anything else as float64."""
+    return cast("HostRows", host) if host.dtype in (np.float32, np.float64) else host.astype(np.float64)
+
+
+def _host_rows(backend: ArrayBackend[Any], array: Any) -> HostRows:
+    return _float_rows(np.asarray(backend.to_numpy(array)))
 
 
 def rescore_shortlists(
@@ -213,20 +238,19 @@ def rescore_shortlists(
     whole = np.empty((n_queries, m), dtype=np.float64) if cols >= m else None
     for q0 in range(0, n_queries, step):
         qs = slice(q0, min(q0 + step, n_queries))
-        best_r = np.full((qs.stop - qs.start, 0), -np.inf)
-        best_i = np.empty((qs.stop - qs.start, 0), dtype=np.int64)
+        best_r, best_i = np.full((qs.stop - qs.start, 0), -np.inf), np.empty((qs.stop - qs.start, 0), dtype=np.int64)
         for c0 in range(0, m, cols):
             idx = shortlists[qs, c0 : c0 + cols]
             valid = idx >= 0
             complete = bool(valid.all())
             safe = idx if complete else np.where(valid, idx, 0)
             gathered = backend.take_rows(corpus, safe)
-            host = backend.to_numpy(gathered if decode is None else decode(gathered))
+            host = np.asarray(backend.to_numpy(gathered if decode is None else decode(gathered)))
             if metric == "l2":
-                ranks = exact_ranks(q64[qs], np.asarray(host, dtype=np.float64), "l2")
+                ranks = exact_ranks(q64[qs], _float_rows(host), "l2")
             else:
                 row_norms = None if norms is None else _host64(backend, backend.take_rows(norms, safe))
-                ranks = _gemm_ranks(np.asarray(host, dtype=F32), q32[qs], q64[qs], metric, row_norms)
+                ranks = _gemm_ranks(backend, np.asarray(host, dtype=F32), q32[qs], q64[qs], metric, row_norms)
             if not complete:
                 ranks = np.where(valid, ranks, -np.inf)
             if whole is not None:
@@ -241,6 +265,7 @@ def rescore_shortlists(
 
 
 def _gemm_ranks(
+    backend: ArrayBackend[Any],
     rows: npt.NDArray[np.float32],
     unit_or_raw: npt.NDArray[np.float32],
     queries: npt.NDArray[np.float64],
@@ -252,7 +277,7 @@ def _gemm_ranks(
     costs what the full search's GEMM would; rows whose norm is beyond :data:`COSINE_RANGE`,
     where that product loses precision, are scored in float64 instead."""
     with np.errstate(over="ignore", under="ignore"):  # as the BLAS GEMM: inf beyond float32, silently
-        dots: npt.NDArray[np.float64] = np.matmul(rows, unit_or_raw[:, :, None])[..., 0].astype(np.float64)
+        dots: npt.NDArray[np.float64] = host_product(backend, rows, unit_or_raw[:, :, None])[..., 0].astype(np.float64)
     if metric == "dot":
         return dots
     norms = _norms64(rows) if row_norms is None else row_norms
@@ -286,7 +311,7 @@ def exact_topk_over(
     best_i = np.empty((n_queries, 0), dtype=np.int64)
     for r0 in range(0, rows.size, block):
         idx = rows[r0 : r0 + block]
-        ranks = exact_ranks(q64, _host64(backend, backend.take_rows(corpus, idx)), metric)
+        ranks = exact_ranks(q64, _host_rows(backend, backend.take_rows(corpus, idx)), metric)
         cand = np.broadcast_to(idx, ranks.shape)
         best_r, best_i = top_by_rank(np.hstack([best_r, ranks]), np.hstack([best_i, cand]), k)
     return best_r, best_i
@@ -399,7 +424,7 @@ def shortlist_ranks(
         qs = slice(q0, min(q0 + step, n_queries))
         idx = shortlists[qs]
         valid = idx >= 0
-        host = _host64(backend, backend.take_rows(corpus, np.where(valid, idx, 0)))
+        host = _host_rows(backend, backend.take_rows(corpus, np.where(valid, idx, 0)))
         out[qs] = np.where(valid, exact_ranks(q64[qs], host, metric), -np.inf)
     return out
 

@@ -346,7 +346,7 @@ def _prefix_screen(
     if metric != "l2":
         q = q / np.where(qn > 0, qn, 1.0)[:, None]
     q_len = np.sqrt(np.einsum("qd,qd->q", q, q))
-    head = q[:, :p] if prefix.matrix is None else q @ prefix.matrix.astype(np.float64)
+    head = q[:, :p] if prefix.matrix is None else backend.host_matmul(q, prefix.matrix.astype(np.float64))
     head_len = np.sqrt(np.einsum("qd,qd->q", head, head))
     if prefix.matrix is None:
         tail = np.sqrt(np.einsum("qd,qd->q", q[:, p:], q[:, p:])) * (1 + 2.0**-40)

@@ -88,6 +88,21 @@ def test_matmul(backend: Backend[Any]) -> None:
     np.testing.assert_allclose(got, a @ b)
 
 
+def test_host_matmul_is_numpys_product_in_its_dtype(backend: Backend[Any]) -> None:
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((5, 16))
+    matrix = rng.standard_normal((24, 16))[:8].T  # a strided view, as a rotation's first columns are
+    matrix.flags.writeable = False  # a loaded store's rotation may be read-only
+    got64 = backend.host_matmul(q, matrix)
+    assert got64.dtype == np.float64 and isinstance(got64, np.ndarray)
+    np.testing.assert_allclose(got64, q @ matrix, rtol=1e-12)
+    rows = rng.standard_normal((5, 7, 16)).astype(np.float32)
+    unit = q.astype(np.float32)
+    got32 = backend.host_matmul(rows, unit[:, :, None])  # stacked: each query against its own rows
+    assert got32.dtype == np.float32 and got32.shape == (5, 7, 1)
+    np.testing.assert_allclose(got32[..., 0], np.einsum("qmd,qd->qm", rows, unit), rtol=1e-5, atol=1e-5)
+
+
 def test_row_norms_and_normalize_keep_zero_rows_finite(backend: Backend[Any]) -> None:
     x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
     norms = backend.to_numpy(backend.row_norms(backend.from_numpy(x)))
