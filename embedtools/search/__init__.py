@@ -2,7 +2,7 @@
 named plan and runs its strategy; :mod:`~embedtools.search.exact` is the one exact top-k over a
 backend's primitives (the metric arithmetic); :mod:`~embedtools.search.kernel` walks the corpus in
 blocks; :mod:`~embedtools.search.merge` folds each block's candidates into running shortlists;
-:mod:`~embedtools.search.rescore` scores shortlists exactly (and certifies float32 l2).
+:mod:`~embedtools.search.rescore` scores shortlists exactly; :mod:`~embedtools.search.l2_certified` certifies float32 l2.
 
 The names other modules, tests and benchmarks import are re-exported here.
 """

@@ -15,7 +15,7 @@ of the k-th) costs time, never memory or a wrong id.
 
 This is tighter than keeping every row within twice the bound of the k-th *screened* score: the
 exact k-th is at least the screened k-th minus one bound, so the ``t - 2B`` rule certifies a subset
-of what this rule does. Exact l2 over float32 (:func:`embedtools.search.rescore.l2_topk`), the
+of what this rule does. Exact l2 over float32 (:func:`embedtools.search.l2_certified.l2_topk`), the
 low-precision screens and the certified funnel (:mod:`embedtools.search.screening`) all run this
 loop; they differ only in the screen and its bound.
 
@@ -51,7 +51,7 @@ covers the store's **float32 exact search's** own error (twice): every row left 
 k-th by more than both searches' errors, so the shortlist also holds what the float32 search
 returns. Cosine and dot screens use unit queries (their row order per query is the same), so
 each row's bound is a column shift and the query's ``ε_q`` one number per query; l2 uses one bound
-per query with the largest row norm and row error (as :func:`~embedtools.search.rescore.l2_bound`).
+per query with the largest row norm and row error (as :func:`~embedtools.search.l2_certified.l2_bound`).
 int8 rows decode to float32 (their ``ε_x`` is the decoding's) and meet float32 queries (``ε_q = 0``).
 """
 
@@ -201,7 +201,7 @@ def unit_bounds(metric: Literal["cosine", "dot"], rounding: Rounding, norms: npt
 def l2_bounds(rounding: Rounding, dim: int, query_norms: npt.NDArray[np.float64], query_errors: npt.NDArray[np.float64], norm_max: float) -> npt.NDArray[np.float64]:
     """Each query's bound on ``|q·x̃ - q·x|`` over every row of an l2 screen (its output rounding
     taken at the largest ``|q̃||x̃|``), to which the float32 shift and subtraction add
-    :func:`~embedtools.search.rescore.l2_bound`."""
+    :func:`~embedtools.search.l2_certified.l2_bound`."""
     n = norm_max * (1 + (dim + 4) * U32)
     ex = float(rounding.rows.max(initial=0.0))
     eq = np.asarray(query_errors, dtype=np.float64)

@@ -2,7 +2,7 @@
 
 Written once for every backend: the per-column terms that turn ``q·x`` into a metric's ranking
 score, the mask penalty, the rows a float32 GEMM cannot normalise (scored exactly on the side),
-and the certified l2 screen (:mod:`embedtools.search.rescore`). The arithmetic on norms runs on
+and the certified l2 screen (:mod:`embedtools.search.l2_certified`). The arithmetic on norms runs on
 the host in NumPy, on ``(n,)`` vectors, so it is the same bits on every backend; the products and
 the selection run on the backend's device through :class:`~embedtools.protocols.BlockPrimitives`.
 """
@@ -17,10 +17,11 @@ import numpy as np
 from embedtools.backends._norms import COSINE_RANGE
 from embedtools.errors import DimensionError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayT, Metric, SearchBackend
-from embedtools.search.certified import Certified
+from embedtools.search.certified import Certified, top_by_rank
 from embedtools.search.kernel import check_k, check_metric, check_topk_inputs, rows_per_block, run_topk
 from embedtools.search.merge import Candidates, host_candidates
-from embedtools.search.rescore import IDENTITY, Frame, Screened, exact_topk_over, l2_topk, ranks_to_scores, top_by_rank
+from embedtools.search.l2_certified import IDENTITY, Frame, Screened, l2_topk
+from embedtools.search.rescore import exact_topk_over, ranks_to_scores
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -221,7 +222,7 @@ def l2_certified(
     mask: npt.NDArray[np.bool_] | None,
     max_block_bytes: int,
 ) -> Certified:
-    """Exact l2 (:func:`embedtools.search.rescore.l2_topk`), screened by the blocked float32 kernel."""
+    """Exact l2 (:func:`embedtools.search.l2_certified.l2_topk`), screened by the blocked float32 kernel."""
     n, width = _rows(backend, x), q.shape[1]
     last: list[tuple[Frame, npt.NDArray[np.float32]]] = []
 

@@ -53,7 +53,8 @@ from embedtools.search.certified import (
     upper_bounds,
 )
 from embedtools.search.exact import blocked_topk, l2_certified, outside_cosine_range
-from embedtools.search.rescore import PLAIN_RANGE, exact_topk_over, first_shortlist, l2_bound, shortlist_ranks
+from embedtools.search.l2_certified import PLAIN_RANGE, first_shortlist, l2_bound
+from embedtools.search.rescore import exact_topk_over, shortlist_ranks
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -305,7 +306,7 @@ def _l2_screen(
     operand_of: Callable[[npt.NDArray[np.float32]], ArrayT] | None,
 ) -> Screen:
     """l2 by ``q·x̃ - |x|²/2``: one bound per query (the product's, with the largest norm, plus
-    the float32 shift's and subtraction's :func:`~embedtools.search.rescore.l2_bound`); units
+    the float32 shift's and subtraction's :func:`~embedtools.search.l2_certified.l2_bound`); units
     ``r = (|q|² - ||q - x||²)/2``."""
     dim = queries.shape[1]
     shift = (0.5 * norms * norms).astype(F32)
