@@ -170,6 +170,30 @@ def test_a_zero_bound_screen_misses_rows_the_bounded_one_keeps() -> None:
     assert (missed != want).any(), "with no bound the screen should have certified a wrong shortlist"
 
 
+@pytest.mark.parametrize("slack, rescored", [(0.5, 6), (5.5, 12), (11.5, 24), (23.5, 48)])
+def test_a_shortlist_grows_by_doubling_within_its_listing(slack: float, rescored: int) -> None:
+    """Row i ranks -i exactly and is listed with upper bound -i + slack: a shortlist of m
+    certifies once the (m+1)-th listed bound is below the 2nd best (-1), so the first shortlist
+    of 6 doubles inside the 49-row listing until it does, rescoring no more rows than that."""
+    n, k = 400, 2  # a quarter of the rows (the shortlist cap) is more than the listing
+    exact = -np.arange(n, dtype=np.float64)[None, :]
+    listed_calls: list[int] = []
+
+    def screen(which: npt.NDArray[np.intp], width: int) -> Listed:
+        listed_calls.append(width)
+        idx = np.broadcast_to(np.arange(width, dtype=np.int64), (which.size, width))
+        return Listed(exact[:, :width] + slack, idx, np.ones(which.size), np.zeros(which.size))
+
+    def fallback(which: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        raise AssertionError("a listing this long certifies without the fallback")
+
+    found = certified_topk(1, k, n, screen=screen, exact=lambda w, i: np.take_along_axis(exact[w], i, axis=1),
+                           fallback=fallback, first=6, width=49)  # fmt: skip
+    np.testing.assert_array_equal(found.indices, [[0, 1]])
+    assert found.rescored.tolist() == [rescored]
+    assert listed_calls == [49]  # every step rescored rows of the first listing
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_shortlists_past_the_limit_fall_back_to_every_row(name: str) -> None:
     rng = np.random.default_rng(3)

@@ -7,9 +7,9 @@ the upper-bound order). :func:`certified_topk` then rescores a query's first ``m
 exactly (float64, from the stored float32 rows) and **certifies** the query when the best row it
 left out — the ``(m+1)``-th listed, whose upper bound is at least every unlisted row's — has an upper
 bound strictly below the exact k-th score of the rescored rows: no row outside the shortlist can
-then reach, or tie, the exact top k. A query that does not certify rescores eight times as many
-listed rows (the screen lists enough for one such step without running again), is screened again
-with a longer list, and once its shortlist would exceed :data:`SHORTLIST_MAX` (or a quarter of the
+then reach, or tie, the exact top k. A query that does not certify rescores twice as many listed
+rows, again while the list holds them (a query that certifies at ``2m`` then skips the rescoring
+of ``8m``), is screened again with a list eight times as long, and once its shortlist would exceed :data:`SHORTLIST_MAX` (or a quarter of the
 rows) is handed to a fallback that scores every row. Adversarial data (many rows within the bound
 of the k-th) costs time, never memory or a wrong id.
 
@@ -340,13 +340,14 @@ def certified_topk(
                 if refine(pending[active]):
                     next_pending = pending[active]
                     break
+            within = 2 * max(hi, 1)
+            if within < cols and within <= cap:  # the list holds a longer shortlist and the row after it
+                lo, hi = hi, within
+                continue
             grown = 8 * max(hi, 1)
             if grown > cap:
                 to_fall.append(pending[active])
                 break
-            if grown < cols:  # the list already holds the longer shortlist and the row after it
-                lo, hi = hi, grown
-                continue
             next_pending, m, w = pending[active], grown, grown + 1
             break
         pending = next_pending

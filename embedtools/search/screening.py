@@ -62,8 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["LOW_PRECISION_WIDTH", "BoundedPrefix", "bounded_prefix", "certified_search", "row_errors"]
 
 F32 = np.float32
-#: A low-precision screen lists eight times its first shortlist: the common growth step is then
-#: a longer rescoring of the same list, not a second pass over the table.
+#: A low-precision screen lists eight times its first shortlist: the common growth steps (doubling
+#: the shortlist) are then longer rescorings of the same list, not a second pass over the table.
 LOW_PRECISION_WIDTH = 8
 
 
