@@ -301,9 +301,9 @@ class BlockPrimitives(Protocol[ArrayT]):
 
     def host_matmul(self, a: npt.NDArray[HostFloat], b: npt.NDArray[HostFloat]) -> npt.NDArray[HostFloat]:
         """``np.matmul(a, b)`` of host arrays (stacked alike), run on this library's own CPU threads.
-        Between a search's device GEMMs the host multiplies small operands (rotated queries, a
-        funnel's bound, shortlist rescoring); through NumPy's BLAS its threads stay spinning after
-        each call and take the cores a torch search's next GEMM needs."""
+        Between a search's device GEMMs the host multiplies small operands (queries rotated for
+        a funnel, a certified funnel's bound); through NumPy's BLAS its threads stay spinning
+        after each call and take the cores a torch search's next GEMM needs."""
         ...
 
     def gemm_speedup(self, kind: Quantization) -> float:

@@ -156,7 +156,7 @@ def rescore_shortlists(
                 ranks = exact_ranks(q64[qs], _float_rows(host), "l2")
             else:
                 row_norms = None if norms is None else host64(backend, backend.take_rows(norms, safe))
-                ranks = _gemm_ranks(backend, np.asarray(host, dtype=F32), q32[qs], q64[qs], metric, row_norms)
+                ranks = _gemm_ranks(np.asarray(host, dtype=F32), q32[qs], q64[qs], metric, row_norms)
             if not complete:
                 ranks = np.where(valid, ranks, -np.inf)
             if whole is not None:
@@ -171,7 +171,6 @@ def rescore_shortlists(
 
 
 def _gemm_ranks(
-    backend: ArrayBackend[Any],
     rows: npt.NDArray[np.float32],
     unit_or_raw: npt.NDArray[np.float32],
     queries: npt.NDArray[np.float64],
@@ -181,9 +180,11 @@ def _gemm_ranks(
     """Cosine or dot of ``(q, m, d)`` rows against their queries as the exact search scores them:
     a float32 product (cosine: of the unit query, divided by the row's norm), so a shortlist
     costs what the full search's GEMM would; rows whose norm is beyond :data:`COSINE_RANGE`,
-    where that product loses precision, are scored in float64 instead."""
+    where that product loses precision, are scored in float64 instead. It is NumPy's own einsum
+    loop, not a BLAS call: each query's product is a matrix-vector one, as fast there, and it
+    wakes no BLAS threads to spin beside a torch search."""
     with np.errstate(over="ignore", under="ignore"):  # as the BLAS GEMM: inf beyond float32, silently
-        dots: npt.NDArray[np.float64] = host_product(backend, rows, unit_or_raw[:, :, None])[..., 0].astype(np.float64)
+        dots: npt.NDArray[np.float64] = np.einsum("qmd,qd->qm", rows, unit_or_raw).astype(np.float64)
     if metric == "dot":
         return dots
     norms = norms64(rows) if row_norms is None else row_norms
