@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embedtools import make_backend
 from embedtools.protocols import Metric, SearchBackend
@@ -23,6 +25,7 @@ from embedtools.search import (
     host_nth_best,
     plan_blocks,
     rows_per_block,
+    stable_top,
 )
 
 
@@ -113,3 +116,15 @@ def test_blocks_are_cache_sized_for_a_cpu_batch_streaming_for_one_query_and_laun
     assert 1_000 * 4 * sizes[4] <= SCORE_BLOCK_BYTES < 1_000 * 4 * BLOCK_ROWS  # its scores fit
     assert sizes[-1] == MIN_BATCH_BLOCK_ROWS
     assert rows_per_block(1, gpu=True) == rows_per_block(10_000, gpu=True) == DEVICE_BLOCK_ROWS
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")]), min_size=1, max_size=60),
+    st.integers(1, 70),
+)
+def test_stable_top_is_the_stable_argsort_of_a_tied_querys_scores(values: list[float], k: int) -> None:
+    """The tied-query redo's top k: ties (few distinct values), infinities and NaN included."""
+    scores = np.asarray(values, dtype=np.float32)
+    want = np.argsort(-scores, kind="stable")[:k]
+    np.testing.assert_array_equal(stable_top(scores, k), want)

@@ -26,6 +26,7 @@ from embedtools.search.kernel import (
     rows_per_block,
     run_topk,
     sampled_floor,
+    stable_top,
 )
 from embedtools.search.merge import GROUPS_PER_SLOT, Candidates, RunningTop, best_first, group_floor, host_candidates, host_nth_best, unscaled_bound
 from embedtools.search.rescore import rescore
@@ -55,5 +56,6 @@ __all__ = [
     "rows_per_block",
     "run_topk",
     "sampled_floor",
+    "stable_top",
     "unscaled_bound",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "rows_per_block",
     "run_topk",
     "sampled_floor",
+    "stable_top",
 ]
 
 BlockT = TypeVar("BlockT")
@@ -192,6 +193,20 @@ def sampled_floor(
 
 
 
+def stable_top(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int64]:
+    """Positions of the ``k`` best of one query's scores, best first, equal scores lower position
+    first: ``np.argsort(-scores, kind="stable")[:k]``, sorting only the scores at least the k-th
+    best (a tied query's redo sorted all of a table's scores, several times per search on the
+    real set, whose duplicate texts tie exactly)."""
+    n = scores.shape[0]
+    if k >= n or np.isnan(scores).any():  # NaN orders last in argsort but partitions as the largest
+        return np.argsort(-scores, kind="stable")[:k].astype(np.int64)
+    kth = np.partition(scores, n - k)[n - k]
+    cand = np.flatnonzero(scores >= kth)
+    order = np.argsort(-scores[cand], kind="stable")[:k]
+    return cand[order].astype(np.int64)
+
+
 def run_topk(
     n_queries: int,
     n_rows: int,
@@ -286,7 +301,7 @@ def run_topk(
             for row in np.flatnonzero(vals[:, k] == vals[:, k - 1]):
                 query = qs.start + int(row)
                 row_scores = to_host(score_block(slice(query, query + 1), slice(0, n_rows)))[0]
-                best = np.argsort(-row_scores, kind="stable")[:k]
+                best = stable_top(row_scores, k)
                 idx[row, :k] = best
                 vals[row, :k] = row_scores[best]
         vals, idx = vals[:, :k], np.ascontiguousarray(idx[:, :k])
