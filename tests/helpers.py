@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedtools import Metric
+from embedtools import Metric, NumpyBackend
 
 F32 = npt.NDArray[np.float32]
 
@@ -85,3 +85,15 @@ def sample_adversary() -> tuple[F32, F32, int]:
     near = np.arange(0, 9000, SAMPLE_STRIDE)
     corpus[near] = 3 * query + 0.05 * rng.standard_normal((near.size, 16)).astype(np.float32)
     return corpus, query, 400
+
+
+class GatherCounting(NumpyBackend):
+    """A NumPy backend that records how many rows each ``take_rows`` gathers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gathered: list[int] = []
+
+    def take_rows(self, array: npt.NDArray[Any], indices: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        self.gathered.append(int(np.asarray(indices).size))
+        return super().take_rows(array, indices)

@@ -22,7 +22,7 @@ from embedtools.quantize import QuantizedIndex
 from embedtools.search.certified import Listed, certified_topk, low_rounding, unit_bounds
 from embedtools.search.auto_screen import AUTO_SCREEN_MIN_QUERIES, AUTO_SCREEN_MIN_ROWS
 from embedtools.testing import overriding
-from tests.helpers import matryoshka_like, reference_scores
+from tests.helpers import GatherCounting, matryoshka_like, reference_scores
 
 BACKENDS = [name for name in ("numpy", "torch", "mlx") if name in et.available_backends()]
 METRICS: tuple[Metric, ...] = ("cosine", "dot", "l2")
@@ -192,6 +192,26 @@ def test_a_shortlist_grows_by_doubling_within_its_listing(slack: float, rescored
     np.testing.assert_array_equal(found.indices, [[0, 1]])
     assert found.rescored.tolist() == [rescored]
     assert listed_calls == [49]  # every step rescored rows of the first listing
+
+
+def test_a_funnel_whose_bound_keeps_everything_falls_back_before_long_shortlists() -> None:
+    """Isotropic rows give an 8-d prefix no grip on 64-d scores: no shortlist certifies, and each
+    query goes to the float32 search over every row once its shortlist would pass 1/32 of the
+    table, rather than first gathering and rescoring hundreds of rows at full width."""
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((6400, 64)).astype(np.float32)
+    queries = rng.standard_normal((20, 64)).astype(np.float32)
+    backend = GatherCounting()
+    store = EmbeddingStore(backend, ByteBudget(1 << 30), Sha256Hasher())
+    store.add(rows)
+    store.search(queries, k=5, funnel=[(8, 10)], rescore="certified")  # builds the bounded prefix
+    backend.gathered.clear()
+    found = store.search(queries, k=5, funnel=[(8, 10)], rescore="certified")
+    np.testing.assert_array_equal(found.indices, exact_ids(queries, rows, "cosine", 5))
+    assert found.rescored is not None and found.rescored.tolist() == [6400] * 20  # every query fell back
+    # the funnel's own shortlists double to 80 inside its 81-row listing, then stop: 6400 // 32 = 200
+    # rows is the cap, and the next step would list 640 (which, under the old 1/4 cap, it rescored)
+    assert sum(backend.gathered) < 20 * 200
 
 
 @pytest.mark.parametrize("name", BACKENDS)

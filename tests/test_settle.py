@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from embedtools import ByteBudget, EmbeddingStore, Metric, NumpyBackend, Sha256Hasher
 from embedtools.search.settle import LIST_MARGIN_MIN, listed_rows, settles
-from tests.helpers import reference_scores
+from tests.helpers import GatherCounting, reference_scores
 from tests.test_certified import BACKENDS, exact_ids, store_on
 
 
@@ -78,18 +78,6 @@ def test_the_list_has_a_margin_beyond_k() -> None:
 def test_settling_stops_where_its_rescoring_would_rival_the_scan() -> None:
     assert settles(10, 36_500) and settles(40, 300)
     assert not settles(1_000, 200_000) and settles(150, 200_000)
-
-
-class GatherCounting(NumpyBackend):
-    """A NumPy backend that records how many rows each ``take_rows`` gathers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gathered: list[int] = []
-
-    def take_rows(self, array: npt.NDArray[Any], indices: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
-        self.gathered.append(int(np.asarray(indices).size))
-        return super().take_rows(array, indices)
 
 
 def test_only_the_rows_of_a_near_chain_reaching_the_top_k_are_rescored() -> None:
