@@ -9,8 +9,9 @@ left out — the ``(m+1)``-th listed, whose upper bound is at least every unlist
 bound strictly below the exact k-th score of the rescored rows: no row outside the shortlist can
 then reach, or tie, the exact top k. A query that does not certify rescores twice as many listed
 rows, again while the list holds them (a query that certifies at ``2m`` then skips the rescoring
-of ``8m``), is screened again with a list eight times as long, and once its shortlist would exceed :data:`SHORTLIST_MAX` (or a quarter of the
-rows) is handed to a fallback that scores every row. Adversarial data (many rows within the bound
+of ``8m``), is screened again with a list eight times as long, and once its shortlist would
+exceed ``limit`` (:data:`SHORTLIST_MAX`, or a quarter of the rows) is handed to a fallback that
+scores every row. Adversarial data (many rows within the bound
 of the k-th) costs time, never memory or a wrong id.
 
 This is tighter than keeping every row within twice the bound of the k-th *screened* score: the

@@ -4,7 +4,8 @@ A float32 GEMM ranks millions of rows fast but not exactly: ``l2`` ranks by ``q�
 whose rounding error grows with ``|q||x| + |x|²`` while the gaps it must resolve shrink with the
 distances (rows ``1000 + 0.01·N(0,1)`` lose every digit). Instead of trusting the screen, this
 module proves what it can and rescores the rest exactly, backend-neutrally (rows are gathered
-with ``take_rows`` and scored on the host in float64, from the stored float32 rows):
+with ``take_rows`` and scored on the host in float64, from the stored float32 rows, by
+:mod:`embedtools.search.rescore`):
 
 1. **Bound.** For a row ``x`` and query ``q`` in the screen's frame (below), the float32 ranking
    score ``s = fl(fl(x̃·q̃) - fl(|x̃|²/2))`` differs from the exact ``r = x'·q' - |x'|²/2`` by at
