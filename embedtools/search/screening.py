@@ -56,7 +56,7 @@ from embedtools.search.certified import (
 )
 from embedtools.search.exact import blocked_topk, l2_certified, outside_cosine_range
 from embedtools.search.l2_certified import PLAIN_RANGE, first_shortlist, l2_bound
-from embedtools.search.rescore import exact_topk_over, shortlist_ranks
+from embedtools.search.rescore import exact_topk_over, norms64, shortlist_ranks
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -188,11 +188,6 @@ def _unit(backend: SearchBackend[Any], queries: npt.NDArray[np.float32]) -> npt.
     return np.ascontiguousarray(backend.to_numpy(backend.normalize(backend.from_numpy(queries))), dtype=F32)
 
 
-def _norms64(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    out: npt.NDArray[np.float64] = np.sqrt(np.einsum("qd,qd->q", a.astype(np.float64), a.astype(np.float64)))
-    return out
-
-
 def row_errors(backend: SearchBackend[ArrayT], index: QuantizedIndex[ArrayT], x: ArrayT, block_bytes: int) -> npt.NDArray[np.float32]:
     """Each row's exact ``|x̃ - x|`` for ``index``'s codes (decoded by the backend, as its product
     sees them), rounded up to float32: one pass over the table, in chunks of rows on the host whose
@@ -239,7 +234,7 @@ def _screen(
     if metric != "l2" and outside_cosine_range(norms).size:
         return None
     norm_max = float(norms.max(initial=0.0))
-    q_max = float(_norms64(queries).max(initial=0.0))
+    q_max = float(norms64(queries).max(initial=0.0))
     if metric == "l2" and not (PLAIN_RANGE[0] <= max(norm_max, q_max) and norm_max <= PLAIN_RANGE[1] and q_max <= PLAIN_RANGE[1]):
         return None
     if prefix is not None:
@@ -287,7 +282,7 @@ def _unit_screen(
     assert metric != "l2"
     bounds = unit_bounds(metric, rounding, norms, query_errors, dim)
     scale = (1.0 / np.where(norms >= COSINE_RANGE[0], norms, F32(1.0))).astype(F32) if metric == "cosine" else None
-    qn = _norms64(raw)
+    qn = norms64(raw)
     unit_scale = np.ones(raw.shape[0]) if metric == "cosine" else 1.0 / np.where(qn > 0, qn, 1.0)
     zeros = np.zeros(raw.shape[0])
 
@@ -317,7 +312,7 @@ def _l2_screen(
     ``r = (|q|² - ||q - x||²)/2``."""
     dim = queries.shape[1]
     shift = (0.5 * norms * norms).astype(F32)
-    qn = _norms64(queries)
+    qn = norms64(queries)
     norm_max = float(norms.max(initial=0.0))
     bound = l2_bounds(rounding, dim, qn, query_errors, norm_max) + l2_bound(dim, qn, norm_max)
     halves = np.full(queries.shape[0], 0.5)
