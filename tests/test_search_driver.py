@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -138,9 +138,11 @@ def test_a_large_k_over_many_queries_stays_within_a_small_multiple_of_the_block_
     assert indices.shape == (2_000, 500)
 
 
-def candidate_set(found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]) -> dict[tuple[int, int], float]:
+def candidate_set(found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]) -> dict[tuple[int, int], int]:
+    """Each candidate's float32 bits by (query, row): NaN equals NaN, ``-0.0`` differs from ``0.0``."""
     rows, vals, cols = found
-    return {(int(r), int(c)): float(v) for r, v, c in zip(rows.tolist(), vals.tolist(), cols.tolist(), strict=True)}
+    bits = np.asarray(vals, np.float32).view(np.int32)
+    return {(int(r), int(c)): int(b) for r, b, c in zip(rows.tolist(), bits.tolist(), cols.tolist(), strict=True)}
 
 
 @st.composite
@@ -160,6 +162,9 @@ def unscaled_blocks(draw: st.DrawFn) -> tuple[npt.NDArray[np.float32], npt.NDArr
 
 
 @given(unscaled_blocks(), st.integers(1, 3))
+@example(  # a subnormal quotient: -1e-45 / 2 rounds to -0.0, which -0.0 does not exceed
+    (np.array([[-0.0], [-0.0]], np.float32), np.array([2.0, 2.0], np.float32), np.array([-1e-45], np.float32)), 1
+)
 def test_host_candidates_with_a_row_scale_are_exactly_the_scaled_blocks(drawn: tuple[npt.NDArray[np.float32], ...], m: int) -> None:
     """Comparing unscaled products against ``unscaled_bound`` and scaling what passes must give the
     candidates (and the very float32 values) that scaling the whole block gave."""

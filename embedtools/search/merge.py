@@ -119,20 +119,28 @@ def unscaled_bound(threshold: npt.NDArray[np.float32], row_scale: npt.NDArray[np
     """Per query, a value every product ``p`` must exceed for ``fl(p * s) > threshold`` with any of
     the rows' scales ``s`` (all positive, finite).
 
-    For ``t >= 0``: ``fl(p·s) <= p·s·(1+u)`` when ``p > 0`` (and ``p <= 0`` gives no positive score),
-    so ``p > t / (s·(1+u)) >= t / (s_max·(1+u))``; the bound is ``fl(fl(t / s_max)·(1 - 2^-20))``,
-    whose two roundings and the slack keep it below that (``(1+u)^3 (1-2^-20) < 1``, ``u = 2^-24``).
-    For ``t < 0``: any ``p >= 0`` passes a negative bound, and for ``p < 0``
-    ``fl(p·s) >= p·s·(1+u)`` gives ``p > t / (s·(1+u)) >= t / (s_min·(1-u))``; the bound is
-    ``fl(fl(t / s_min)·(1 + 2^-20))``, more negative than that (``(1-u)^3 (1+2^-20) > 1``).
+    Rounding is monotonic, so ``fl(p·s) > t`` needs ``p·s > t``, i.e. ``p > t / s``; over the
+    rows' scales that is ``p > t / s_max`` for ``t >= 0`` and ``p > t / s_min`` for ``t < 0``
+    (``p >= 0`` passing any negative bound). The bound must not exceed that real quotient. It is
+    ``fl(fl(t / s_max)·(1 - 2^-20))`` (or ``fl(fl(t / s_min)·(1 + 2^-20))``) and one float32 step
+    further down: the slack covers the two relative roundings of normal numbers
+    (``(1+u)^2 (1-2^-20) < 1``, ``u = 2^-24``), the step a subnormal quotient's, which round by
+    an absolute half step (``-1e-45 / 2`` rounds to ``-0.0``). Positive thresholds below
+    ``2^-100`` are bounded by 0 (a positive score needs a positive product).
     ``+inf`` stays ``+inf`` (nothing passes, as before), NaN stays NaN (through the division).
     """
     hi, lo = np.float32(row_scale.max()), np.float32(row_scale.min())
     with np.errstate(over="ignore", under="ignore"):
-        above = (threshold / hi) * np.float32(1 - _BOUND_SLACK)
-        below = (threshold / lo) * np.float32(1 + _BOUND_SLACK)
+        above = _step_down((threshold / hi) * np.float32(1 - _BOUND_SLACK))
+        below = _step_down((threshold / lo) * np.float32(1 + _BOUND_SLACK))
     bound: npt.NDArray[np.float32] = np.where(threshold >= _TINY, above, np.where(threshold >= 0, np.float32(0), below)).astype(np.float32)
     return bound
+
+
+def _step_down(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The next float32 below each finite value; infinities and NaN as they are."""
+    lower: npt.NDArray[np.float32] = np.where(np.isinf(values), values, np.nextafter(values, np.float32(-np.inf)))
+    return lower
 
 
 #: Groups per slot of the running top ``m`` that :func:`group_floor` cuts a block into.
