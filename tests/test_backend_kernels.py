@@ -102,14 +102,17 @@ def test_plan_blocks(queries: int, rows: int, budget: int, block_rows: int, expe
 
 
 def test_plan_blocks_counts_each_querys_shortlist_against_the_bound() -> None:
-    # 4,096 rows x 4 bytes of scores plus 1 MiB of shortlist per query: 126 queries in 128 MiB
-    assert plan_blocks(10_000, 200_000, 128 << 20, per_query_bytes=1 << 20) == (126, BLOCK_ROWS)
+    # BLOCK_ROWS x 4 bytes of scores plus 1 MiB of shortlist per query (124 queries in 128 MiB at
+    # 8,192 rows); without the shortlists 4,096 would fit
+    fitting = (128 << 20) // (BLOCK_ROWS * 4 + (1 << 20))
+    assert fitting < (128 << 20) // (BLOCK_ROWS * 4)
+    assert plan_blocks(10_000, 200_000, 128 << 20, per_query_bytes=1 << 20) == (fitting, BLOCK_ROWS)
     assert plan_blocks(10_000, 200_000, 1 << 20, per_query_bytes=1 << 30) == (1, BLOCK_ROWS)  # at least one
 
 
 def test_blocks_are_cache_sized_for_a_cpu_batch_streaming_for_one_query_and_launch_sized_on_a_gpu() -> None:
     assert rows_per_block(1, gpu=False) == ONE_QUERY_BLOCK_ROWS > BLOCK_ROWS
-    sizes = [rows_per_block(n, gpu=False) for n in (2, 256, 300, 500, 1_000, 4_096, 100_000)]
+    sizes = [rows_per_block(n, gpu=False) for n in (2, 128, 300, 500, 1_000, 4_096, 100_000)]
     assert sizes[:2] == [BLOCK_ROWS, BLOCK_ROWS]
     assert sizes == sorted(sizes, reverse=True)  # a larger batch never gets more rows
     assert all(size % 64 == 0 for size in sizes)

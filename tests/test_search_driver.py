@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from embedtools.search import SAMPLE_STRIDE, best_first, host_candidates, host_nth_best, sampled_floor, unscaled_bound
+from embedtools.search import SAMPLE_STRIDE, best_first, group_floor, host_candidates, host_nth_best, sampled_floor, unscaled_bound
 from tests.helpers import clustered, reference_scores
 
 
@@ -172,6 +172,25 @@ def test_host_candidates_with_a_row_scale_are_exactly_the_scaled_blocks(drawn: t
     want = candidate_set(host_candidates(raw * scale[:, None], m, threshold))
     got = candidate_set(host_candidates(raw.copy(), m, threshold, scale))
     assert got == want
+
+
+@given(unscaled_blocks(), st.integers(1, 3), st.booleans(), st.booleans())
+def test_host_candidates_of_a_query_major_block_are_the_row_major_ones(
+    drawn: tuple[npt.NDArray[np.float32], ...], m: int, filling: bool, scaled: bool
+) -> None:
+    """A ``(rows, queries)`` block laid out query by query (torch's CPU product) is walked in its own
+    memory order: it must give the very candidates, values and ``group_floor`` of a row-major one."""
+    raw, scale, threshold = drawn
+    if filling:
+        threshold = threshold.copy()
+        threshold[0] = -np.inf
+    query_major = np.asfortranarray(raw)
+    assert query_major.flags.f_contiguous and not query_major.flags.c_contiguous or raw.shape[1] == 1
+    row_scale = scale if scaled else None
+    want = candidate_set(host_candidates(raw, m, threshold, row_scale))
+    assert candidate_set(host_candidates(query_major, m, threshold, row_scale)) == want
+    if m < raw.shape[0]:
+        np.testing.assert_array_equal(group_floor(query_major, m), group_floor(raw, m))
 
 
 def test_unscaled_bound_keeps_infinite_and_nan_thresholds() -> None:

@@ -87,9 +87,7 @@ def host_candidates(
         block, row_scale = block * row_scale[:, None], None
     if filling:
         if m < n:
-            flat = np.flatnonzero(block >= np.maximum(threshold, group_floor(block, m)))
-            cols, rows = np.divmod(flat, queries)
-            return rows, block.reshape(-1)[flat], cols
+            return _passing(block, np.maximum(threshold, group_floor(block, m)), inclusive=True)
         picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
         return (
             np.repeat(np.arange(queries, dtype=np.int64), n),
@@ -97,14 +95,34 @@ def host_candidates(
             np.ascontiguousarray(picked.T).reshape(-1),
         )
     if row_scale is None:
-        flat = np.flatnonzero(block > threshold)
-        cols, rows = np.divmod(flat, queries)
-        return rows, block.reshape(-1)[flat], cols
-    flat = np.flatnonzero(block > unscaled_bound(threshold, row_scale))
-    cols, rows = np.divmod(flat, queries)
-    vals = block.reshape(-1)[flat] * row_scale[cols]
+        return _passing(block, threshold, inclusive=False)
+    rows, vals, cols = _passing(block, unscaled_bound(threshold, row_scale), inclusive=False)
+    vals = vals * row_scale[cols]
     keep = vals > threshold[rows]
     return rows[keep], vals[keep], cols[keep]
+
+
+def _query_major(block: npt.NDArray[np.float32]) -> bool:
+    """Whether a ``(rows, queries)`` block lies in memory query by query (a ``(queries, rows)``
+    product's transpose, as torch on a CPU makes it): walked in its own memory order, not copied."""
+    return bool(block.flags.f_contiguous and not block.flags.c_contiguous)
+
+
+def _passing(block: npt.NDArray[np.float32], bound: npt.NDArray[np.float32], *, inclusive: bool) -> Candidates:
+    """Every score of a ``(rows, queries)`` block above its query's ``bound`` (or equal, ``inclusive``),
+    found in one pass over the block in its memory order."""
+    n, queries = block.shape
+    if _query_major(block):
+        lanes, limit = block.T, bound[:, None]
+    else:
+        lanes, limit = block, bound
+    flat = np.flatnonzero(lanes >= limit if inclusive else lanes > limit)
+    values = lanes.reshape(-1)[flat]
+    if lanes is block:
+        cols, rows = np.divmod(flat, queries)
+    else:
+        rows, cols = np.divmod(flat, n)
+    return rows, values, cols
 
 
 #: Relative slack of :func:`unscaled_bound`: beyond the three float32 roundings (the scaling, the
@@ -161,7 +179,10 @@ def group_floor(block: npt.NDArray[np.float32], m: int) -> npt.NDArray[np.float3
     n, queries = block.shape
     groups = min(GROUPS_PER_SLOT * m, n)
     size = n // groups
-    maxima = np.fmax.reduce(block[: groups * size].reshape(groups, size, queries), axis=1)
+    if _query_major(block):  # reduced in the block's own memory order
+        maxima = np.fmax.reduce(block.T[:, : groups * size].reshape(queries, groups, size), axis=2).T
+    else:
+        maxima = np.fmax.reduce(block[: groups * size].reshape(groups, size, queries), axis=1)
     maxima[np.isnan(maxima)] = -np.inf  # a group of NaNs only: no row of it counts
     floor: npt.NDArray[np.float32] = np.partition(maxima, groups - m, axis=0)[groups - m]
     return floor
