@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_certified, bench_scaling
+from benchmarks.common import last_level_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +75,16 @@ def test_gpu_check_refuses_a_python_without_the_dependencies(tmp_path: Path) -> 
                           env={**os.environ, "PYTHON": str(bare)}, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert "lacks numpy" in done.stdout
+
+
+def test_last_level_cache_reads_the_largest_cache_linux_reports() -> None:
+    """The int8 why-line compares the table with this size: it must be the largest level's, in bytes."""
+    sizes = Path("/sys/devices/system/cpu/cpu0/cache")
+    reported = sorted(sizes.glob("index*/size")) if sizes.is_dir() else []
+    found = last_level_cache()
+    if not reported:
+        assert found is None
+        return
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    largest = max(int(p.read_text().strip()[:-1]) * units[p.read_text().strip()[-1]] for p in reported)
+    assert found == largest and found >= 1 << 10
