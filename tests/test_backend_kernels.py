@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedtools import make_backend
-from embedtools.protocols import Metric, SearchBackend
+from embedtools.protocols import Metric, Quantization, SearchBackend
 from embedtools.search import (
     BLOCK_ROWS,
     DEVICE_BLOCK_ROWS,
@@ -131,3 +131,28 @@ def test_stable_top_is_the_stable_argsort_of_a_tied_querys_scores(values: list[f
     scores = np.asarray(values, dtype=np.float32)
     want = np.argsort(-scores, kind="stable")[:k]
     np.testing.assert_array_equal(stable_top(scores, k), want)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+def test_a_native_low_precision_block_comes_back_float32_scaled_after_its_one_rounding(kind: Quantization) -> None:
+    """The certified bound allows the product one rounding to ``kind``: the row scale and the bound's
+    shift must then apply in float32 (a block scaled in bfloat16 would round a second time)."""
+    torch = pytest.importorskip("torch")
+    from embedtools.backends.torch import TorchBackend
+
+    backend = TorchBackend("cpu")
+    low = backend.low_precision(kind)
+    assert low is not None
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((300, 24)).astype(np.float32)
+    queries = rng.standard_normal((7, 24)).astype(np.float32)
+    as_torch = torch.from_numpy(rows)
+    codes = as_torch.to(torch.bfloat16).view(torch.int16) if kind == "bfloat16" else as_torch.to(torch.float16)  # the index's codes
+    scale, shift = rng.uniform(0.5, 2.0, 300).astype(np.float32), rng.uniform(-1.0, 1.0, 300).astype(np.float32)
+    operand = low.operand(queries)
+    plain = backend.host_block(backend.block_scores(codes, slice(0, 300), operand, None, None, low.rows))
+    block = backend.block_scores(codes, slice(0, 300), operand, backend.from_numpy(scale), backend.from_numpy(shift), low.rows)
+    assert backend.dtype(block) == "float32"
+    low_dtype = torch.bfloat16 if kind == "bfloat16" else torch.float16
+    np.testing.assert_array_equal(torch.from_numpy(plain).to(low_dtype).to(torch.float32).numpy(), plain)  # one rounding to kind
+    np.testing.assert_array_equal(backend.host_block(block), plain * scale[:, None] - shift[:, None])

@@ -296,6 +296,35 @@ def test_the_automatic_rule_screens_only_where_it_pays(speedup: float, auto: boo
         assert store.search(queries[:1], 10).screen is None  # one query does not pay for the rescoring
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+def test_a_certified_screen_through_torchs_native_product_on_a_cpu_is_exact(kind: et.Quantization) -> None:
+    """The native low-precision GEMM runs only where it measured faster (an AMX CPU, a GPU); a torch
+    backend that reports so runs it here, on rows of spread norms (the row scale applies on the block)."""
+    pytest.importorskip("torch")
+    from embedtools.backends.torch import TorchBackend
+
+    asked: list[str] = []
+
+    class NativeTorch(TorchBackend):
+        def gemm_speedup(self, kind: et.Quantization) -> float:
+            asked.append(kind)
+            return 3.0
+
+    rng = np.random.default_rng(4)
+    rows = (rng.standard_normal((3000, 32)) * rng.uniform(0.5, 3.0, (3000, 1))).astype(np.float32)
+    queries = rows[rng.integers(0, 3000, 12)] + np.float32(0.05) * rng.standard_normal((12, 32)).astype(np.float32)
+    container = et.make_container({"backend": "torch", "max_memory_gb": 1.0})
+    with overriding(container, backend=NativeTorch("cpu")):
+        store = container.store()
+        store.add(rows)
+        store.quantize(32, kind)
+        for metric in ("cosine", "dot", "l2"):
+            got = store.search(queries, 10, metric=metric, quantized=kind, rescore="certified")
+            assert got.rescored is not None
+            np.testing.assert_array_equal(got.indices, exact_ids(queries, rows, metric, 10))
+    assert kind in asked  # the screen took the native product
+
+
 def test_describe_reports_the_measured_speedups_and_the_rule() -> None:
     found = et.describe("numpy")
     assert found.screen_speedups == {"bfloat16": 0.0, "float16": 0.0}

@@ -219,12 +219,10 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         if operand.dtype != torch.float32 and lhs.device.type == "cuda":
             # float32 out: cuBLAS accumulates and reduces (split-K too) in float32, no bf16/fp16 rounding
             block = torch.mm(lhs, operand, out_dtype=torch.float32)
-        elif lhs.device.type == "cpu":
-            # made as (queries, rows) and handed on as its (rows, queries) transpose: MKL and oneDNN
-            # ran this shape faster on 8,192-row blocks (the host selection walks it in that order)
-            block = (operand.T @ lhs.T).T
         else:
-            block = lhs @ operand
+            # on a CPU made as (queries, rows) and handed on as its (rows, queries) transpose: MKL and
+            # oneDNN ran this shape faster on 8,192-row blocks (the host selection walks it in that order)
+            block = (operand.T @ lhs.T).T if lhs.device.type == "cpu" else lhs @ operand
             if block.dtype != torch.float32:  # a low-precision product (oneDNN, MPS): its one rounding, then float32
                 block = block.to(torch.float32)
         if scale is not None:
