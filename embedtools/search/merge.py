@@ -125,8 +125,8 @@ def _passing(block: npt.NDArray[np.float32], bound: npt.NDArray[np.float32], *, 
     return rows, values, cols
 
 
-#: Relative slack of :func:`unscaled_bound`: beyond the three float32 roundings (the scaling, the
-#: bound's division and its product with this factor) that it must absorb.
+#: Relative slack of :func:`unscaled_bound`: beyond the two float32 roundings (the bound's division
+#: and its product with this factor) that it must absorb.
 _BOUND_SLACK = 2.0**-20
 #: Positive thresholds below this are bounded by 0 (a positive score needs a positive product):
 #: their quotient could be subnormal, where a rounding is not relative.
@@ -142,7 +142,7 @@ def unscaled_bound(threshold: npt.NDArray[np.float32], row_scale: npt.NDArray[np
     (``p >= 0`` passing any negative bound). The bound must not exceed that real quotient. It is
     ``fl(fl(t / s_max)·(1 - 2^-20))`` (or ``fl(fl(t / s_min)·(1 + 2^-20))``) and one float32 step
     further down: the slack covers the two relative roundings of normal numbers
-    (``(1+u)^2 (1-2^-20) < 1``, ``u = 2^-24``), the step a subnormal quotient's, which round by
+    (``(1+u)^2 (1-2^-20) < 1`` and ``(1-u)^2 (1+2^-20) > 1``, ``u = 2^-24``), the step a subnormal quotient's, which round by
     an absolute half step (``-1e-45 / 2`` rounds to ``-0.0``). Positive thresholds below
     ``2^-100`` are bounded by 0 (a positive score needs a positive product).
     ``+inf`` stays ``+inf`` (nothing passes, as before), NaN stays NaN (through the division).
