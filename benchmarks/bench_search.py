@@ -403,10 +403,11 @@ def section_real(repeat: int) -> None:
     assert calibration is not None
     codes = codec.encode(corpus, calibration, 0)
     decoded_rows = rows_per_block(queries.shape[0], gpu=False, decoded_width=d)
+    decoder = NumpyBackend()
 
     def decode_all() -> None:
         for start in range(0, codes.shape[0], decoded_rows):
-            NumpyBackend().dequantize(codes[start : start + decoded_rows], "int8", width=d, scale=calibration[0], offset=calibration[1])
+            decoder.dequantize(codes[start : start + decoded_rows], "int8", width=d, scale=calibration[0], offset=calibration[1])
 
     products: dict[str, Callable[[], object]] = {"384-d product": lambda: blocked_product(unit, q_full),
                                                  "128-d product": lambda: blocked_product(head, q_head),
