@@ -70,7 +70,8 @@ LOW_PRECISION_WIDTH = 8
 #: A screened query whose shortlist would pass this share of the rows goes to the float32 certified
 #: search over every row instead: rescoring a shortlist gathers its rows at full width, per query,
 #: and on the real set (36,500 rows) a funnel whose prefix bound held nothing back grew its
-#: shortlists to 3,200 and took 31x exact search, where that fallback costs about 1.3x.
+#: shortlists to 3,200 rows per query, whose rescoring cost more than that fallback's pass over
+#: every row (``bench_search --only certified-sets`` now prints 36,500 rows for it: the fallback).
 FALLBACK_SHARE = 32
 
 
