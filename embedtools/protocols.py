@@ -235,15 +235,22 @@ class Capabilities:
 class LowPrecisionGemm(Generic[ArrayT]):
     """A backend's native low-precision product over a quantised index's codes (see
     :meth:`BlockPrimitives.low_precision`): :meth:`BlockPrimitives.block_scores` runs
-    ``rows(codes[rows]) @ operand(queries)`` in the codes' own type and hands back float32."""
+    ``rows(codes[rows]) @ operand(queries)`` in the codes' own type and hands back float32.
+
+    ``int8`` is an integer product, exact in int32: its operand is made from a host ``(q, d + 2)``
+    float32 array the library prepares (:mod:`embedtools.search.int8_screen`) — each query's
+    integer steps in ``[-127, 127]``, then its scale ``α`` and offset ``β`` — and each score is
+    ``α·(codes·steps) + β`` in float32, the int32 product converted once. The library knows those
+    values exactly, so ``values`` is ``None`` there."""
 
     #: A block of codes as the GEMM's low-precision rows (a reinterpreting view, not a decode).
     rows: Callable[[ArrayT], ArrayT]
-    #: Host ``(q, d)`` float32 queries rounded to the low-precision type, as the product's right operand.
+    #: Host ``(q, d)`` float32 queries rounded to the low-precision type (``int8``: the packed
+    #: steps, scale and offset above), as the product's right operand.
     operand: Callable[[npt.NDArray[np.float32]], ArrayT]
     #: The values ``operand`` holds, back on the host as float32 (the library's own rounding, so a
-    #: certified bound uses the exact ``|q̃ - q|``).
-    values: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+    #: certified bound uses the exact ``|q̃ - q|``); ``None`` for ``int8``.
+    values: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]] | None
 
 
 class BlockPrimitives(Protocol[ArrayT]):
@@ -293,10 +300,11 @@ class BlockPrimitives(Protocol[ArrayT]):
         ...
 
     def low_precision(self, kind: Quantization) -> LowPrecisionGemm[ArrayT] | None:
-        """The library's own product on ``kind``'s codes (``bfloat16``, ``float16``), or ``None``
-        where it has none (NumPy: a certified screen then decodes blocks to float32). Its
+        """The library's own product on ``kind``'s codes (``bfloat16``, ``float16``, ``int8``), or
+        ``None`` where it has none (NumPy: a certified screen then decodes blocks to float32). Its
         arithmetic is what :mod:`embedtools.search.certified` bounds: products of the rounded
-        values, float32 accumulation, the result rounded to ``kind`` at most once."""
+        values, float32 accumulation, the result rounded to ``kind`` at most once; ``int8``'s
+        integer product is exact, then scaled and offset per query in float32."""
         ...
 
     def host_matmul(self, a: npt.NDArray[HostFloat], b: npt.NDArray[HostFloat]) -> npt.NDArray[HostFloat]:

@@ -277,8 +277,9 @@ class _FastLowPrecision(NumpyBackend):
         return self.speedup
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
 @pytest.mark.parametrize(("speedup", "auto", "screens"), [(3.0, True, True), (2.5, True, True), (2.3, True, False), (1.2, True, False), (3.0, False, False)])
-def test_the_automatic_rule_screens_only_where_it_pays(speedup: float, auto: bool, screens: bool) -> None:
+def test_the_automatic_rule_screens_only_where_it_pays(speedup: float, auto: bool, screens: bool, kind: et.Quantization) -> None:
     rng = np.random.default_rng(2)
     rows = rng.standard_normal((AUTO_SCREEN_MIN_ROWS, 16)).astype(np.float32)
     queries = rng.standard_normal((AUTO_SCREEN_MIN_QUERIES, 16)).astype(np.float32)
@@ -288,9 +289,9 @@ def test_the_automatic_rule_screens_only_where_it_pays(speedup: float, auto: boo
         store.add(rows)
         plain = store.search(queries, 10)
         assert plain.screen is None  # no index: nothing to screen by
-        store.quantize(16, "bfloat16")
+        store.quantize(16, kind)
         got = store.search(queries, 10)
-        assert (got.screen == "bfloat16") is screens
+        assert (got.screen == kind) is screens
         assert (got.rescored is not None) is screens
         np.testing.assert_array_equal(got.indices, exact_ids(queries, rows, "cosine", 10))
         assert store.search(queries[:1], 10).screen is None  # one query does not pay for the rescoring
@@ -327,7 +328,7 @@ def test_a_certified_screen_through_torchs_native_product_on_a_cpu_is_exact(kind
 
 def test_describe_reports_the_measured_speedups_and_the_rule() -> None:
     found = et.describe("numpy")
-    assert found.screen_speedups == {"bfloat16": 0.0, "float16": 0.0}
+    assert found.screen_speedups == {"bfloat16": 0.0, "float16": 0.0, "int8": 0.0}
     assert "auto_screen: off" in str(found)
 
 

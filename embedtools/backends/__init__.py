@@ -208,7 +208,7 @@ def describe(backend: str = "auto", device: str | None = None) -> Description:
     choice = resolve(backend, device)
     built = make_backend(choice.name, choice.device)
     installed = available_backends()
-    speedups: dict[str, float] = {kind: built.gemm_speedup(kind) for kind in ("bfloat16", "float16")}
+    speedups: dict[str, float] = {kind: built.gemm_speedup(kind) for kind in ("bfloat16", "float16", "int8")}
     fast = [kind for kind, rate in speedups.items() if rate >= AUTO_SCREEN_SPEEDUP]
     rule = (
         f"on: exact searches of tables with a {' or '.join(fast)} index screen by it (certified, same ids)"

@@ -37,6 +37,9 @@ class _VectorNorm(Protocol):
 # has no stub, and from_numpy's parameter is unannotated.
 _vector_norm = cast(_VectorNorm, torch.linalg.vector_norm)  # pyright: ignore[reportUnknownMemberType]
 _from_numpy = cast("Callable[[npt.NDArray[Any]], torch.Tensor]", torch.from_numpy)  # pyright: ignore[reportUnknownMemberType]
+# int8 x int8 -> int32 (oneDNN on a CPU); private to torch, so looked up rather than imported, and
+# absent in a torch without it (then no integer product)
+_int_mm = cast("Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None", getattr(torch, "_int_mm", None))
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -216,7 +219,9 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
                      operand: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
                      rows_of: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:  # fmt: skip
         lhs = corpus[rows] if rows_of is None else rows_of(corpus[rows])
-        if operand.dtype != torch.float32 and lhs.device.type == "cuda":
+        if lhs.dtype == torch.int8:  # the integer product (low_precision("int8")), made as (queries, rows)
+            block = _int8_scores(lhs, operand).T
+        elif operand.dtype != torch.float32 and lhs.device.type == "cuda":
             # float32 out: cuBLAS accumulates and reduces (split-K too) in float32, no bf16/fp16 rounding
             block = torch.mm(lhs, operand, out_dtype=torch.float32)
         else:
@@ -268,7 +273,11 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
     def low_precision(self, kind: Quantization) -> LowPrecisionGemm[torch.Tensor] | None:
         """torch's own bf16/fp16 matmul: oneDNN on a CPU (AVX512-BF16/AMX where present; products
         exact in float32, float32 accumulation, the output rounded to the type once), cuBLAS on
-        CUDA (float32 out, see ``block_scores``), MPS's on Apple GPUs."""
+        CUDA (float32 out, see ``block_scores``), MPS's on Apple GPUs. ``int8`` on a CPU only:
+        ``torch._int_mm`` (oneDNN's u8s8s32 kernels, VNNI where present), exact in int32; CUDA's
+        wants shapes in multiples of 8 and is left to the decoded path until a GPU run times it."""
+        if kind == "int8":
+            return LowPrecisionGemm(_same, self._int8_operand, None) if self._device.type == "cpu" and _int_mm is not None else None
         low = _LOW.get(kind)
         if low is None:
             return None
@@ -282,17 +291,35 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
 
         return LowPrecisionGemm(as_rows, operand, values)
 
+    def _int8_operand(self, packed: npt.NDArray[np.float32]) -> torch.Tensor:
+        """The host ``(q, d + 2)`` steps, scale and offset as one int8 tensor ``(q, d + 8)``: the
+        steps, then the scale's and offset's float32 bytes (:func:`_int8_scores` views them back)."""
+        dim = packed.shape[1] - 2
+        out = np.empty((packed.shape[0], dim + 8), dtype=np.int8)
+        out[:, :dim] = packed[:, :dim]
+        out[:, dim:] = np.ascontiguousarray(packed[:, dim:], dtype=np.float32).view(np.int8)
+        return self.from_numpy(out, dtype="int8")
+
     @torch.no_grad()
     def gemm_speedup(self, kind: Quantization) -> float:
         if kind not in self._speedups:
             low = _LOW.get(kind)
-            if low is None:
+            if low is None and self.low_precision(kind) is None:
                 return 0.0
             rows, width, queries = SPEEDUP_SHAPE
             generator = torch.Generator(device=self._device).manual_seed(0)
             a = torch.randn(rows, width, generator=generator, device=self._device)
             b = torch.randn(width, queries, generator=generator, device=self._device)
-            a_low, b_low = a.to(low), b.to(low)
+            if low is None:  # int8, on a CPU: the screen's own operand and product
+                a_low = torch.randint(-128, 128, (rows, width), generator=generator, dtype=torch.int8)
+                packed = np.ones((queries, width + 2), dtype=np.float32)
+                packed[:, :width] = torch.randint(-127, 128, (queries, width), generator=generator).numpy()
+                b_low = self._int8_operand(packed)
+            else:
+                a_low, b_low = a.to(low), b.to(low)
+
+            def run_low(n: int) -> torch.Tensor:
+                return _int8_scores(a_low[:n], b_low) if low is None else a_low[:n] @ b_low
 
             def wait(_: object) -> None:
                 if self._device.type == "cuda":
@@ -301,10 +328,24 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
                     torch.mps.synchronize()
 
             try:
-                self._speedups[kind] = measured_speedup(lambda n: a[:n] @ b, lambda n: a_low[:n] @ b_low, wait)
-            except (RuntimeError, TypeError):  # a device without this type's matmul (older MPS): no native product
+                self._speedups[kind] = measured_speedup(lambda n: a[:n] @ b, run_low, wait)
+            except (RuntimeError, TypeError, NotImplementedError):  # a device or torch without this product: none
                 self._speedups[kind] = 0.0
         return self._speedups[kind]
+
+
+def _int8_scores(codes: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+    """``(queries, rows)`` float32 scores ``α·(steps·codes) + β`` of an int8 operand
+    (:meth:`TorchBackend._int8_operand`): the int32 product, converted, scaled, offset."""
+    dim = operand.shape[1] - 8
+    terms = operand[:, dim:].contiguous().view(torch.float32)
+    steps = operand[:, :dim]
+    if dim == 1:  # torch 2.13's CPU _int_mm sums a width of 1 wrongly (tests/test_int8_screen.py): an outer product
+        product = steps.to(torch.int32) * codes.T.to(torch.int32)
+    else:
+        assert _int_mm is not None
+        product = _int_mm(steps, codes.T)
+    return product.to(torch.float32).mul_(terms[:, :1]).add_(terms[:, 1:])
 
 
 _LOW: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -28,8 +28,9 @@ AUTO_SCREEN_MIN_QUERIES = 16
 
 def auto_screened(plan: SearchPlan, backend: ArrayBackend[Any], enabled: bool) -> SearchPlan:
     """The automatic rule: a plain exact search (no funnel, no quantised search) becomes a
-    certified screen when (a) the table holds a ``bfloat16`` or ``float16`` index (its memory is
-    charged already), (b) the backend measured that type's GEMM at least
+    certified screen when (a) the table holds a ``bfloat16``, ``float16`` or ``int8`` index (its
+    memory is charged already), (b) the backend measured that type's GEMM (int8's integer product
+    with its per-query scaling) at least
     :data:`AUTO_SCREEN_SPEEDUP` times faster than float32 on its device, and (c) the search is
     large enough to pay for the rescoring: at least :data:`AUTO_SCREEN_MIN_ROWS` rows (after a
     filter) and :data:`AUTO_SCREEN_MIN_QUERIES` queries. Ids are the same either way; scores are
@@ -43,7 +44,7 @@ def auto_screened(plan: SearchPlan, backend: ArrayBackend[Any], enabled: bool) -
     if not callable(getattr(backend, "gemm_speedup", None)):
         return plan  # a backend without block primitives (a user's ArrayBackend): nothing to measure
     primitives = cast("SearchBackend[Any]", backend)
-    for kind in ("bfloat16", "float16"):
+    for kind in ("bfloat16", "float16", "int8"):
         index = plan.state.quantized.get(kind)
         if index is not None and primitives.gemm_speedup(kind) >= AUTO_SCREEN_SPEEDUP:
             return replace(plan, quantized=index, certified=True, screen=kind)

@@ -53,7 +53,10 @@ k-th by more than both searches' errors, so the shortlist also holds what the fl
 returns. Cosine and dot screens use unit queries (their row order per query is the same), so
 each row's bound is a column shift and the query's ``ε_q`` one number per query; l2 uses one bound
 per query with the largest row norm and row error (as :func:`~embedtools.search.l2_certified.l2_bound`).
-int8 rows decode to float32 (their ``ε_x`` is the decoding's) and meet float32 queries (``ε_q = 0``).
+int8 rows decode to float32 (their ``ε_x`` is the decoding's) and meet float32 queries (``ε_q = 0``),
+or, through a backend's integer product (:mod:`embedtools.search.int8_screen`), stay codes and meet
+the queries' int8 steps: the products are exact integers, ``ε_q`` is the steps' rounding, ``ε_x`` the
+exact decode's, and that module bounds the float32 scaling it adds per query.
 """
 
 from __future__ import annotations

@@ -144,8 +144,9 @@ def blocked_topk(
     """:func:`~embedtools.search.kernel.run_topk` over the backend's blocks of ``x`` against host
     queries ``q`` (already in the metric's form), ranked by ``(x·q) * scale - shift`` with masked
     rows shifted to ``-inf``. The callables are made here once per search, not per block.
-    ``operand_of`` makes the product's right operand (a low-precision screen's rounded queries;
-    default :meth:`~embedtools.protocols.BlockPrimitives.query_operand`)."""
+    ``operand_of`` makes the product's right operand (a native low-precision product's rounded
+    queries, whose ``rows_of`` only views the codes: blocks are not sized for a decode; default
+    :meth:`~embedtools.protocols.BlockPrimitives.query_operand`)."""
     caps = backend.capabilities
     # Selected on the host, a block of scaled products (cosine's) leaves its row scale to the
     # selection (host_candidates' ``row_scale``): only the few candidates are scaled, not the whole
@@ -209,7 +210,7 @@ def blocked_topk(
         settle_ties=settle_ties,
         row_mask=mask,
         nth_best=nth_best,
-        block_rows=rows_per_block(q.shape[0], gpu=caps.gpu, decoded_width=None if rows_of is None else q.shape[1]),
+        block_rows=rows_per_block(q.shape[0], gpu=caps.gpu, decoded_width=None if rows_of is None or operand_of is not None else q.shape[1]),
     )
 
 

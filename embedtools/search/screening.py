@@ -9,9 +9,10 @@ float32 screen (bound ~``d·2⁻²⁴``), and one that fails there too is scored
 in blocks. Whatever the data, ids are the exact top k (ties to the lower row index).
 
 * **Low precision** (``bfloat16``, ``float16``; ``int8``): the quantised index's codes through the
-  backend's native product (:meth:`~embedtools.protocols.BlockPrimitives.low_precision`) where it
+  backend's native product (:meth:`~embedtools.protocols.BlockPrimitives.low_precision`; int8's is
+  an integer product over the queries' int8 steps, :mod:`embedtools.search.int8_screen`) where it
   measured faster than float32 (:meth:`~embedtools.protocols.BlockPrimitives.gemm_speedup`) or,
-  otherwise (NumPy, int8, torch's float16 on most CPUs), decoded block by block to float32.
+  otherwise (NumPy, MLX's int8, torch's float16 on most CPUs), decoded block by block to float32.
 * **Prefix** (the certified funnel): for a prefix of width ``p`` (the table's first ``p`` columns, or
   its rotation's), ``q·x = q_p·x_p + q_t·x_t <= q_p·x_p + |q_t||x_t|``. With rows
   ``A = [x_p, |x_t|] / |x|`` and queries ``[q_p, |q_t|]`` the upper bound is one GEMM of width
@@ -55,6 +56,7 @@ from embedtools.search.certified import (
     upper_bounds,
 )
 from embedtools.search.exact import blocked_topk, l2_certified, outside_cosine_range
+from embedtools.search.int8_screen import Int8Queries, decode_slack, int8_queries
 from embedtools.search.l2_certified import PLAIN_RANGE, first_shortlist, l2_bound
 from embedtools.search.rescore import exact_topk_over, norms64, shortlist_ranks
 
@@ -250,17 +252,25 @@ def _screen(
             return None
     # the native product only where it measured faster than float32 (torch's fp16 on a CPU without
     # AVX512-FP16 ran ~10x slower); otherwise blocks of codes are decoded into the float32 GEMM
-    native = backend.low_precision(kind) if kind != "int8" and backend.gemm_speedup(kind) >= 1.0 else None
+    native = backend.low_precision(kind) if backend.gemm_speedup(kind) >= 1.0 else None
     exact_rows = row_errors(backend, index, x, block_bytes).astype(np.float64) if errors is None else errors()
-    rounding = low_rounding(kind, exact_rows, native is not None)
     rows_of: Callable[[ArrayT], ArrayT] = index.decoder(backend) if native is None else native.rows
+    ranked = queries if metric == "l2" else _unit(backend, queries)
     operand_of = None if native is None else native.operand
-    values = None if native is None else native.values
+    int8: Int8Queries | None = None
+    if native is not None and kind == "int8":  # integer steps, whose errors and arithmetic are known here
+        assert index.scale is not None and index.offset is not None
+        scale, offset = (np.asarray(backend.to_numpy(v), dtype=F32) for v in (index.scale, index.offset))
+        int8 = int8_queries(ranked, scale, offset)
+        exact_rows = exact_rows + decode_slack(scale, offset)  # against the exact decode, not the float32 one
+        query_errors = int8.errors
+    else:
+        query_errors = _query_errors(None if native is None else native.values, ranked)
+    rounding = low_rounding(kind, exact_rows, native is not None)
     if metric == "l2":
-        return _l2_screen(backend, queries, index.codes, norms, rounding, _query_errors(values, queries), mask, block_bytes, rows_of, operand_of)
-    unit = _unit(backend, queries)
-    return _unit_screen(backend, unit, queries, index.codes, norms, metric, rounding, _query_errors(values, unit), mask, block_bytes,
-                        rows_of, operand_of)  # fmt: skip
+        return _l2_screen(backend, queries, index.codes, norms, rounding, query_errors, mask, block_bytes, rows_of, operand_of, int8)
+    return _unit_screen(backend, ranked, queries, index.codes, norms, metric, rounding, query_errors, mask, block_bytes,
+                        rows_of, operand_of, int8)  # fmt: skip
 
 
 def _unit_screen(
@@ -276,19 +286,26 @@ def _unit_screen(
     block_bytes: int,
     rows_of: Callable[[ArrayT], ArrayT] | None,
     operand_of: Callable[[npt.NDArray[np.float32]], ArrayT] | None,
+    int8: Int8Queries | None = None,
 ) -> Screen:
     """Cosine or dot by unit queries: each row's bound is a column shift, so the kernel's own
-    top-w *is* the upper-bound order; dot's units are the unit query's (``r / |q|``)."""
+    top-w *is* the upper-bound order; dot's units are the unit query's (``r / |q|``). An integer
+    screen (``int8``) multiplies the queries' packed steps instead, and each query's bound takes
+    its float32 arithmetic (times the largest row scale, for cosine)."""
     dim = unit.shape[1]
     assert metric != "l2"
     bounds = unit_bounds(metric, rounding, norms, query_errors, dim)
     scale = (1.0 / np.where(norms >= COSINE_RANGE[0], norms, F32(1.0))).astype(F32) if metric == "cosine" else None
+    operand_rows = unit
+    if int8 is not None:
+        widest = 1.0 if scale is None else float(scale.max(initial=1.0)) * (1 + 4 * U32)
+        bounds, operand_rows = bounds._replace(add=bounds.add + 1.001 * widest * int8.arithmetic), int8.packed
     qn = norms64(raw)
     unit_scale = np.ones(raw.shape[0]) if metric == "cosine" else 1.0 / np.where(qn > 0, qn, 1.0)
     zeros = np.zeros(raw.shape[0])
 
     def screen(which: npt.NDArray[np.intp], width: int) -> Listed:
-        vals, idx = blocked_topk(backend, unit[which], corpus, width, "dot", block_bytes, scale=scale, shift=bounds.shift, mask=mask,
+        vals, idx = blocked_topk(backend, operand_rows[which], corpus, width, "dot", block_bytes, scale=scale, shift=bounds.shift, mask=mask,
                                  rows_of=rows_of, settle_ties=False, operand_of=operand_of)  # fmt: skip
         upper = upper_bounds(vals.astype(np.float64), bounds, which)
         return Listed(upper, np.where(np.isfinite(upper), idx, -1), unit_scale[which], zeros[which])
@@ -307,19 +324,23 @@ def _l2_screen(
     block_bytes: int,
     rows_of: Callable[[ArrayT], ArrayT] | None,
     operand_of: Callable[[npt.NDArray[np.float32]], ArrayT] | None,
+    int8: Int8Queries | None = None,
 ) -> Screen:
     """l2 by ``q·x̃ - |x|²/2``: one bound per query (the product's, with the largest norm, plus
-    the float32 shift's and subtraction's :func:`~embedtools.search.l2_certified.l2_bound`); units
-    ``r = (|q|² - ||q - x||²)/2``."""
+    the float32 shift's and subtraction's :func:`~embedtools.search.l2_certified.l2_bound`, plus an
+    integer screen's float32 arithmetic); units ``r = (|q|² - ||q - x||²)/2``."""
     dim = queries.shape[1]
     shift = (0.5 * norms * norms).astype(F32)
     qn = norms64(queries)
     norm_max = float(norms.max(initial=0.0))
     bound = l2_bounds(rounding, dim, qn, query_errors, norm_max) + l2_bound(dim, qn, norm_max)
+    operand_rows = queries
+    if int8 is not None:
+        bound, operand_rows = bound + 1.001 * int8.arithmetic, int8.packed
     halves = np.full(queries.shape[0], 0.5)
 
     def screen(which: npt.NDArray[np.intp], width: int) -> Listed:
-        vals, idx = blocked_topk(backend, queries[which], corpus, width, "dot", block_bytes, scale=None, shift=shift, mask=mask,
+        vals, idx = blocked_topk(backend, operand_rows[which], corpus, width, "dot", block_bytes, scale=None, shift=shift, mask=mask,
                                  rows_of=rows_of, settle_ties=False, operand_of=operand_of)  # fmt: skip
         return _listed(vals, idx, bound[which], halves[which], qn[which] ** 2 / 2)
 
