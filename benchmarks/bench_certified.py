@@ -4,12 +4,13 @@
     ... --only certified-sets                       # exactness and shortlist sizes on the three sets
     ... --only certified --rows 1000000 --dim 1024 --queries 1000 --device cuda:0 --screens bfloat16,float16
 
-``certified``: square torch GEMM rates (float32, bfloat16, float16) measured in turns; where a screen's
+``certified``: square torch GEMM rates (float32, bfloat16, float16; int8 on a CPU) measured in turns; where a screen's
 rate is at least 2.5x float32's (below that the targets are "not applicable"; a screen at least as fast
 as float32 is still timed, for information), the torch store's certified search with that screen
 (``quantized=screen, rescore="certified"``) is timed in turns with the store's float32 exact search
-(torch and, on a CPU, NumPy backends), torch naive ``topk(q @ x.T)`` and the bare float32 products of
-the same shapes (torch and NumPy; the lower is the floor), printed as ratios beside issue 16's targets,
+(torch and, on a CPU, NumPy backends, NumPy's in turns of their own), torch naive ``topk(q @ x.T)`` and
+the bare float32 products of the same shapes (torch and NumPy; the lower is the floor), printed as
+ratios beside issue 16's targets (on a CPU also the integer product's int8 screen: ``--screens``),
 with how many queries' ids differ from the float32 exact search and how many rows each query rescored.
 
 ``certified-sets``: on the clustered, Matryoshka-like and real (MiniLM) sets, on the NumPy and torch
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -53,23 +54,34 @@ def _sync(device: str) -> None:
 def gemm_rates(device: str, repeat: int, side: int = GEMM_SIDE) -> dict[str, tuple[float, int]]:
     """FLOP/s of a square torch product per dtype, timed in turns, and the side it was timed at:
     ``side``, or 512 for a dtype that a 512³ trial shows would take over 4 s at ``side``
-    (float16 on most CPUs has no fast kernel and would take a minute at 2048³)."""
+    (float16 on most CPUs has no fast kernel and would take a minute at 2048³). On a CPU also int8's
+    integer product (``torch._int_mm``, int32 sums; its rate is operations per second)."""
     import torch
 
     fns: dict[str, Callable[[], None]] = {}
     sides: dict[str, int] = {}
-    for name in ("float32", "bfloat16", "float16"):
-        trial = torch.randn(min(side, 512), min(side, 512), device=device).to(getattr(torch, name))
-        trial @ trial  # warm-up: kernel selection, packing buffers
+    int_mm = getattr(torch, "_int_mm", None) if device == "cpu" else None  # the store's integer product runs on CPUs only
+    for name in ("float32", "bfloat16", "float16", *(("int8",) if int_mm is not None else ())):
+
+        def product(m: torch.Tensor) -> torch.Tensor:
+            return m @ m if int_mm is None or m.dtype != torch.int8 else cast(torch.Tensor, int_mm(m, m))
+
+        def square(n: int, name: str = name) -> torch.Tensor:
+            if name == "int8":
+                return torch.randint(-128, 128, (n, n), dtype=torch.int8)
+            return torch.randn(n, n, device=device).to(getattr(torch, name))
+
+        trial = square(min(side, 512))
+        product(trial)  # warm-up: kernel selection, packing buffers
         _sync(device)
         started = time.perf_counter()
-        trial @ trial
+        product(trial)
         _sync(device)
         sides[name] = side if (time.perf_counter() - started) * (side / 512) ** 3 < 4.0 else min(side, 512)
-        m = torch.randn(sides[name], sides[name], device=device).to(getattr(torch, name))
+        m = square(sides[name])
 
         def run(m: torch.Tensor = m) -> None:
-            m @ m
+            product(m)
             _sync(device)
 
         run()
@@ -110,12 +122,12 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
     f32 = rates["float32"]
     print(f"\n== certified screening: torch on {device}, square GEMM rates (best of {repeat}, interleaved) ==")
     print("  ".join(f"{name} {rate / 1e9:.0f} GFLOP/s at {side}^3 ({rate / f32:.2f}x float32)" for name, (rate, side) in measured.items()))
-    fast = [s for s in screens if rates[s] >= min_ratio * f32]
+    fast = [s for s in screens if rates.get(s, 0.0) >= min_ratio * f32]
     # a screen slower than float32 is not timed at all; one between 1x and min_ratio is timed for information
-    timed_screens = [s for s in screens if rates[s] >= min(min_ratio, 1.0) * f32]
+    timed_screens = [s for s in screens if rates.get(s, 0.0) >= min(min_ratio, 1.0) * f32]
     for screen in screens:
         if screen not in fast:
-            print(f"{screen}: {rates[screen] / 1e9:.0f} vs float32 {f32 / 1e9:.0f} GFLOP/s = {rates[screen] / f32:.2f}x "
+            print(f"{screen}: {rates.get(screen, 0.0) / 1e9:.0f} vs float32 {f32 / 1e9:.0f} GFLOP/s = {rates.get(screen, 0.0) / f32:.2f}x "
                   f"< {min_ratio}x: issue 16's certified {screen} targets not applicable on this device"
                   + (" (timed below for information)" if screen in timed_screens else ""))
     if not timed_screens:
@@ -142,15 +154,18 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
         "torch naive (matmul + topk)": torch_naive,
         "f32 product (torch)": torch_product,
     }
-    if device == "cpu":
-        numpy_store = store_on("numpy", None, table)
-        fns["store f32 exact (numpy)"] = lambda: numpy_store.search(queries, k=K)
-        fns["f32 product (numpy)"] = lambda: qn @ unit.T
     for screen in timed_screens:
         fns[f"certified {screen}"] = functools.partial(store.search, queries, k=K, quantized=screen, rescore="certified")
-    for fn in fns.values():
+    # NumPy's turns are their own: OpenBLAS's threads spin on after each call and slowed whichever
+    # torch search ran next in the same turn (a certified int8 search took twice its time there)
+    numpy_fns: dict[str, Callable[[], Any]] = {}
+    if device == "cpu":
+        numpy_store = store_on("numpy", None, table)
+        numpy_fns["store f32 exact (numpy)"] = lambda: numpy_store.search(queries, k=K)
+        numpy_fns["f32 product (numpy)"] = lambda: qn @ unit.T
+    for fn in [*fns.values(), *numpy_fns.values()]:
         fn()  # warm-up: caches, kernels
-    timed = interleaved_best(fns, repeat)
+    timed = {**interleaved_best(fns, repeat), **(interleaved_best(numpy_fns, repeat) if numpy_fns else {})}
     floor_name = min((n for n in timed if n.startswith("f32 product")), key=timed.__getitem__)
     floor = timed[floor_name]
     print(f"{rows:,} x {dim} unit rows (clustered), {n_queries} queries, top-{K}; best of {repeat}, interleaved; "
@@ -162,7 +177,7 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
         t = timed[f"certified {screen}"]
         result = store.search(queries, k=K, quantized=screen, rescore="certified")
         if screen not in fast:
-            print(f"(certified {screen}: targets not applicable here, GEMM rate ratio {rates[screen] / f32:.2f}x < {min_ratio}x)")
+            print(f"(certified {screen}: targets not applicable here, GEMM rate ratio {rates.get(screen, 0.0) / f32:.2f}x < {min_ratio}x)")
         print(f"certified {screen}: {t * 1e3:.1f} ms; ids differ from float32 exact on {mismatches(result.indices, truth)} "
               f"of {n_queries} queries; rows rescored per query {spread(result.rescored)}; screen {result.screen}")
         for ref, target in (("store f32 exact (torch)", "target >= 2x"), ("store f32 exact (numpy)", "target >= 2x"),

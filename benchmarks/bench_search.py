@@ -434,6 +434,7 @@ def section_real(repeat: int) -> None:
           f"plus the decode ({timed['int8 decode'] * 1e3:.1f} ms alone) and the rescoring of {K * 2} rows per query; "
           f"its codes are a quarter of the table's bytes, which pays for the decode only where reading the table is "
           f"the cost: {fits}")
+    real_on_torch(corpus, queries, truth, repeat)
     sweeps: dict[str, Callable[[int], I64]] = {
         "exact, k": lambda n: store.search(queries, k=n).indices,
         "int8 shortlist (k=10, rescore=n/10)": lambda n: store.search(queries, k=K, quantized="int8", rescore=n // K).indices,
@@ -452,6 +453,38 @@ def section_real(repeat: int) -> None:
         print(f"sweep {name}: worst {worst:.2f}x the next longer (target: none > 1.3x)")
         print("  " + "; ".join(cells))
     section_quantized("real MiniLM embeddings", corpus, queries, repeat)
+
+
+def real_on_torch(corpus: F32, queries: F32, truth: I64, repeat: int) -> None:
+    """The real-set targets on the torch store, in turns of their own (OpenBLAS's threads spin on
+    after a NumPy search and slow a torch one run next): its int8 screens run torch's integer
+    product where it measured faster than float32 (``gemm_speedup("int8")``), NumPy has none."""
+    if "torch" not in et.available_backends():
+        print("(torch store skipped: torch is not installed)")
+        return
+    backend = et.make_backend("torch", "cpu")
+    store = et.EmbeddingStore(backend, et.ByteBudget(16 << 30), et.Sha256Hasher(), auto_screen=False)
+    store.add(corpus)
+    store.quantize(corpus.shape[1], "int8")
+    store.fit_rotation(corpus.shape[1], components=128)
+    speedup = backend.gemm_speedup("int8")
+    fns: dict[str, Callable[[], I64]] = {
+        "exact": lambda: store.search(queries, k=K).indices,
+        "funnel [(128, 50)] after fit_rotation(128)": lambda: store.search(queries, k=K, funnel=[(128, 50)]).indices,
+        "int8 rescore=2": lambda: store.search(queries, k=K, quantized="int8", rescore=2).indices,
+        "int8 certified": lambda: store.search(queries, k=K, quantized="int8", rescore="certified").indices,
+    }
+    for fn in fns.values():
+        fn()  # warm-up: the rotated unit prefix, the int8 rows' errors
+    timed = interleaved_best(fns, repeat)
+    exact = timed["exact"]
+    used = "ran" if speedup >= 1.0 else "not used: slower than float32 here"
+    print(f"torch store (integer product torch._int_mm for int8 {used}; measured {speedup:.2f}x float32 at the rule's shape): "
+          f"exact {exact * 1e3:.1f} ms")
+    for name, target in (("funnel [(128, 50)] after fit_rotation(128)", " (target <= 0.5x)"), ("int8 rescore=2", " (target <= 1.0x)"),
+                         ("int8 certified", "")):  # fmt: skip
+        print(f"  {name:<42}{timed[name] * 1e3:8.1f} ms = {timed[name] / exact:.2f}x exact{target}; "
+              f"recall@10 {recall(fns[name](), truth):.4f}")
 
 
 def blocked_product(rows: F32, operand: F32, block: int = 4096) -> F32:
@@ -527,7 +560,7 @@ def main() -> None:
     parser.add_argument("--big-only", action="store_true", help="only the 1,000,000-row section")
     parser.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--device", default="cpu", help="torch device of the certified section (cuda:0 on a GPU)")
-    parser.add_argument("--screens", default="bfloat16", help="certified section: comma-separated screens (bfloat16,float16)")
+    parser.add_argument("--screens", default="bfloat16,int8", help="certified section: comma-separated screens (bfloat16,float16,int8)")
     parser.add_argument("--gemm-side", type=int, default=bench_certified.GEMM_SIDE, help="certified section: square GEMM side")
     bench_scaling.arguments(parser)
     args = parser.parse_args()

@@ -237,7 +237,7 @@ class Searcher:
             rank_norms = None if rank_metric == "dot" else state.norms
             native = None
             broad = mask is None or np.count_nonzero(mask) > GATHER_FRACTION * mask.size  # a selective one gathers its rows instead
-            if index.kind == "int8" and blocks is not None and broad:  # the integer product, where it measured faster
+            if index.codec.kernel == "int8" and blocks is not None and broad:  # the integer product, where it measured faster
                 host_norms = None if rank_norms is None else np.asarray(blocks.to_numpy(rank_norms), dtype=np.float32)
                 native = int8_shortlist(blocks, rank_q, index, host_norms, kk * rescore_factor, rank_metric, mask, self._block_bytes)
             if native is None:

@@ -253,6 +253,8 @@ def _screen(
     # the native product only where it measured faster than float32 (torch's fp16 on a CPU without
     # AVX512-FP16 ran ~10x slower); otherwise blocks of codes are decoded into the float32 GEMM
     native = backend.low_precision(kind) if backend.gemm_speedup(kind) >= 1.0 else None
+    if native is not None and kind != "int8" and native.values is None:
+        native = None  # a rounding the bound cannot see: decode instead
     exact_rows = row_errors(backend, index, x, block_bytes).astype(np.float64) if errors is None else errors()
     rows_of: Callable[[ArrayT], ArrayT] = index.decoder(backend) if native is None else native.rows
     ranked = queries if metric == "l2" else _unit(backend, queries)
