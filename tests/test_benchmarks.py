@@ -24,11 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_certified_section_reports_exact_ids_on_every_query(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
-    bench_certified.section_certified(3000, 64, 6, 1, "cpu", ("bfloat16",), min_ratio=0.0, gemm_side=256)
+    bench_certified.section_certified(3000, 64, 6, 1, "cpu", ("bfloat16", "int8"), min_ratio=0.0, gemm_side=256)
     out = capsys.readouterr().out
-    assert re.search(r"bfloat16 \d+ GFLOP/s", out)
-    assert "ids differ from float32 exact on 0 of 6 queries" in out, out
+    assert re.search(r"bfloat16 \d+ GFLOP/s", out) and re.search(r"int8 \d+ GFLOP/s", out)
+    for screen in ("bfloat16", "int8"):
+        assert f"certified {screen}: " in out and "screen " + screen in out, out
+    assert out.count("ids differ from float32 exact on 0 of 6 queries") == 2, out
     assert "target <= 1.0x" in out
+
+
+def test_the_real_sets_torch_targets_report_recall_beside_each_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    from benchmarks.bench_search import real_on_torch, truth_cosine
+    from benchmarks.common import clustered, queries_near
+
+    corpus = clustered(3000, 384, seed=0, clusters=40)
+    queries = queries_near(corpus, 8, seed=1)
+    real_on_torch(corpus, queries, truth_cosine(corpus, queries), 1)
+    out = capsys.readouterr().out
+    assert "torch store (integer product torch._int_mm for int8" in out, out
+    for name in ("funnel [(128, 50)] after fit_rotation(128)", "int8 rescore=2", "int8 certified"):
+        line = next(line for line in out.splitlines() if name in line)
+        assert re.search(r"= \d+\.\d\dx exact", line) and "recall@10" in line, line
+    certified = next(line for line in out.splitlines() if "int8 certified" in line)
+    assert "recall@10 1.0000" in certified, certified  # exact ids: recall against the float64 truth is 1
 
 
 def test_certified_sets_agree_with_float32_exact(capsys: pytest.CaptureFixture[str]) -> None:
