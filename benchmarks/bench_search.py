@@ -168,11 +168,15 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
         kernel_backend.topk(kernel_backend.from_numpy(queries), kernel_rows, K, "cosine", corpus_norms=kernel_norms)
 
     ours_torch = "embedtools store (torch)"
+    torch_products: dict[str, Callable[[], object]] = {}
+    torch_chosen = ""
     if importlib.util.find_spec("torch"):
-        torch_store = et.EmbeddingStore(et.make_backend("torch", "cpu"), et.ByteBudget(16 << 30), et.Sha256Hasher())
+        torch_backend = et.make_backend("torch", "cpu")
+        torch_store = et.EmbeddingStore(torch_backend, et.ByteBudget(16 << 30), et.Sha256Hasher())
         torch_store.add(table)
         fast[ours_torch] = lambda: torch_store.search(queries, k=K).indices
         fast[ours_torch]()  # warm-up
+        torch_products, torch_chosen = torch_block_products(torch_backend, table, qn)
     timed = interleaved_best(
         {
             "sgemm": lambda: square @ square,
@@ -182,6 +186,7 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
             "kernel": float32_kernel,
             ours: lambda: store.search(queries, k=K),
             **fast,
+            **torch_products,
         },
         repeat,
     )
@@ -199,6 +204,10 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
           f"({timed['cached'] / floor:.2f}x); selection and merging add {(timed[ours] - timed['streamed']) * 1e3:.1f} ms")
     print(f"the float32 kernel alone (backend.topk, no near-tie settling): {timed['kernel'] * 1e3:.1f} ms; the store's exact "
           f"search, settled (search/settle.py): {timed[ours] * 1e3:.1f} ms = {timed[ours] / timed['kernel']:.2f}x the kernel")
+    if torch_products:
+        ways = ", ".join(f"{name.removeprefix('torch blocks: ')} {timed[name] * 1e3:.1f} ms" for name in torch_products)
+        print(f"torch's float32 block products ({BLOCK_ROWS} rows each, streamed): {ways}; its backend runs {torch_chosen!r} "
+              "(the fastest where it timed them once, on a smaller block)")
     found = {ours: store.search(queries, k=K).indices} | {name: fn() for name, fn in {**fast, **slow}.items()}
     for name in (ours, *fast, *slow):
         t = timed[name]
@@ -230,6 +239,33 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
     print(f"\n== one query over the {table.nbytes / 2**20:.0f} MiB table (interleaved with the reads) ==")
     print(f"one read at the measured bandwidth ({bandwidth / 1e9:.1f} GB/s): {one_floor * 1e3:.2f} ms; "
           f"store.search: {single * 1e3:.2f} ms = {single / one_floor:.2f}x the read")
+
+
+def torch_block_products(backend: object, table: F32, queries: F32) -> tuple[dict[str, Callable[[], object]], str]:
+    """Each of the torch backend's ways to make a float32 score block, over the table's blocks as its
+    exact search walks them, and the way that backend chose (``TorchBackend.float32_product``)."""
+    import torch
+
+    from embedtools.backends.torch import FLOAT32_PRODUCTS, TorchBackend
+
+    assert isinstance(backend, TorchBackend)
+    rows, operand = torch.from_numpy(table), torch.from_numpy(queries).T
+    starts = range(0, table.shape[0], BLOCK_ROWS)
+
+    def streamed(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        with torch.no_grad():
+            for start in starts:
+                product(rows[start : start + BLOCK_ROWS], operand)
+
+    ways: dict[str, Callable[[], object]] = {}
+    for name, product in FLOAT32_PRODUCTS.items():
+        try:
+            streamed(product)
+        except (RuntimeError, NotImplementedError) as exc:  # an op this torch lacks: shown, not timed
+            print(f"(torch's {name!r} block product does not run here: {exc})")
+            continue
+        ways[f"torch blocks: {name}"] = functools.partial(streamed, product)
+    return ways, backend.float32_product()
 
 
 def section_large_k(rows: int, dim: int, n_queries: int, repeat: int) -> None:

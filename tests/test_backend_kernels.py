@@ -156,3 +156,56 @@ def test_a_native_low_precision_block_comes_back_float32_scaled_after_its_one_ro
     low_dtype = torch.bfloat16 if kind == "bfloat16" else torch.float16
     np.testing.assert_array_equal(torch.from_numpy(plain).to(low_dtype).to(torch.float32).numpy(), plain)  # one rounding to kind
     np.testing.assert_array_equal(backend.host_block(block), plain * scale[:, None] - shift[:, None])
+
+
+@pytest.mark.parametrize("queries", [1, 3, 40])
+def test_every_torch_float32_product_makes_the_plain_products_block(queries: int) -> None:
+    """The ways the torch backend may time and pick are one product: contiguous rows, a prefix
+    view (strided rows) and every 7th row (the sampled floor's kind of slice) alike."""
+    torch = pytest.importorskip("torch")
+    from embedtools.backends.torch import FLOAT32_PRODUCTS
+
+    rng = np.random.default_rng(queries)
+    table = torch.from_numpy(rng.standard_normal((500, 48)).astype(np.float32))
+    query_rows = rng.standard_normal((queries, 48)).astype(np.float32)
+    for rows in (table, table[:, :20], table[::7]):
+        operand = torch.from_numpy(np.ascontiguousarray(query_rows[:, : rows.shape[1]])).T
+        expected = rows.numpy().astype(np.float64) @ operand.numpy().astype(np.float64)
+        for name, product in FLOAT32_PRODUCTS.items():
+            try:
+                block = product(rows, operand)
+            except (RuntimeError, NotImplementedError):  # an op this torch lacks is never picked (test below)
+                assert name != next(iter(FLOAT32_PRODUCTS))
+                continue
+            assert block.shape == (rows.shape[0], queries) and block.dtype == torch.float32, name
+            np.testing.assert_allclose(block.numpy(), expected, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_torch_float32_product_is_timed_per_class_and_few_queries_take_the_plain_one() -> None:
+    pytest.importorskip("torch")
+    from embedtools.backends.torch import FLOAT32_PRODUCTS, QUERY_CLASSES, TorchBackend
+
+    backend = TorchBackend("cpu")
+    plain = next(iter(FLOAT32_PRODUCTS))
+    few = [q for q, timed in QUERY_CLASSES.items() if timed is None]
+    assert few and all(backend.float32_product(q) == plain for q in few)
+    for queries in (1, 100, 5000):
+        assert backend.float32_product(queries) in FLOAT32_PRODUCTS
+    assert backend.float32_product(100) == backend.float32_product(5000)  # one class, timed once
+
+
+def test_fastest_picks_the_quicker_way_and_leaves_out_one_that_raises() -> None:
+    import time
+
+    from embedtools.backends._shared import fastest
+
+    def slow() -> None:
+        time.sleep(0.002)
+
+    def missing() -> None:
+        raise NotImplementedError("no such op here")
+
+    assert fastest({"slow": slow, "quick": lambda: None}, lambda _: None) == "quick"
+    assert fastest({"slow": slow, "missing": missing}, lambda _: None) == "slow"
+    with pytest.raises(NotImplementedError):  # the plain way must run: nothing to fall back on
+        fastest({"missing": missing, "quick": lambda: None}, lambda _: None)

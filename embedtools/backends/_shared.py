@@ -8,7 +8,7 @@ backend.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, cast
 
 import numpy as np
@@ -19,7 +19,7 @@ from embedtools.validation import check_prefix
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["SPEEDUP_SHAPE", "SharedOps", "measured_speedup"]
+__all__ = ["SPEEDUP_SHAPE", "SharedOps", "fastest", "measured_speedup"]
 
 #: ``(rows, width, queries)`` of the one GEMM a backend times per low-precision kind: large enough
 #: that the library's blocked kernel (not call overhead) runs, small enough to take milliseconds.
@@ -34,6 +34,34 @@ SLOWER = 2.0
 WARMUPS = 4
 
 
+def _timed(run: Callable[[], object], wait: Callable[[object], None]) -> float:
+    start = time.perf_counter()
+    wait(run())
+    return time.perf_counter() - start
+
+
+def fastest(runs: Mapping[str, Callable[[], object]], wait: Callable[[object], None], repeats: int = 3) -> str:
+    """The name of the fastest of ``runs``, ways to compute one result (each warmed up
+    :data:`WARMUPS` times, then best of ``repeats``, interleaved). The first way is the plain one
+    and must run; another that raises ``RuntimeError`` or ``NotImplementedError`` (an op this
+    build or CPU lacks) is left out."""
+    usable: dict[str, Callable[[], object]] = {}
+    for position, (name, run) in enumerate(runs.items()):
+        try:
+            for _ in range(WARMUPS):
+                _timed(run, wait)
+        except (RuntimeError, NotImplementedError):
+            if not position:
+                raise
+            continue
+        usable[name] = run
+    best = dict.fromkeys(usable, float("inf"))
+    for _ in range(repeats):
+        for name, run in usable.items():
+            best[name] = min(best[name], _timed(run, wait))
+    return min(best, key=lambda name: best[name])
+
+
 def measured_speedup(
     run_f32: Callable[[int], object], run_low: Callable[[int], object], wait: Callable[[object], None], repeats: int = 5
 ) -> float:
@@ -44,9 +72,7 @@ def measured_speedup(
     bf16 on a CPU, torch's fp16 without AVX512-FP16) is reported from that run."""
 
     def timed(run: Callable[[int], object]) -> float:
-        start = time.perf_counter()
-        wait(run(SPEEDUP_SHAPE[0]))
-        return time.perf_counter() - start
+        return _timed(lambda: run(SPEEDUP_SHAPE[0]), wait)
 
     for _ in range(WARMUPS):
         timed(run_f32)

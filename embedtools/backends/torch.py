@@ -6,6 +6,7 @@ Imported only when a Torch backend is built (``make_backend("torch")``), never b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch.utils.dlpack
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
-from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, measured_speedup
+from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, fastest, measured_speedup
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import Capabilities, DTypeName, HostFloat, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
@@ -24,7 +25,7 @@ from embedtools.search.merge import Candidates
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["TorchBackend", "torch_devices"]
+__all__ = ["FLOAT32_PRODUCTS", "QUERY_CLASSES", "TorchBackend", "torch_devices"]
 
 _DTYPES: dict[str, torch.dtype] = dtype_table(lambda name: getattr(torch, name))
 
@@ -84,6 +85,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         gpu = self._device.type != "cpu"
         self.capabilities: Capabilities = Capabilities(select_on_device=gpu if select_on_device is None else select_on_device, gpu=gpu)
         self._speedups: dict[str, float] = {}
+        self._float32_products: dict[int, str] = {}
 
     def __repr__(self) -> str:
         return f"TorchBackend(device={self.device!r})"
@@ -224,9 +226,11 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         elif operand.dtype != torch.float32 and lhs.device.type == "cuda":
             # float32 out: cuBLAS accumulates and reduces (split-K too) in float32, no bf16/fp16 rounding
             block = torch.mm(lhs, operand, out_dtype=torch.float32)
+        elif lhs.device.type == "cpu" and lhs.dtype == operand.dtype == torch.float32:
+            block = FLOAT32_PRODUCTS[self.float32_product(int(operand.shape[1]))](lhs, operand)
         else:
-            # on a CPU made as (queries, rows) and handed on as its (rows, queries) transpose: MKL and
-            # oneDNN ran this shape faster on 8,192-row blocks (the host selection walks it in that order)
+            # on a CPU made as (queries, rows) and handed on as its (rows, queries) transpose: oneDNN
+            # ran this shape faster on 8,192-row blocks (the host selection walks it in that order)
             block = (operand.T @ lhs.T).T if lhs.device.type == "cpu" else lhs @ operand
             if block.dtype != torch.float32:  # a low-precision product (oneDNN, MPS): its one rounding, then float32
                 block = block.to(torch.float32)
@@ -301,6 +305,25 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         return self.from_numpy(out, dtype="int8")
 
     @torch.no_grad()
+    def float32_product(self, queries: int = SPEEDUP_SHAPE[2]) -> str:
+        """The name of the way (:data:`FLOAT32_PRODUCTS`) this backend makes a CPU float32 score
+        block for ``queries`` queries: per :data:`QUERY_CLASSES` class, the plain product or the
+        fastest, timed once on a block of :data:`SPEEDUP_SHAPE`'s rows and width, as the fastest
+        differs by CPU (``bench_search --only exact`` times a batch's); the plain product on a GPU. Scores
+        differ between ways in their last bits only, and exact search settles those (``search/settle.py``)."""
+        timed_queries = QUERY_CLASSES[max(c for c in QUERY_CLASSES if c <= max(queries, 1))]
+        if self._device.type != "cpu" or timed_queries is None:
+            return next(iter(FLOAT32_PRODUCTS))
+        if timed_queries not in self._float32_products:
+            rows, width, _ = SPEEDUP_SHAPE
+            generator = torch.Generator().manual_seed(0)
+            lhs = torch.randn(rows, width, generator=generator)
+            operand = torch.randn(timed_queries, width, generator=generator).T  # as query_operand makes it
+            ways = {name: partial(product, lhs, operand) for name, product in FLOAT32_PRODUCTS.items()}
+            self._float32_products[timed_queries] = fastest(ways, lambda _: None, repeats=5)
+        return self._float32_products[timed_queries]
+
+    @torch.no_grad()
     def gemm_speedup(self, kind: Quantization) -> float:
         if kind not in self._speedups:
             low = _LOW.get(kind)
@@ -309,7 +332,8 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             rows, width, queries = SPEEDUP_SHAPE
             generator = torch.Generator(device=self._device).manual_seed(0)
             a = torch.randn(rows, width, generator=generator, device=self._device)
-            b = torch.randn(width, queries, generator=generator, device=self._device)
+            b = torch.randn(queries, width, generator=generator, device=self._device).T  # as query_operand makes it
+            float32 = FLOAT32_PRODUCTS[self.float32_product()]
             if low is None:  # int8, on a CPU: the screen's own operand and product
                 a_low = torch.randint(-128, 128, (rows, width), generator=generator, dtype=torch.int8)
                 packed = np.ones((queries, width + 2), dtype=np.float32)
@@ -328,10 +352,38 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
                     torch.mps.synchronize()
 
             try:
-                self._speedups[kind] = measured_speedup(lambda n: a[:n] @ b, run_low, wait)
+                self._speedups[kind] = measured_speedup(lambda n: float32(a[:n], b), run_low, wait)
             except (RuntimeError, TypeError, NotImplementedError):  # a device or torch without this product: none
                 self._speedups[kind] = 0.0
         return self._speedups[kind]
+
+
+def _onednn_linear(rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+    # oneDNN's float32 inner product (the op torch.compile lowers linear layers to); private to
+    # torch, so looked up at call time: a torch without it raises, and fastest() leaves it out.
+    # Strided rows (the sampled floor's every 32nd row) are copied first: oneDNN took seconds on
+    # them where the copy and the product of a contiguous block take milliseconds.
+    linear = cast("Callable[..., torch.Tensor]", torch.ops.mkldnn._linear_pointwise)
+    return linear(operand.T, rows.contiguous(), None, "none", [], "").T
+
+
+#: Ways to make a CPU float32 score block ``(rows, queries)`` from a block of rows and the queries'
+#: operand (the transpose of contiguous queries), each the same product: the first is the plain one.
+#: Which is fastest depends on the CPU and its BLAS (``bench_search --only exact`` times each on the
+#: store's blocks): oneDNN's on a 2-core AMD EPYC with AVX-512, where MKL takes a slower path; MKL's
+#: (queries, rows) product beat its (rows, queries) one on a 2-core Intel Xeon (oneDNN's untimed there).
+FLOAT32_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "matmul (rows, queries)": lambda rows, operand: rows @ operand,
+    "matmul (queries, rows)": lambda rows, operand: (operand.T @ rows.T).T,
+    "oneDNN linear": _onednn_linear,
+}
+
+
+#: Classes of query counts (from each key up) and the number of queries each class's float32 block
+#: products are timed with on one block in cache (``TorchBackend.float32_product``). A few queries'
+#: product reads each row for a few multiply-adds: it runs at the speed of memory, which a block in
+#: cache does not show, so those take the plain product. One query's and a batch's are timed.
+QUERY_CLASSES: dict[int, int | None] = {1: 1, 2: None, 16: SPEEDUP_SHAPE[2]}
 
 
 def _int8_scores(codes: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
