@@ -330,6 +330,18 @@ def test_describe_reports_the_measured_speedups_and_the_rule() -> None:
     found = et.describe("numpy")
     assert found.screen_speedups == {"bfloat16": 0.0, "float16": 0.0, "int8": 0.0}
     assert "auto_screen: off" in str(found)
+    assert found.float32_products == {} and "float32 block product" not in str(found)  # one way only
+
+
+def test_describe_reports_the_torch_float32_product_of_each_query_class() -> None:
+    pytest.importorskip("torch")
+    from embedtools.backends.torch import FLOAT32_PRODUCTS
+
+    found = et.describe("torch", "cpu")
+    assert list(found.float32_products) == ["1 query", "2-15 queries", "16+ queries"]
+    assert set(found.float32_products.values()) <= set(FLOAT32_PRODUCTS)
+    assert found.float32_products["2-15 queries"] == next(iter(FLOAT32_PRODUCTS))  # untimed: the plain product
+    assert f"16+ queries: {found.float32_products['16+ queries']}" in str(found)
 
 
 def test_a_certified_funnel_on_a_prefix_search_uses_its_own_tails() -> None:

@@ -181,6 +181,9 @@ class Description:
     screen_speedups: dict[str, float] = field(default_factory=dict[str, float])
     #: Whether the automatic rule would screen plain exact searches here, and by what.
     auto_screen: str = ""
+    #: Which way the backend makes a float32 score block, per class of query counts, where it has
+    #: several and times them (torch on a CPU, ``TorchBackend.float32_product``); empty elsewhere.
+    float32_products: dict[str, str] = field(default_factory=dict[str, str])
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend} on {self.device}", f"why: {self.reason}"]
@@ -189,6 +192,9 @@ class Description:
             lines.append(f"low-precision GEMM vs float32: {rates}")
         if self.auto_screen:
             lines.append(f"auto_screen: {self.auto_screen}")
+        if self.float32_products:
+            ways = ", ".join(f"{queries}: {way}" for queries, way in self.float32_products.items())
+            lines.append(f"float32 block product: {ways}")
         lines += [f"  {name}: devices {', '.join(found)}" for name, found in self.devices.items()]
         lines += [f"  {package}: {version or 'not installed'}" for package, version in self.versions.items()]
         return "\n".join(lines)
@@ -216,6 +222,7 @@ def describe(backend: str = "auto", device: str | None = None) -> Description:
         else f"off: no low-precision GEMM ran {AUTO_SCREEN_SPEEDUP:g}x faster than float32 here, exact search stays float32"
     )
     return Description(
+        float32_products=_float32_products(built),
         backend=built.name,
         device=built.device,
         reason=choice.reason,
@@ -225,3 +232,15 @@ def describe(backend: str = "auto", device: str | None = None) -> Description:
         screen_speedups=speedups,
         auto_screen=rule,
     )
+
+
+def _float32_products(built: object) -> dict[str, str]:
+    """The timed choice of a backend that has one (torch), by the class of query counts it covers."""
+    chooser = getattr(built, "float32_product", None)
+    if not callable(chooser):
+        return {}
+    from embedtools.backends.torch import QUERY_CLASSES
+
+    starts = sorted(QUERY_CLASSES)
+    spans = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(starts, starts[1:], strict=False)] + [f"{starts[-1]}+"]
+    return {f"{span} {'query' if span == '1' else 'queries'}": str(chooser(start)) for span, start in zip(spans, starts, strict=True)}
