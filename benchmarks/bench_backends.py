@@ -112,8 +112,34 @@ def main() -> None:
                 timed = interleaved_best({"store": lambda: store.search(queries, k=k), "naive": fn}, repeat)  # noqa: B023
                 print(f"  naive as table @ queries.T: {timed['naive'] * 1e3:.1f} ms vs store {timed['store'] * 1e3:.1f} ms "
                       f"= {timed['naive'] / timed['store']:.2f}x")
+            if name == "torch" and device == "cpu":
+                first_calls(args.dim)
             if args.quantized:
                 quantized(store, queries, k, repeat)
+
+
+def first_calls(dim: int) -> None:
+    """Each of the torch backend's float32 block products on shapes it has not met (a small table's
+    one block): the first call beside the next, which is why small blocks take the plain product."""
+    import time
+
+    import torch
+
+    from embedtools.backends.torch import FLOAT32_PRODUCTS, TIMED_PRODUCT_SCORES
+
+    cells = []
+    for name, product in FLOAT32_PRODUCTS.items():
+        first: list[float] = []
+        again: list[float] = []
+        for rows in (777, 1001, 1999):  # sizes no other call here used
+            block, operand = torch.randn(rows, dim), torch.randn(8, dim).T
+            for times in (first, again):
+                start = time.perf_counter()
+                product(block, operand)
+                times.append(time.perf_counter() - start)
+        cells.append(f"{name} first {max(first) * 1e3:.2f} ms, then {max(again) * 1e3:.2f} ms")
+    print(f"  torch float32 block products on new shapes (8 queries, up to 1,999 rows), slowest of three: {'; '.join(cells)}; "
+          f"blocks under {TIMED_PRODUCT_SCORES:,} scores take the plain one")
 
 
 def quantized(store: et.EmbeddingStore, queries: np.ndarray, k: int, repeat: int) -> None:

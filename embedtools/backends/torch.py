@@ -25,7 +25,7 @@ from embedtools.search.merge import Candidates
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["FLOAT32_PRODUCTS", "QUERY_CLASSES", "TorchBackend", "torch_devices"]
+__all__ = ["FLOAT32_PRODUCTS", "QUERY_CLASSES", "TIMED_PRODUCT_SCORES", "TorchBackend", "torch_devices"]
 
 _DTYPES: dict[str, torch.dtype] = dtype_table(lambda name: getattr(torch, name))
 
@@ -227,7 +227,9 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             # float32 out: cuBLAS accumulates and reduces (split-K too) in float32, no bf16/fp16 rounding
             block = torch.mm(lhs, operand, out_dtype=torch.float32)
         elif lhs.device.type == "cpu" and lhs.dtype == operand.dtype == torch.float32:
-            block = FLOAT32_PRODUCTS[self.float32_product(int(operand.shape[1]))](lhs, operand)
+            queries = int(operand.shape[1])
+            timed = int(lhs.shape[0]) * queries >= TIMED_PRODUCT_SCORES
+            block = FLOAT32_PRODUCTS[self.float32_product(queries) if timed else next(iter(FLOAT32_PRODUCTS))](lhs, operand)
         else:
             # on a CPU made as (queries, rows) and handed on as its (rows, queries) transpose: oneDNN
             # ran this shape faster on 8,192-row blocks (the host selection walks it in that order)
@@ -379,6 +381,10 @@ FLOAT32_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 }
 
 
+#: Fewest scores in a CPU float32 block that takes the timed way (``TorchBackend.float32_product``);
+#: a smaller one takes the plain product: oneDNN builds a kernel for each new shape it meets
+#: (``bench_backends`` times that first call), milliseconds that only a large block's product repays.
+TIMED_PRODUCT_SCORES = 1 << 18
 #: Classes of query counts (from each key up) and the number of queries each class's float32 block
 #: products are timed with on one block in cache (``TorchBackend.float32_product``). A few queries'
 #: product reads each row for a few multiply-adds: it runs at the speed of memory, which a block in
