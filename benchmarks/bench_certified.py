@@ -51,19 +51,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def gemm_rates(device: str, repeat: int, side: int = GEMM_SIDE) -> dict[str, tuple[float, int]]:
+def gemm_rates(device: str, repeat: int, side: int = GEMM_SIDE, float32_way: str | None = None) -> dict[str, tuple[float, int]]:
     """FLOP/s of a square torch product per dtype, timed in turns, and the side it was timed at:
     ``side``, or 512 for a dtype that a 512³ trial shows would take over 4 s at ``side``
     (float16 on most CPUs has no fast kernel and would take a minute at 2048³). On a CPU also int8's
-    integer product (``torch._int_mm``, int32 sums; its rate is operations per second)."""
+    integer product (``torch._int_mm``, int32 sums; its rate is operations per second). float32 runs
+    ``float32_way`` of the torch backend's products (``TorchBackend.float32_product``: the store's own),
+    or the plain one."""
     import torch
+
+    from embedtools.backends.torch import FLOAT32_PRODUCTS
 
     fns: dict[str, Callable[[], None]] = {}
     sides: dict[str, int] = {}
     int_mm = getattr(torch, "_int_mm", None) if device == "cpu" else None  # the store's integer product runs on CPUs only
+    float32 = FLOAT32_PRODUCTS[float32_way or next(iter(FLOAT32_PRODUCTS))]
     for name in ("float32", "bfloat16", "float16", *(("int8",) if int_mm is not None else ())):
 
         def product(m: torch.Tensor) -> torch.Tensor:
+            if m.dtype == torch.float32:
+                return float32(m, m)
             return m @ m if int_mm is None or m.dtype != torch.int8 else cast(torch.Tensor, int_mm(m, m))
 
         def square(n: int, name: str = name) -> torch.Tensor:
@@ -117,10 +124,14 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
     screen is "not applicable" (smoke tests pass 0 to time every screen on any machine)."""
     import torch
 
-    measured = gemm_rates(device, repeat, gemm_side)
+    from embedtools.backends.torch import TorchBackend
+
+    way = TorchBackend(device).float32_product(gemm_side)  # float32 as the store multiplies it
+    measured = gemm_rates(device, repeat, gemm_side, way)
     rates = {name: rate for name, (rate, _) in measured.items()}
     f32 = rates["float32"]
-    print(f"\n== certified screening: torch on {device}, square GEMM rates (best of {repeat}, interleaved) ==")
+    print(f"\n== certified screening: torch on {device}, square GEMM rates (best of {repeat}, interleaved; "
+          f"float32 by the store's own product, {way!r}) ==")
     print("  ".join(f"{name} {rate / 1e9:.0f} GFLOP/s at {side}^3 ({rate / f32:.2f}x float32)" for name, (rate, side) in measured.items()))
     fast = [s for s in screens if rates.get(s, 0.0) >= min_ratio * f32]
     # a screen slower than float32 is not timed at all; one between 1x and min_ratio is timed for information
