@@ -192,7 +192,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
 
     def take_rows(self, array: torch.Tensor, indices: npt.NDArray[np.int64]) -> torch.Tensor:
         # index_select on the flat indices, reshaped: on a CPU it gathered a funnel's shortlists
-        # in half the time of indexing with the 2-D array (`bench_search --only real`'s torch store)
+        # faster than indexing with the 2-D array did (`bench_search --only real`, the torch store's funnel)
         flat = _from_numpy(np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)).to(array.device)
         return array.index_select(0, flat).reshape(*indices.shape, *array.shape[1:])
 
