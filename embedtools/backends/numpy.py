@@ -146,7 +146,9 @@ class NumpyBackend(SharedOps["npt.NDArray[Any]"], BlockedTopk["npt.NDArray[Any]"
         return np.stack(list(arrays), axis=axis)
 
     def take_rows(self, array: npt.NDArray[Any], indices: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
-        out: npt.NDArray[Any] = np.take(np.asarray(array), np.asarray(indices, dtype=np.int64), axis=0)
+        # taken by the flat indices and reshaped: np.take with a 2-D index array ran slower
+        host, where = np.asarray(array), np.asarray(indices, dtype=np.int64)
+        out: npt.NDArray[Any] = np.take(host, where.reshape(-1), axis=0).reshape(*where.shape, *host.shape[1:])
         return out
 
     def dequantize(self, codes: npt.NDArray[Any], kind: Quantization,
