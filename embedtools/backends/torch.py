@@ -368,7 +368,10 @@ def _onednn_linear(rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
     # torch, so looked up at call time: a torch without it raises, and fastest() leaves it out.
     # Strided rows (the sampled floor's every 32nd row) are copied first: oneDNN took seconds on
     # them where the copy and the product of a contiguous block take milliseconds.
-    linear = cast("Callable[..., torch.Tensor]", torch.ops.mkldnn._linear_pointwise)
+    try:
+        linear = cast("Callable[..., torch.Tensor]", torch.ops.mkldnn._linear_pointwise)
+    except AttributeError:  # an op namespace lacking it raises this, which fastest() would not catch
+        raise NotImplementedError("this torch has no oneDNN linear op") from None
     return linear(operand.T, rows.contiguous(), None, "none", [], "").T
 
 
