@@ -209,3 +209,33 @@ def test_fastest_picks_the_quicker_way_and_leaves_out_one_that_raises() -> None:
     assert fastest({"slow": slow, "missing": missing}, lambda _: None) == "slow"
     with pytest.raises(NotImplementedError):  # the plain way must run: nothing to fall back on
         fastest({"missing": missing, "quick": lambda: None}, lambda _: None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    queries=st.integers(1, 12),
+    width=st.integers(1, 400),
+    n=st.integers(1, 30),
+    values=st.sampled_from(["normal", "straddling", "ties", "nan", "-inf", "sorted"]),
+    by_column=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_host_nth_best_equals_a_partition_of_each_row(queries: int, width: int, n: int, values: str, by_column: bool, seed: int) -> None:
+    """The group-maximum floor path (wide rows) and the partition path (narrow rows, NaN rows)
+    agree with a partition, in both memory orders (a (rows, queries) block's transpose too)."""
+    n = min(n, width)
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((queries, width)).astype(np.float32)
+    if values == "straddling":  # a row's best scores on both sides of zero: their bits order differently
+        scores -= np.float32(2.0)
+    elif values == "ties":
+        scores = np.round(scores).astype(np.float32)
+    elif values == "nan":
+        scores[rng.random(scores.shape) < 0.05] = np.nan
+    elif values == "-inf":
+        scores[rng.random(scores.shape) < 0.7] = -np.inf
+    elif values == "sorted":  # the best scores all in the first groups
+        scores = np.ascontiguousarray(np.sort(scores, axis=1)[:, ::-1])
+    laid = np.ascontiguousarray(scores.T).T if by_column else scores
+    expected = np.partition(scores, width - n, axis=1)[:, width - n]
+    np.testing.assert_array_equal(host_nth_best(laid, n), expected)

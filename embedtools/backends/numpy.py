@@ -198,7 +198,7 @@ class NumpyBackend(SharedOps["npt.NDArray[Any]"], BlockedTopk["npt.NDArray[Any]"
         return host_candidates(block, m, threshold)
 
     def nth_best(self, block: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
-        return host_nth_best(np.ascontiguousarray(block.T), n)
+        return host_nth_best(block.T, n)
 
     def frame_rows(self, rows: npt.NDArray[Any], scale: float, centre: npt.NDArray[np.float32] | None) -> npt.NDArray[np.float32]:
         out: npt.NDArray[np.float32] = rows * F32(scale) if scale != 1.0 else rows

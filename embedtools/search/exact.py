@@ -176,7 +176,8 @@ def blocked_topk(
 
     def to_host(block: Block[ArrayT]) -> npt.NDArray[np.float32]:
         scores, row_scale = backend.host_block(block[0]), block[1]
-        return np.ascontiguousarray((scores if row_scale is None else scores * row_scale[:, None]).T)
+        # (queries, rows) as a transposed view: host_nth_best reads a (rows, queries) block in its own order
+        return (scores if row_scale is None else scores * row_scale[:, None]).T
 
     candidates: Callable[[Block[ArrayT], int, npt.NDArray[np.float32]], Candidates]
     nth_best: Callable[[Block[ArrayT], int], npt.NDArray[np.float32]] | None = None
