@@ -16,8 +16,8 @@ def host_nth_best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.flo
     """Each row's n-th largest value of a host ``(queries, rows)`` array; the transpose of a
     ``(rows, queries)`` block is read in its own memory order, not copied.
 
-    A partition of every row cost several nanoseconds per score: it was the sampled floor's
-    largest part in a real-set funnel (``bench_search --only real``). The n-th largest of
+    A partition of every row was the sampled floor's largest cost in a profile of the real-set
+    funnel (``bench_search --only real`` times the funnel). The n-th largest of
     :data:`GROUPS_PER_SLOT` ``· n`` group maxima is a floor that at least ``n`` scores reach (each
     maximum is another score), so a row's ``n`` best are among the scores at that floor or above:
     one max-reduction, one compare, and a sort of those few. A row holding NaN (which a partition
