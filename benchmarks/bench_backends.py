@@ -125,7 +125,7 @@ def first_calls(dim: int) -> None:
 
     import torch
 
-    from embedtools.backends.torch import FLOAT32_PRODUCTS, TIMED_PRODUCT_SCORES
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, TIMED_PRODUCT_SCORES
 
     cells = []
     for name, product in FLOAT32_PRODUCTS.items():

@@ -60,7 +60,7 @@ def gemm_rates(device: str, repeat: int, side: int = GEMM_SIDE, float32_way: str
     or the plain one."""
     import torch
 
-    from embedtools.backends.torch import FLOAT32_PRODUCTS
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS
 
     fns: dict[str, Callable[[], None]] = {}
     sides: dict[str, int] = {}

@@ -246,7 +246,8 @@ def torch_block_products(backend: object, table: F32, queries: F32) -> tuple[dic
     exact search walks them, and the way that backend chose (``TorchBackend.float32_product``)."""
     import torch
 
-    from embedtools.backends.torch import FLOAT32_PRODUCTS, TorchBackend
+    from embedtools.backends.torch import TorchBackend
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS
 
     assert isinstance(backend, TorchBackend)
     rows, operand = torch.from_numpy(table), torch.from_numpy(queries).T

@@ -163,7 +163,7 @@ def test_every_torch_float32_product_makes_the_plain_products_block(queries: int
     """The ways the torch backend may time and pick are one product: contiguous rows, a prefix
     view (strided rows) and every 7th row (the sampled floor's kind of slice) alike."""
     torch = pytest.importorskip("torch")
-    from embedtools.backends.torch import FLOAT32_PRODUCTS
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS
 
     rng = np.random.default_rng(queries)
     table = torch.from_numpy(rng.standard_normal((500, 48)).astype(np.float32))
@@ -183,7 +183,8 @@ def test_every_torch_float32_product_makes_the_plain_products_block(queries: int
 
 def test_torch_float32_product_is_timed_per_class_and_few_queries_take_the_plain_one() -> None:
     pytest.importorskip("torch")
-    from embedtools.backends.torch import FLOAT32_PRODUCTS, QUERY_CLASSES, TorchBackend
+    from embedtools.backends.torch import TorchBackend
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, QUERY_CLASSES
 
     backend = TorchBackend("cpu")
     plain = next(iter(FLOAT32_PRODUCTS))

@@ -335,7 +335,7 @@ def test_describe_reports_the_measured_speedups_and_the_rule() -> None:
 
 def test_describe_reports_the_torch_float32_product_of_each_query_class() -> None:
     pytest.importorskip("torch")
-    from embedtools.backends.torch import FLOAT32_PRODUCTS
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS
 
     found = et.describe("torch", "cpu")
     assert list(found.float32_products) == ["1 query", "2-15 queries", "16+ queries"]

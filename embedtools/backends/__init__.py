@@ -239,7 +239,7 @@ def _float32_products(built: object) -> dict[str, str]:
     chooser = getattr(built, "float32_product", None)
     if not callable(chooser):
         return {}
-    from embedtools.backends.torch import QUERY_CLASSES
+    from embedtools.backends.torch_products import QUERY_CLASSES
 
     starts = sorted(QUERY_CLASSES)
     spans = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(starts, starts[1:], strict=False)] + [f"{starts[-1]}+"]

@@ -16,6 +16,7 @@ import torch.utils.dlpack
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
 from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, fastest, measured_speedup
+from embedtools.backends.torch_products import FLOAT32_PRODUCTS, QUERY_CLASSES, TIMED_PRODUCT_SCORES
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import Capabilities, DTypeName, HostFloat, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
@@ -25,7 +26,7 @@ from embedtools.search.merge import Candidates
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["FLOAT32_PRODUCTS", "QUERY_CLASSES", "TIMED_PRODUCT_SCORES", "TorchBackend", "torch_devices"]
+__all__ = ["TorchBackend", "torch_devices"]
 
 _DTYPES: dict[str, torch.dtype] = dtype_table(lambda name: getattr(torch, name))
 
@@ -361,41 +362,6 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             except (RuntimeError, TypeError, NotImplementedError):  # a device or torch without this product: none
                 self._speedups[kind] = 0.0
         return self._speedups[kind]
-
-
-def _onednn_linear(rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
-    # oneDNN's float32 inner product (the op torch.compile lowers linear layers to); private to
-    # torch, so looked up at call time: a torch without it raises, and fastest() leaves it out.
-    # Strided rows (the sampled floor's every 32nd row) are copied first: oneDNN took seconds on
-    # them where the copy and the product of a contiguous block take milliseconds.
-    try:
-        linear = cast("Callable[..., torch.Tensor]", torch.ops.mkldnn._linear_pointwise)
-    except AttributeError:  # an op namespace lacking it raises this, which fastest() would not catch
-        raise NotImplementedError("this torch has no oneDNN linear op") from None
-    return linear(operand.T, rows.contiguous(), None, "none", [], "").T
-
-
-#: Ways to make a CPU float32 score block ``(rows, queries)`` from a block of rows and the queries'
-#: operand (the transpose of contiguous queries), each the same product: the first is the plain one.
-#: Which is fastest depends on the CPU and its BLAS (``bench_search --only exact`` times each on the
-#: store's blocks): oneDNN's on a 2-core AMD EPYC with AVX-512, where MKL takes a slower path; MKL's
-#: (queries, rows) product beat its (rows, queries) one on a 2-core Intel Xeon (oneDNN's untimed there).
-FLOAT32_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "matmul (rows, queries)": lambda rows, operand: rows @ operand,
-    "matmul (queries, rows)": lambda rows, operand: (operand.T @ rows.T).T,
-    "oneDNN linear": _onednn_linear,
-}
-
-
-#: Fewest scores in a CPU float32 block that takes the timed way (``TorchBackend.float32_product``);
-#: a smaller one takes the plain product: oneDNN builds a kernel for each new shape it meets
-#: (``bench_backends`` times that first call), milliseconds that only a large block's product repays.
-TIMED_PRODUCT_SCORES = 1 << 18
-#: Classes of query counts (from each key up) and the number of queries each class's float32 block
-#: products are timed with on one block in cache (``TorchBackend.float32_product``). A few queries'
-#: product reads each row for a few multiply-adds: it runs at the speed of memory, which a block in
-#: cache does not show, so those take the plain product. One query's and a batch's are timed.
-QUERY_CLASSES: dict[int, int | None] = {1: 1, 2: None, 16: SPEEDUP_SHAPE[2]}
 
 
 def _int8_scores(codes: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
