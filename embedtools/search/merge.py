@@ -49,7 +49,7 @@ def host_nth_best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.flo
     good = np.flatnonzero(~whole)
     picked = ((keys[starts[good] + n - 1] & _LOW) - (1 << 31)).astype(np.int32)
     out[good] = _float_of_bits(picked, descending=True)
-    if not good.size == queries:
+    if good.size != queries:
         out[whole] = _partitioned_nth_best(scores[whole], n)
     return out
 
