@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OPTIONAL_MODULES = {"embedtools/backends/torch.py", "embedtools/backends/mlx.py"}
+OPTIONAL_MODULES = {"embedtools/backends/torch.py", "embedtools/backends/torch_products.py", "embedtools/backends/mlx.py"}
 
 
 APP = """
