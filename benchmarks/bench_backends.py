@@ -125,7 +125,7 @@ def first_calls(dim: int) -> None:
 
     import torch
 
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, TIMED_PRODUCT_SCORES
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, TIMED_PRODUCT_WORK
 
     cells = []
     for name, product in FLOAT32_PRODUCTS.items():
@@ -139,7 +139,7 @@ def first_calls(dim: int) -> None:
                 times.append(time.perf_counter() - start)
         cells.append(f"{name} first {max(first) * 1e3:.2f} ms, then {max(again) * 1e3:.2f} ms")
     print(f"  torch float32 block products on new shapes (8 queries, up to 1,999 rows), slowest of three: {'; '.join(cells)}; "
-          f"blocks under {TIMED_PRODUCT_SCORES:,} scores take the plain one")
+          f"blocks under {TIMED_PRODUCT_WORK:,} multiply-adds take the plain one")
 
 
 def quantized(store: et.EmbeddingStore, queries: np.ndarray, k: int, repeat: int) -> None:

@@ -38,6 +38,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -170,6 +171,7 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
     ours_torch = "embedtools store (torch)"
     torch_products: dict[str, Callable[[], object]] = {}
     torch_chosen = ""
+    torch_store: et.EmbeddingStore | None = None
     if importlib.util.find_spec("torch"):
         torch_backend = et.make_backend("torch", "cpu")
         torch_store = et.EmbeddingStore(torch_backend, et.ByteBudget(16 << 30), et.Sha256Hasher())
@@ -230,15 +232,21 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
 
     one = queries[:1]
     ones = np.ones(table.shape[1], dtype=np.float32)
-    reads = interleaved_best(
-        {"matvec": lambda: table @ ones, "sum": lambda: table.sum(axis=0), "one query": lambda: store.search(one, k=K)}, repeat * 3
-    )
+    one_query: dict[str, Callable[[], object]] = {"one query": lambda: store.search(one, k=K)}
+    if torch_store is not None:
+        one_query["torch one query"] = functools.partial(torch_store.search, one, k=K)
+    reads = interleaved_best({"matvec": lambda: table @ ones, "sum": lambda: table.sum(axis=0), **one_query}, repeat * 3)
     bandwidth = table.nbytes / min(reads["matvec"], reads["sum"])
     one_floor = table.nbytes / bandwidth
     single = reads["one query"]
     print(f"\n== one query over the {table.nbytes / 2**20:.0f} MiB table (interleaved with the reads) ==")
     print(f"one read at the measured bandwidth ({bandwidth / 1e9:.1f} GB/s): {one_floor * 1e3:.2f} ms; "
           f"store.search: {single * 1e3:.2f} ms = {single / one_floor:.2f}x the read")
+    if "torch one query" in reads:
+        assert torch_store is not None
+        way = cast("Any", torch_store.backend).float32_product(1)
+        print(f"the torch store: {reads['torch one query'] * 1e3:.2f} ms = {reads['torch one query'] / one_floor:.2f}x the read "
+              f"(its one-query product where timed: {way!r})")
 
 
 def torch_block_products(backend: object, table: F32, queries: F32) -> tuple[dict[str, Callable[[], object]], str]:

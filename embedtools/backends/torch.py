@@ -16,7 +16,7 @@ import torch.utils.dlpack
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
 from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, fastest, measured_speedup
-from embedtools.backends.torch_products import FLOAT32_PRODUCTS, QUERY_CLASSES, TIMED_PRODUCT_SCORES
+from embedtools.backends.torch_products import FLOAT32_PRODUCTS, QUERY_CLASSES, TIMED_PRODUCT_WORK
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import Capabilities, DTypeName, HostFloat, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
@@ -232,7 +232,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             block = torch.mm(lhs, operand, out_dtype=torch.float32)
         elif lhs.device.type == "cpu" and lhs.dtype == operand.dtype == torch.float32:
             queries = int(operand.shape[1])
-            timed = int(lhs.shape[0]) * queries >= TIMED_PRODUCT_SCORES
+            timed = int(lhs.shape[0]) * int(lhs.shape[1]) * queries >= TIMED_PRODUCT_WORK
             block = FLOAT32_PRODUCTS[self.float32_product(queries) if timed else next(iter(FLOAT32_PRODUCTS))](lhs, operand)
         else:
             # on a CPU made as (queries, rows) and handed on as its (rows, queries) transpose: oneDNN

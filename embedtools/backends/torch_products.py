@@ -15,7 +15,7 @@ import torch
 
 from embedtools.backends._shared import SPEEDUP_SHAPE
 
-__all__ = ["FLOAT32_PRODUCTS", "QUERY_CLASSES", "TIMED_PRODUCT_SCORES", "onednn_linear"]
+__all__ = ["FLOAT32_PRODUCTS", "QUERY_CLASSES", "TIMED_PRODUCT_WORK", "onednn_linear"]
 
 
 def onednn_linear(rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
@@ -42,10 +42,11 @@ FLOAT32_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 }
 
 
-#: Fewest scores in a CPU float32 block that takes the timed way (``TorchBackend.float32_product``);
-#: a smaller one takes the plain product: oneDNN builds a kernel for each new shape it meets
-#: (``bench_backends`` times that first call), milliseconds that only a large block's product repays.
-TIMED_PRODUCT_SCORES = 1 << 18
+#: Fewest multiply-adds (rows x width x queries) in a CPU float32 block that takes the timed way
+#: (``TorchBackend.float32_product``); a smaller one takes the plain product: oneDNN builds a kernel
+#: for each new shape it meets (``bench_backends`` times that first call), about a millisecond that
+#: only a large block's product repays. One query over 200,000 x 384 rows is past it.
+TIMED_PRODUCT_WORK = 1 << 26
 #: Classes of query counts (from each key up) and the number of queries each class's float32 block
 #: products are timed with on one block in cache (``TorchBackend.float32_product``). A few queries'
 #: product reads each row for a few multiply-adds: it runs at the speed of memory, which a block in
