@@ -60,12 +60,12 @@ def gemm_rates(device: str, repeat: int, side: int = GEMM_SIDE, float32_way: str
     or the plain one."""
     import torch
 
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT
 
     fns: dict[str, Callable[[], None]] = {}
     sides: dict[str, int] = {}
     int_mm = getattr(torch, "_int_mm", None) if device == "cpu" else None  # the store's integer product runs on CPUs only
-    float32 = FLOAT32_PRODUCTS[float32_way or next(iter(FLOAT32_PRODUCTS))]
+    float32 = FLOAT32_PRODUCTS[float32_way or PLAIN_PRODUCT]
     for name in ("float32", "bfloat16", "float16", *(("int8",) if int_mm is not None else ())):
 
         def product(m: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -172,6 +172,7 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
     torch_products: dict[str, Callable[[], object]] = {}
     torch_chosen = ""
     torch_store: et.EmbeddingStore | None = None
+    torch_backend: Any = None
     if importlib.util.find_spec("torch"):
         torch_backend = et.make_backend("torch", "cpu")
         torch_store = et.EmbeddingStore(torch_backend, et.ByteBudget(16 << 30), et.Sha256Hasher())
@@ -243,8 +244,7 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
     print(f"one read at the measured bandwidth ({bandwidth / 1e9:.1f} GB/s): {one_floor * 1e3:.2f} ms; "
           f"store.search: {single * 1e3:.2f} ms = {single / one_floor:.2f}x the read")
     if "torch one query" in reads:
-        assert torch_store is not None
-        way = cast("Any", torch_store.backend).float32_product(1)
+        way = torch_backend.float32_product(1)
         print(f"the torch store: {reads['torch one query'] * 1e3:.2f} ms = {reads['torch one query'] / one_floor:.2f}x the read "
               f"(its one-query product where timed: {way!r})")
 

@@ -163,7 +163,7 @@ def test_every_torch_float32_product_makes_the_plain_products_block(queries: int
     """The ways the torch backend may time and pick are one product: contiguous rows, a prefix
     view (strided rows) and every 7th row (the sampled floor's kind of slice) alike."""
     torch = pytest.importorskip("torch")
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT
 
     rng = np.random.default_rng(queries)
     table = torch.from_numpy(rng.standard_normal((500, 48)).astype(np.float32))
@@ -175,7 +175,7 @@ def test_every_torch_float32_product_makes_the_plain_products_block(queries: int
             try:
                 block = product(rows, operand)
             except (RuntimeError, NotImplementedError):  # an op this torch lacks is never picked (test below)
-                assert name != next(iter(FLOAT32_PRODUCTS))
+                assert name != PLAIN_PRODUCT
                 continue
             assert block.shape == (rows.shape[0], queries) and block.dtype == torch.float32, name
             np.testing.assert_allclose(block.numpy(), expected, rtol=0, atol=1e-4, err_msg=name)
@@ -184,12 +184,11 @@ def test_every_torch_float32_product_makes_the_plain_products_block(queries: int
 def test_torch_float32_product_is_timed_per_class_and_few_queries_take_the_plain_one() -> None:
     pytest.importorskip("torch")
     from embedtools.backends.torch import TorchBackend
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, QUERY_CLASSES
+    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT, QUERY_CLASSES
 
     backend = TorchBackend("cpu")
-    plain = next(iter(FLOAT32_PRODUCTS))
     few = [q for q, timed in QUERY_CLASSES.items() if timed is None]
-    assert few and all(backend.float32_product(q) == plain for q in few)
+    assert few and all(backend.float32_product(q) == PLAIN_PRODUCT for q in few)
     for queries in (1, 100, 5000):
         assert backend.float32_product(queries) in FLOAT32_PRODUCTS
     assert backend.float32_product(100) == backend.float32_product(5000)  # one class, timed once

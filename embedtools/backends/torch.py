@@ -16,7 +16,7 @@ import torch.utils.dlpack
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
 from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, fastest, measured_speedup
-from embedtools.backends.torch_products import FLOAT32_PRODUCTS, QUERY_CLASSES, TIMED_PRODUCT_WORK
+from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT, QUERY_CLASSES, TIMED_PRODUCT_WORK
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import Capabilities, DTypeName, HostFloat, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
@@ -233,7 +233,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         elif lhs.device.type == "cpu" and lhs.dtype == operand.dtype == torch.float32:
             queries = int(operand.shape[1])
             timed = int(lhs.shape[0]) * int(lhs.shape[1]) * queries >= TIMED_PRODUCT_WORK
-            block = FLOAT32_PRODUCTS[self.float32_product(queries) if timed else next(iter(FLOAT32_PRODUCTS))](lhs, operand)
+            block = FLOAT32_PRODUCTS[self.float32_product(queries) if timed else PLAIN_PRODUCT](lhs, operand)
         else:
             # on a CPU made as (queries, rows) and handed on as its (rows, queries) transpose: oneDNN
             # ran this shape faster on 8,192-row blocks (the host selection walks it in that order)
@@ -319,7 +319,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         differ between ways in their last bits only, and exact search settles those (``search/settle.py``)."""
         timed_queries = QUERY_CLASSES[max(c for c in QUERY_CLASSES if c <= max(queries, 1))]
         if self._device.type != "cpu" or timed_queries is None:
-            return next(iter(FLOAT32_PRODUCTS))
+            return PLAIN_PRODUCT
         if timed_queries not in self._float32_products:
             rows, width, _ = SPEEDUP_SHAPE
             generator = torch.Generator().manual_seed(0)

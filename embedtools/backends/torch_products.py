@@ -15,7 +15,7 @@ import torch
 
 from embedtools.backends._shared import SPEEDUP_SHAPE
 
-__all__ = ["FLOAT32_PRODUCTS", "QUERY_CLASSES", "TIMED_PRODUCT_WORK", "onednn_linear"]
+__all__ = ["FLOAT32_PRODUCTS", "PLAIN_PRODUCT", "QUERY_CLASSES", "TIMED_PRODUCT_WORK", "onednn_linear"]
 
 
 def onednn_linear(rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
@@ -40,6 +40,8 @@ FLOAT32_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     "matmul (queries, rows)": lambda rows, operand: (operand.T @ rows.T).T,
     "oneDNN linear": onednn_linear,
 }
+#: The way that needs no timing and runs everywhere (a GPU's, a small block's, a few queries').
+PLAIN_PRODUCT = next(iter(FLOAT32_PRODUCTS))
 
 
 #: Fewest multiply-adds (rows x width x queries) in a CPU float32 block that takes the timed way
