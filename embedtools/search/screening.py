@@ -63,12 +63,18 @@ from embedtools.search.rescore import exact_topk_over, norms64, shortlist_ranks
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["FALLBACK_SHARE", "LOW_PRECISION_WIDTH", "BoundedPrefix", "bounded_prefix", "certified_search", "row_errors"]
+__all__ = ["FALLBACK_SHARE", "FLOAT_SCREEN_WIDTH", "LOW_PRECISION_WIDTH", "BoundedPrefix", "bounded_prefix", "certified_search", "row_errors"]
 
 F32 = np.float32
-#: A low-precision screen lists eight times its first shortlist: the common growth steps (doubling
-#: the shortlist) are then longer rescorings of the same list, not a second pass over the table.
+#: A screen lists eight times its first shortlist: the common growth steps (doubling the shortlist)
+#: are then longer rescorings of the same list, not a second pass over the table. ``bench_search
+#: --only certified`` and ``certified-sets`` print the shortlists: int8's and the funnels' reach 4 to 8
+#: times their first (176 rows; 400 of a first 50).
 LOW_PRECISION_WIDTH = 8
+#: bfloat16's and float16's screens list four times their first shortlist: theirs reached 4 times it
+#: at most on the three sets (88 rows of a first 22), and a shorter running list per query is less
+#: to select and merge on every block, whose cost showed beside the fast product of an AMX CPU.
+FLOAT_SCREEN_WIDTH = 4
 #: A screened query whose shortlist would pass this share of the rows goes to the float32 certified
 #: search over every row instead: rescoring a shortlist gathers its rows at full width, per query,
 #: and on the real set (36,500 rows) a funnel whose prefix bound held nothing back grew its
@@ -182,8 +188,9 @@ def certified_search(
     screen = _screen(backend, queries, x, norms, metric, mask, block_bytes, index, prefix, errors)
     if screen is None:
         return float32(np.arange(queries.shape[0], dtype=np.intp))
+    float_screen = prefix is None and index is not None and index.codec.kernel in ("bfloat16", "float16")
     return certified_topk(queries.shape[0], k, available, screen=screen, exact=exact, fallback=fallback, first=start,
-                          width=LOW_PRECISION_WIDTH * start + 1, limit=min(SHORTLIST_MAX, available // FALLBACK_SHARE))  # fmt: skip
+                          width=(FLOAT_SCREEN_WIDTH if float_screen else LOW_PRECISION_WIDTH) * start + 1, limit=min(SHORTLIST_MAX, available // FALLBACK_SHARE))  # fmt: skip
 
 
 def _unit(backend: SearchBackend[Any], queries: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
