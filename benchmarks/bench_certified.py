@@ -60,12 +60,12 @@ def gemm_rates(device: str, repeat: int, side: int = GEMM_SIDE, float32_way: str
     or the plain one."""
     import torch
 
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT
+    from embedtools.backends.torch_products import BLOCK_PRODUCTS, PLAIN_PRODUCT
 
     fns: dict[str, Callable[[], None]] = {}
     sides: dict[str, int] = {}
     int_mm = getattr(torch, "_int_mm", None) if device == "cpu" else None  # the store's integer product runs on CPUs only
-    float32 = FLOAT32_PRODUCTS[float32_way or PLAIN_PRODUCT]
+    float32 = BLOCK_PRODUCTS[float32_way or PLAIN_PRODUCT]
     for name in ("float32", "bfloat16", "float16", *(("int8",) if int_mm is not None else ())):
 
         def product(m: torch.Tensor) -> torch.Tensor:
@@ -145,10 +145,12 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
         return
     table = clustered(rows, dim, seed=0)
     queries = queries_near(table, n_queries, seed=1)
-    store = store_on("torch", device, table)
+    # unit rows, as an embedding model writes them (and issue 16 measured): every search below scores
+    # the same rows, the store's cosine ones with norms of 1 to float32 rounding
+    unit = np.ascontiguousarray(table / np.linalg.norm(table, axis=1, keepdims=True), dtype=np.float32)
+    store = store_on("torch", device, unit)
     for screen in timed_screens:
         store.quantize(dim, screen)
-    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
     qn = np.ascontiguousarray(queries / np.linalg.norm(queries, axis=1, keepdims=True))
     xt, qt, qnt = (torch.from_numpy(a).to(device) for a in (unit, queries, qn))
 
@@ -171,9 +173,17 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
     # torch search ran next in the same turn (a certified int8 search took twice its time there)
     numpy_fns: dict[str, Callable[[], Any]] = {}
     if device == "cpu":
-        numpy_store = store_on("numpy", None, table)
+        numpy_store = store_on("numpy", None, unit)
         numpy_fns["store f32 exact (numpy)"] = lambda: numpy_store.search(queries, k=K)
         numpy_fns["f32 product (numpy)"] = lambda: qn @ unit.T
+    chosen: dict[str, str] = {}
+    if device == "cpu":  # the screen's own block products, each way, as its search walks the codes
+        from benchmarks.bench_search import torch_block_products
+
+        for screen in timed_screens:
+            if screen in ("bfloat16", "float16"):
+                ways, chosen[screen] = torch_block_products(store.backend, unit, qn, screen)
+                fns.update(ways)
     for fn in [*fns.values(), *numpy_fns.values()]:
         fn()  # warm-up: caches, kernels
     timed = {**interleaved_best(fns, repeat), **(interleaved_best(numpy_fns, repeat) if numpy_fns else {})}
@@ -183,6 +193,10 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
           f"float32 GEMM floor = {floor_name} {floor * 1e3:.1f} ms")
     for name, t in timed.items():
         print(f"  {name:<30}{t * 1e3:9.1f} ms  {t / floor:5.2f}x floor")
+    for kind, way in chosen.items():
+        prefix = f"torch {kind} blocks: "
+        listed = ", ".join(f"{name.removeprefix(prefix)} {t * 1e3:.1f} ms" for name, t in timed.items() if name.startswith(prefix))
+        print(f"the {kind} screen's block products over the table ({listed}); its backend runs {way!r}")
     truth = store.search(queries, k=K).indices
     for screen in timed_screens:
         t = timed[f"certified {screen}"]
