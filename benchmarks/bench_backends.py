@@ -125,10 +125,10 @@ def first_calls(dim: int) -> None:
 
     import torch
 
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, TIMED_PRODUCT_WORK
+    from embedtools.backends.torch_products import BLOCK_PRODUCTS, TIMED_PRODUCT_WORK
 
     cells = []
-    for name, product in FLOAT32_PRODUCTS.items():
+    for name, product in BLOCK_PRODUCTS.items():
         first: list[float] = []
         again: list[float] = []
         for rows in (777, 1001, 1999):  # sizes no other call here used

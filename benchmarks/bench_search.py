@@ -208,7 +208,7 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
     print(f"the float32 kernel alone (backend.topk, no near-tie settling): {timed['kernel'] * 1e3:.1f} ms; the store's exact "
           f"search, settled (search/settle.py): {timed[ours] * 1e3:.1f} ms = {timed[ours] / timed['kernel']:.2f}x the kernel")
     if torch_products:
-        ways = ", ".join(f"{name.removeprefix('torch blocks: ')} {timed[name] * 1e3:.1f} ms" for name in torch_products)
+        ways = ", ".join(f"{name.removeprefix('torch float32 blocks: ')} {timed[name] * 1e3:.1f} ms" for name in torch_products)
         print(f"torch's float32 block products ({BLOCK_ROWS} rows each, streamed): {ways}; its backend runs {torch_chosen!r} "
               "(the fastest where it timed them once, on a smaller block)")
     found = {ours: store.search(queries, k=K).indices} | {name: fn() for name, fn in {**fast, **slow}.items()}
@@ -249,16 +249,18 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
               f"(its one-query product where timed: {way!r})")
 
 
-def torch_block_products(backend: object, table: F32, queries: F32) -> tuple[dict[str, Callable[[], object]], str]:
-    """Each of the torch backend's ways to make a float32 score block, over the table's blocks as its
-    exact search walks them, and the way that backend chose (``TorchBackend.float32_product``)."""
+def torch_block_products(backend: object, table: F32, queries: F32, dtype: str = "float32") -> tuple[dict[str, Callable[[], object]], str]:
+    """Each of the torch backend's ways to make a score block of ``dtype`` (float32, or a screen's
+    bfloat16/float16), over the table's blocks as its searches walk them, and the way that backend
+    chose (``TorchBackend.block_product``)."""
     import torch
 
     from embedtools.backends.torch import TorchBackend
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS
+    from embedtools.backends.torch_products import BLOCK_PRODUCTS
 
     assert isinstance(backend, TorchBackend)
-    rows, operand = torch.from_numpy(table), torch.from_numpy(queries).T
+    kind = getattr(torch, dtype)
+    rows, operand = torch.from_numpy(table).to(kind), torch.from_numpy(queries).to(kind).T
     starts = range(0, table.shape[0], BLOCK_ROWS)
 
     def streamed(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
@@ -267,14 +269,14 @@ def torch_block_products(backend: object, table: F32, queries: F32) -> tuple[dic
                 product(rows[start : start + BLOCK_ROWS], operand)
 
     ways: dict[str, Callable[[], object]] = {}
-    for name, product in FLOAT32_PRODUCTS.items():
+    for name, product in BLOCK_PRODUCTS.items():
         try:
             streamed(product)
         except (RuntimeError, NotImplementedError) as exc:  # an op this torch lacks: shown, not timed
-            print(f"(torch's {name!r} block product does not run here: {exc})")
+            print(f"(torch's {name!r} {dtype} block product does not run here: {exc})")
             continue
-        ways[f"torch blocks: {name}"] = functools.partial(streamed, product)
-    return ways, backend.float32_product()
+        ways[f"torch {dtype} blocks: {name}"] = functools.partial(streamed, product)
+    return ways, backend.block_product(queries.shape[0], dtype)
 
 
 def section_large_k(rows: int, dim: int, n_queries: int, repeat: int) -> None:

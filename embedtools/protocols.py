@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from embedtools.search.merge import Candidates
+    from embedtools.search.merge import Candidates, HostBlock
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -280,11 +280,14 @@ class BlockPrimitives(Protocol[ArrayT]):
     ) -> ArrayT:
         """``rows_of(corpus[rows]) @ queries.T``, each row's scores times ``scale[rows]`` minus
         ``shift[rows]``: a ``(rows, queries)`` block on the device. ``rows_of`` (a decode, or a
-        screen's frame) turns the block's codes into rows; ``None`` takes them as they are."""
+        screen's frame) turns the block's codes into rows; ``None`` takes them as they are. Scores
+        are float32, or (with neither scale nor shift, selected on the host) a bfloat16 product's
+        own bfloat16 scores, which :meth:`host_block` hands over as their words."""
         ...
 
-    def host_block(self, block: ArrayT) -> npt.NDArray[np.float32]:
-        """A score block on the host as ``(rows, queries)`` float32, sharing its memory where it can."""
+    def host_block(self, block: ArrayT) -> HostBlock:
+        """A score block on the host as ``(rows, queries)`` float32, or a bfloat16 block as its
+        int16 words (:data:`~embedtools.search.merge.HostBlock`), sharing its memory where it can."""
         ...
 
     def device_candidates(self, block: ArrayT, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:

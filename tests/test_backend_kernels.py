@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from embedtools import make_backend
 from embedtools.protocols import Metric, Quantization, SearchBackend
+from embedtools.search.merge import host_float32
 from embedtools.search import (
     BLOCK_ROWS,
     DEVICE_BLOCK_ROWS,
@@ -150,7 +151,10 @@ def test_a_native_low_precision_block_comes_back_float32_scaled_after_its_one_ro
     codes = as_torch.to(torch.bfloat16).view(torch.int16) if kind == "bfloat16" else as_torch.to(torch.float16)  # the index's codes
     scale, shift = rng.uniform(0.5, 2.0, 300).astype(np.float32), rng.uniform(-1.0, 1.0, 300).astype(np.float32)
     operand = low.operand(queries)
-    plain = backend.host_block(backend.block_scores(codes, slice(0, 300), operand, None, None, low.rows))
+    unscaled = backend.host_block(backend.block_scores(codes, slice(0, 300), operand, None, None, low.rows))
+    # with nothing to scale, a bfloat16 block reaches the host as its words, for the selection to compare as they are
+    assert unscaled.dtype == (np.int16 if kind == "bfloat16" else np.float32)
+    plain = host_float32(unscaled)
     block = backend.block_scores(codes, slice(0, 300), operand, backend.from_numpy(scale), backend.from_numpy(shift), low.rows)
     assert backend.dtype(block) == "float32"
     low_dtype = torch.bfloat16 if kind == "bfloat16" else torch.float16
@@ -159,39 +163,46 @@ def test_a_native_low_precision_block_comes_back_float32_scaled_after_its_one_ro
 
 
 @pytest.mark.parametrize("queries", [1, 3, 40])
-def test_every_torch_float32_product_makes_the_plain_products_block(queries: int) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_torch_block_product_makes_the_plain_products_block(queries: int, dtype: str) -> None:
     """The ways the torch backend may time and pick are one product: contiguous rows, a prefix
-    view (strided rows) and every 7th row (the sampled floor's kind of slice) alike."""
+    view (strided rows) and every 7th row (the sampled floor's kind of slice) alike; a bfloat16
+    way's block is the exact product of its rounded inputs, rounded once to bfloat16 (the bound's model)."""
     torch = pytest.importorskip("torch")
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT
+    from embedtools.backends.torch_products import BLOCK_PRODUCTS, PLAIN_PRODUCT
 
+    kind = getattr(torch, dtype)
     rng = np.random.default_rng(queries)
-    table = torch.from_numpy(rng.standard_normal((500, 48)).astype(np.float32))
-    query_rows = rng.standard_normal((queries, 48)).astype(np.float32)
+    table = torch.from_numpy(rng.standard_normal((500, 48)).astype(np.float32)).to(kind)
+    query_rows = torch.from_numpy(rng.standard_normal((queries, 48)).astype(np.float32)).to(kind)
     for rows in (table, table[:, :20], table[::7]):
-        operand = torch.from_numpy(np.ascontiguousarray(query_rows[:, : rows.shape[1]])).T
-        expected = rows.numpy().astype(np.float64) @ operand.numpy().astype(np.float64)
-        for name, product in FLOAT32_PRODUCTS.items():
+        operand = query_rows[:, : rows.shape[1]].contiguous().T
+        expected = rows.float().numpy().astype(np.float64) @ operand.float().numpy().astype(np.float64)
+        for name, product in BLOCK_PRODUCTS.items():
             try:
                 block = product(rows, operand)
             except (RuntimeError, NotImplementedError):  # an op this torch lacks is never picked (test below)
                 assert name != PLAIN_PRODUCT
                 continue
-            assert block.shape == (rows.shape[0], queries) and block.dtype == torch.float32, name
-            np.testing.assert_allclose(block.numpy(), expected, rtol=0, atol=1e-4, err_msg=name)
+            assert block.shape == (rows.shape[0], queries) and block.dtype == kind, name
+            # float32 sums (a few ulps of float32), then for bfloat16 one rounding: half a step of 2^-8
+            tolerance = 1e-4 if dtype == "float32" else 2.0**-8 * np.abs(expected) + 1e-4
+            assert np.all(np.abs(block.float().numpy() - expected) <= tolerance), name
 
 
 def test_torch_float32_product_is_timed_per_class_and_few_queries_take_the_plain_one() -> None:
     pytest.importorskip("torch")
     from embedtools.backends.torch import TorchBackend
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT, QUERY_CLASSES
+    from embedtools.backends.torch_products import BLOCK_PRODUCTS, PLAIN_PRODUCT, QUERY_CLASSES
 
     backend = TorchBackend("cpu")
     few = [q for q, timed in QUERY_CLASSES.items() if timed is None]
     assert few and all(backend.float32_product(q) == PLAIN_PRODUCT for q in few)
     for queries in (1, 100, 5000):
-        assert backend.float32_product(queries) in FLOAT32_PRODUCTS
+        assert backend.float32_product(queries) in BLOCK_PRODUCTS
     assert backend.float32_product(100) == backend.float32_product(5000)  # one class, timed once
+    assert backend.block_product(100, "bfloat16") in BLOCK_PRODUCTS  # timed for its own dtype
+    assert backend.block_product(3, "bfloat16") == PLAIN_PRODUCT
 
 
 def test_fastest_picks_the_quicker_way_and_leaves_out_one_that_raises() -> None:

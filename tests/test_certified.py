@@ -335,11 +335,11 @@ def test_describe_reports_the_measured_speedups_and_the_rule() -> None:
 
 def test_describe_reports_the_torch_float32_product_of_each_query_class() -> None:
     pytest.importorskip("torch")
-    from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT
+    from embedtools.backends.torch_products import BLOCK_PRODUCTS, PLAIN_PRODUCT
 
     found = et.describe("torch", "cpu")
     assert list(found.float32_products) == ["1 query", "2-15 queries", "16+ queries"]
-    assert set(found.float32_products.values()) <= set(FLOAT32_PRODUCTS)
+    assert set(found.float32_products.values()) <= set(BLOCK_PRODUCTS)
     assert found.float32_products["2-15 queries"] == PLAIN_PRODUCT  # untimed
     assert f"16+ queries: {found.float32_products['16+ queries']}" in str(found)
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from embedtools.search import SAMPLE_STRIDE, best_first, group_floor, host_candidates, host_nth_best, sampled_floor, unscaled_bound
+from embedtools.search.merge import finished, host_float32, shifted_bound
 from tests.helpers import clustered, reference_scores
 
 
@@ -172,6 +173,84 @@ def test_host_candidates_with_a_row_scale_are_exactly_the_scaled_blocks(drawn: t
     want = candidate_set(host_candidates(raw * scale[:, None], m, threshold))
     got = candidate_set(host_candidates(raw.copy(), m, threshold, scale))
     assert got == want
+
+
+@st.composite
+def shifted_blocks(draw: st.DrawFn) -> tuple[npt.NDArray[np.float32], ...]:
+    """Products, row scales (``None``-able: all ones) and row shifts as a certified screen's bounds
+    and a mask make them (small negatives a few float32 steps apart, some ``+inf``), with products put
+    a few ulps either side of where ``fl(fl(p·s) - h)`` crosses the threshold."""
+    raw, scale, threshold = draw(unscaled_blocks())
+    n, queries = raw.shape
+    base = np.float32(draw(st.sampled_from([-0.0, -2.0**-9, -0.004, -1e-30])))  # every one negative (-0.0 too)
+    steps = np.array(draw(st.lists(st.integers(0, 8), min_size=n, max_size=n)), np.int32)
+    shift = (np.full(n, base, np.float32).view(np.int32) + steps).view(np.float32)  # a few steps further from 0
+    shift[np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))] = np.inf  # masked rows
+    ulps = np.array(draw(st.lists(st.integers(-3, 3), min_size=n * queries, max_size=n * queries)), np.int32).reshape(n, queries)
+    with np.errstate(over="ignore", invalid="ignore"):
+        edge = ((threshold[None, :] + np.where(np.isfinite(shift), shift, 0)[:, None]) / scale[:, None]).astype(np.float32)
+    near = (edge.view(np.int32) + np.where(edge >= 0, ulps, -ulps)).view(np.float32)
+    raw = np.where(np.array(draw(st.lists(st.booleans(), min_size=n * queries, max_size=n * queries))).reshape(n, queries), near, raw)
+    return raw.astype(np.float32), scale, shift, threshold
+
+
+@given(shifted_blocks(), st.integers(1, 3), st.booleans(), st.booleans())
+def test_host_candidates_with_a_row_shift_are_exactly_the_finished_blocks(
+    drawn: tuple[npt.NDArray[np.float32], ...], m: int, scaled: bool, filling: bool
+) -> None:
+    """Leaving a block's row shift (and scale) to the selection must give the candidates, and the
+    very float32 values, that finishing the whole block first gave: scaled, then shifted."""
+    raw, scale, shift, threshold = drawn
+    if filling:
+        threshold = threshold.copy()
+        threshold[0] = -np.inf
+    row_scale = scale if scaled else None
+    with np.errstate(invalid="ignore"):
+        whole = finished(raw, row_scale, shift)
+    want = candidate_set(host_candidates(whole, m, threshold))
+    with np.errstate(invalid="ignore"):
+        got = candidate_set(host_candidates(raw.copy(), m, threshold, row_scale, shift))
+    assert got == want
+
+
+def bfloat16_words(values: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
+    """The words of float32 values cut to bfloat16 (their high halves), as a host block holds them."""
+    return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+
+
+@given(shifted_blocks(), st.integers(1, 3), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_host_candidates_of_bfloat16_words_are_the_widened_blocks(
+    drawn: tuple[npt.NDArray[np.float32], ...], m: int, scaled: bool, shifted: bool, positive: bool, query_major: bool
+) -> None:
+    """A bfloat16 block's words, compared as 16-bit integers against each bound's word, must give
+    the candidates and float32 values of the same block widened first, whatever the thresholds'
+    signs (a non-positive one widens the block), NaN and infinite scores included."""
+    raw, scale, shift, threshold = drawn
+    if positive:  # where every query's bound is positive: the words' own compare
+        threshold = np.abs(threshold) + np.float32(2.0**-20)
+    cut = bfloat16_words(raw)
+    cut.reshape(-1)[:: 7] = np.int16(0x7FC0)  # a NaN score now and then
+    cut.reshape(-1)[3:: 11] = np.int16(0x7F80)  # and +inf
+    words = np.asfortranarray(cut) if query_major else cut
+    widened = host_float32(words)
+    assert widened.dtype == np.float32 and np.array_equal(widened.view(np.uint32) >> 16, cut.view(np.uint16).astype(np.uint32))
+    row_scale, row_shift = (scale if scaled else None), (shift if shifted else None)
+    with np.errstate(invalid="ignore"):
+        want = candidate_set(host_candidates(widened, m, threshold, row_scale, row_shift))
+        got = candidate_set(host_candidates(words, m, threshold, row_scale, row_shift))
+    assert got == want
+
+
+def test_shifted_bound_is_below_every_sum_and_keeps_what_passes_nothing() -> None:
+    threshold = np.array([0.5, -0.25, np.inf, np.nan, 1e-30], np.float32)
+    shift = np.array([-0.004, 0.1, np.inf], np.float32)
+    bound = shifted_bound(threshold, shift)
+    exact = threshold.astype(np.float64) + np.float64(np.float32(-0.004))
+    assert np.all(bound[[0, 1, 4]].astype(np.float64) <= exact[[0, 1, 4]])
+    assert np.all(bound[[0, 1, 4]].astype(np.float64) > exact[[0, 1, 4]] - 1e-6)  # one step below, not a loose bound
+    assert bound[2] == np.inf and np.isnan(bound[3])
+    every_row_masked = shifted_bound(np.array([0.5, -3.0], np.float32), np.full(4, np.inf, np.float32))
+    assert np.all(every_row_masked == np.inf)  # nothing passes
 
 
 @given(unscaled_blocks(), st.integers(1, 3), st.booleans(), st.booleans())

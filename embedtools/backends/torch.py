@@ -16,12 +16,12 @@ import torch.utils.dlpack
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
 from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, fastest, measured_speedup
-from embedtools.backends.torch_products import FLOAT32_PRODUCTS, PLAIN_PRODUCT, QUERY_CLASSES, TIMED_PRODUCT_WORK
+from embedtools.backends.torch_products import BLOCK_PRODUCTS, PLAIN_PRODUCT, QUERY_CLASSES, TIMED_PRODUCT_WORK
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import Capabilities, DTypeName, HostFloat, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
-from embedtools.search.merge import Candidates
+from embedtools.search.merge import Candidates, HostBlock
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -86,7 +86,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         gpu = self._device.type != "cpu"
         self.capabilities: Capabilities = Capabilities(select_on_device=gpu if select_on_device is None else select_on_device, gpu=gpu)
         self._speedups: dict[str, float] = {}
-        self._float32_products: dict[int, str] = {}
+        self._block_products: dict[tuple[str, int], str] = {}
 
     def __repr__(self) -> str:
         return f"TorchBackend(device={self.device!r})"
@@ -230,15 +230,19 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         elif operand.dtype != torch.float32 and lhs.device.type == "cuda":
             # float32 out: cuBLAS accumulates and reduces (split-K too) in float32, no bf16/fp16 rounding
             block = torch.mm(lhs, operand, out_dtype=torch.float32)
-        elif lhs.device.type == "cpu" and lhs.dtype == operand.dtype == torch.float32:
+        elif lhs.device.type == "cpu" and lhs.dtype == operand.dtype and lhs.dtype in _BLOCK_DTYPES:
+            # float32, bfloat16 or float16 by the way timed fastest for the dtype (torch_products.py);
+            # a low-precision block (oneDNN: float32 sums, one rounding to the type) then in float32
             queries = int(operand.shape[1])
             timed = int(lhs.shape[0]) * int(lhs.shape[1]) * queries >= TIMED_PRODUCT_WORK
-            block = FLOAT32_PRODUCTS[self.float32_product(queries) if timed else PLAIN_PRODUCT](lhs, operand)
+            block = BLOCK_PRODUCTS[self.block_product(queries, self.dtype(lhs)) if timed else PLAIN_PRODUCT](lhs, operand)
+            if block.dtype == torch.bfloat16 and scale is None and shift is None and not self.capabilities.select_on_device:
+                return block  # selected on the host from its words (search.merge.HostBlock): not widened here
+            if block.dtype != torch.float32:
+                block = block.to(torch.float32)
         else:
-            # on a CPU made as (queries, rows) and handed on as its (rows, queries) transpose: oneDNN
-            # ran this shape faster on 8,192-row blocks (the host selection walks it in that order)
-            block = (operand.T @ lhs.T).T if lhs.device.type == "cpu" else lhs @ operand
-            if block.dtype != torch.float32:  # a low-precision product (oneDNN, MPS): its one rounding, then float32
+            block = lhs @ operand
+            if block.dtype != torch.float32:  # a low-precision product (MPS): its one rounding, then float32
                 block = block.to(torch.float32)
         if scale is not None:
             block.mul_(scale[rows].unsqueeze(1))
@@ -253,7 +257,10 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         out: npt.NDArray[HostFloat] = (_host_tensor(a) @ _host_tensor(b)).numpy()
         return out
 
-    def host_block(self, block: torch.Tensor) -> npt.NDArray[np.float32]:
+    def host_block(self, block: torch.Tensor) -> HostBlock:
+        if block.dtype == torch.bfloat16:  # its words, viewed (NumPy has no bfloat16)
+            words: npt.NDArray[np.int16] = block.view(torch.int16).cpu().numpy()
+            return words
         return _host_f32(block)  # on the CPU, the tensor's own memory
 
     @torch.no_grad()
@@ -310,24 +317,31 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         out[:, dim:] = np.ascontiguousarray(packed[:, dim:], dtype=np.float32).view(np.int8)
         return self.from_numpy(out, dtype="int8")
 
-    @torch.no_grad()
     def float32_product(self, queries: int = SPEEDUP_SHAPE[2]) -> str:
-        """The name of the way (:data:`FLOAT32_PRODUCTS`) this backend makes a CPU float32 score
-        block for ``queries`` queries: per :data:`QUERY_CLASSES` class, the plain product or the
-        fastest, timed once on a block of :data:`SPEEDUP_SHAPE`'s rows and width, as the fastest
-        differs by CPU (``bench_search --only exact`` times a batch's); the plain product on a GPU. Scores
-        differ between ways in their last bits only, and exact search settles those (``search/settle.py``)."""
+        """The way this backend makes a CPU float32 score block for ``queries`` queries (:meth:`block_product`)."""
+        return self.block_product(queries, "float32")
+
+    @torch.no_grad()
+    def block_product(self, queries: int = SPEEDUP_SHAPE[2], dtype: str = "float32") -> str:
+        """The name of the way (:data:`BLOCK_PRODUCTS`) this backend makes a CPU score block of
+        ``dtype`` (``float32``, ``bfloat16``, ``float16``) for ``queries`` queries: per
+        :data:`QUERY_CLASSES` class, the plain product or the fastest, timed once on a block of
+        :data:`SPEEDUP_SHAPE`'s rows and width, as the fastest differs by CPU and dtype
+        (``bench_search --only exact`` times a batch's); the plain product on a GPU. Scores differ
+        between ways in their last bits only: exact search settles those (``search/settle.py``), and
+        a low-precision way's one rounding to its type is the certified bound's."""
         timed_queries = QUERY_CLASSES[max(c for c in QUERY_CLASSES if c <= max(queries, 1))]
         if self._device.type != "cpu" or timed_queries is None:
             return PLAIN_PRODUCT
-        if timed_queries not in self._float32_products:
+        if (dtype, timed_queries) not in self._block_products:
             rows, width, _ = SPEEDUP_SHAPE
             generator = torch.Generator().manual_seed(0)
-            lhs = torch.randn(rows, width, generator=generator)
-            operand = torch.randn(timed_queries, width, generator=generator).T  # as query_operand makes it
-            ways = {name: partial(product, lhs, operand) for name, product in FLOAT32_PRODUCTS.items()}
-            self._float32_products[timed_queries] = fastest(ways, lambda _: None, repeats=5)
-        return self._float32_products[timed_queries]
+            kind = _LOW.get(dtype, torch.float32)
+            lhs = torch.randn(rows, width, generator=generator).to(kind)
+            operand = torch.randn(timed_queries, width, generator=generator).to(kind).T  # as query_operand makes it
+            ways = {name: partial(product, lhs, operand) for name, product in BLOCK_PRODUCTS.items()}
+            self._block_products[(dtype, timed_queries)] = fastest(ways, lambda _: None, repeats=5)
+        return self._block_products[(dtype, timed_queries)]
 
     @torch.no_grad()
     def gemm_speedup(self, kind: Quantization) -> float:
@@ -339,7 +353,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             generator = torch.Generator(device=self._device).manual_seed(0)
             a = torch.randn(rows, width, generator=generator, device=self._device)
             b = torch.randn(queries, width, generator=generator, device=self._device).T  # as query_operand makes it
-            float32 = FLOAT32_PRODUCTS[self.float32_product()]
+            float32 = BLOCK_PRODUCTS[self.float32_product()]
             if low is None:  # int8, on a CPU: the screen's own operand and product
                 a_low = torch.randint(-128, 128, (rows, width), generator=generator, dtype=torch.int8)
                 packed = np.ones((queries, width + 2), dtype=np.float32)
@@ -348,8 +362,10 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             else:
                 a_low, b_low = a.to(low), b.to(low)
 
+            low_product = None if low is None else BLOCK_PRODUCTS[self.block_product(queries, kind)]
+
             def run_low(n: int) -> torch.Tensor:
-                return _int8_scores(a_low[:n], b_low) if low is None else a_low[:n] @ b_low
+                return _int8_scores(a_low[:n], b_low) if low_product is None else low_product(a_low[:n], b_low)
 
             def wait(_: object) -> None:
                 if self._device.type == "cuda":
@@ -383,6 +399,8 @@ def _int8_scores(codes: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
 
 
 _LOW: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The dtypes a CPU score block is made in by a timed way (``block_product``).
+_BLOCK_DTYPES = (torch.float32, *_LOW.values())
 
 
 def _bf16_rows(codes: torch.Tensor) -> torch.Tensor:

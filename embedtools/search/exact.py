@@ -19,26 +19,36 @@ from embedtools.errors import DimensionError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayT, Metric, SearchBackend
 from embedtools.search.certified import Certified, top_by_rank
 from embedtools.search.kernel import check_k, check_metric, check_topk_inputs, rows_per_block, run_topk
-from embedtools.search.merge import Candidates, host_candidates
+from embedtools.search.merge import Candidates, finished, host_candidates, host_float32
 from embedtools.search.l2_certified import IDENTITY, Frame, Screened, l2_topk
 from embedtools.search.rescore import exact_topk_over, ranks_to_scores
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["ROW_SCALE_SPREAD", "Block", "BlockedTopk", "blocked_topk", "exact_topk", "l2_certified", "merge_side", "outside_cosine_range"]
+__all__ = ["ROW_SCALE_SPREAD", "ROW_SHIFT_SPREAD", "Block", "BlockedTopk", "blocked_topk", "exact_topk", "l2_certified", "merge_side", "outside_cosine_range"]
 
 F32 = np.float32
 Scored = tuple["npt.NDArray[np.float32]", "npt.NDArray[np.int64]"]
-Block = tuple[ArrayT, "npt.NDArray[np.float32] | None"]
-"""A score block as the kernel walks it: the backend's block, and the host row scale its scores
-still need (``None``: scaled already)."""
+Block = tuple[ArrayT, "npt.NDArray[np.float32] | None", "npt.NDArray[np.float32] | None"]
+"""A score block as the kernel walks it: the backend's block, and the host row scale and row shift
+its scores still need (``None``: applied already; :func:`~embedtools.search.merge.finished`)."""
 
 #: Largest ratio of a block's cosine row scales (``1/|x|``) for which the host selection compares
 #: unscaled products (:func:`~embedtools.search.merge.host_candidates`' ``row_scale``):
 #: unit-normalised embeddings, whose norms are 1 to float32 rounding, are far inside it; a prefix's
 #: norms, spread wide, would loosen its one bound per query until many rows passed it.
 ROW_SCALE_SPREAD = 1.01
+#: Largest spread (largest finite less least) of a block's row shifts for which the host selection
+#: compares unshifted products (``row_shift``): a certified screen's per-row bounds spread by a
+#: fraction of a bound (thousandths of a cosine), a mask's penalties (0 or ``+inf``) by nothing;
+#: wider ones (an l2 screen's ``|x|²/2`` of spread norms) are shifted by the backend.
+ROW_SHIFT_SPREAD = 2.0**-6
+
+
+def _spread(shift: npt.NDArray[np.float32]) -> float:
+    finite = shift[np.isfinite(shift)]
+    return float(finite.max() - finite.min()) if finite.size else 0.0
 
 
 class BlockedTopk(Generic[ArrayT]):
@@ -148,15 +158,14 @@ def blocked_topk(
     queries, whose ``rows_of`` only views the codes: blocks are not sized for a decode; default
     :meth:`~embedtools.protocols.BlockPrimitives.query_operand`)."""
     caps = backend.capabilities
-    # Selected on the host, a block of scaled products (cosine's) leaves its row scale to the
-    # selection (host_candidates' ``row_scale``): only the few candidates are scaled, not the whole
-    # block. Not with a shift of its own (a screen's), which applies after the scale (the mask's
-    # penalty, 0 or +inf, gives the same bits before it as after), nor for a block whose scales
-    # spread wide (the bound would let many rows through).
-    deferred = None if caps.select_on_device or shift is not None else scale
     if mask is not None:  # masked rows rank at -inf: shifted down by +inf
         penalty = np.where(mask, F32(0), F32(np.inf))
         shift = penalty if shift is None else shift + penalty
+    # Selected on the host, a block leaves its row scale (cosine's) and row shift (a screen's bound,
+    # a mask's penalty) to the selection (host_candidates): only the few candidates are scaled and
+    # shifted, not the whole block. Not for a block whose scales or shifts spread wide (the bound
+    # would let many rows through): the backend finishes that one.
+    host = not caps.select_on_device
     scale_d = None if scale is None else backend.from_numpy(scale)
     shift_d = None if shift is None else backend.from_numpy(shift)
     operands: dict[tuple[int, int], ArrayT] = {}
@@ -168,16 +177,17 @@ def blocked_topk(
         if operand is None:  # once per chunk of queries (and per redone query)
             operands.clear()
             operand = operands[key] = make_operand(np.ascontiguousarray(q[qs]))
-        row_scale = None if deferred is None else deferred[rs]
-        if row_scale is not None and row_scale.size and row_scale.max() > ROW_SCALE_SPREAD * row_scale.min():
-            row_scale = None
-        block = backend.block_scores(x, rs, operand, scale_d if row_scale is None else None, shift_d, rows_of)
-        return block, row_scale
+        row_scale = row_shift = None
+        if host and (shift is None or _spread(shift[rs]) <= ROW_SHIFT_SPREAD):  # a shift left on the backend keeps its scale there
+            row_shift = None if shift is None else shift[rs]
+            if scale is not None and scale[rs].size and scale[rs].max() <= ROW_SCALE_SPREAD * scale[rs].min():
+                row_scale = scale[rs]
+        block = backend.block_scores(x, rs, operand, scale_d if row_scale is None else None, shift_d if row_shift is None else None, rows_of)
+        return block, row_scale, row_shift
 
     def to_host(block: Block[ArrayT]) -> npt.NDArray[np.float32]:
-        scores, row_scale = backend.host_block(block[0]), block[1]
         # (queries, rows) as a transposed view: host_nth_best reads a (rows, queries) block in its own order
-        return (scores if row_scale is None else scores * row_scale[:, None]).T
+        return finished(host_float32(backend.host_block(block[0])), block[1], block[2]).T
 
     candidates: Callable[[Block[ArrayT], int, npt.NDArray[np.float32]], Candidates]
     nth_best: Callable[[Block[ArrayT], int], npt.NDArray[np.float32]] | None = None
@@ -193,7 +203,7 @@ def blocked_topk(
     else:
 
         def host_select(block: Block[ArrayT], m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
-            return host_candidates(backend.host_block(block[0]), m, threshold, block[1])
+            return host_candidates(backend.host_block(block[0]), m, threshold, block[1], block[2])
 
         candidates = host_select
 

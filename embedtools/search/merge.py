@@ -7,10 +7,12 @@ so the kernel's result and its tie rule do not depend on which library scored th
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["GROUPS_PER_SLOT", "Candidates", "RunningTop", "best_first", "group_floor", "host_candidates", "host_nth_best", "unscaled_bound"]
+__all__ = ["GROUPS_PER_SLOT", "Candidates", "HostBlock", "RunningTop", "best_first", "finished", "group_floor", "host_candidates", "host_float32", "host_nth_best", "shifted_bound", "unscaled_bound"]
 
 def host_nth_best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
     """Each row's n-th largest value of a host ``(queries, rows)`` array; the transpose of a
@@ -99,10 +101,41 @@ def _float_of_bits(keys: npt.NDArray[np.int32], *, descending: bool) -> npt.NDAr
 Candidates = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]
 """Flat ``(query_rows, values, columns)``: any number of candidate scores from one block."""
 
+HostBlock = npt.NDArray[np.float32] | npt.NDArray[np.int16]
+"""A ``(rows, queries)`` score block on the host: float32 scores, or a bfloat16 product's scores as
+their 16-bit words (``int16``; NumPy has no bfloat16), which :func:`host_candidates` compares as
+they are: widening a block to float32 was a pass over it, and its compare one over twice the bytes."""
+
+
+def host_float32(block: HostBlock) -> npt.NDArray[np.float32]:
+    """A host block's scores as float32: bfloat16 words widened exactly (a bfloat16 is the high
+    half of a float32), in the block's own memory order; float32 as it is."""
+    if block.dtype != np.int16:
+        return cast("npt.NDArray[np.float32]", block)
+    wide = block.view(np.uint16).astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
+
+
+def _word_limit(bound: npt.NDArray[np.float32]) -> npt.NDArray[np.int16] | None:
+    """Per query, the word of the least bfloat16 above a positive float32 ``bound``: a bfloat16
+    exceeds the bound exactly when its word, as a signed 16-bit integer, is at least this (the
+    bound's high half is a bfloat16 at most the bound, and the next word the next bfloat16; negative
+    values' words are negative). ``None`` where a bound is not positive (negative words order in
+    reverse) or NaN. A NaN score's word may pass: callers compare the widened values again."""
+    if not bool(np.all(bound > 0)):
+        return None
+    limit: npt.NDArray[np.int16] = ((bound.view(np.uint32) >> 16) + 1).astype(np.int16)
+    return limit
+
 
 
 def host_candidates(
-    block: npt.NDArray[np.float32], m: int, threshold: npt.NDArray[np.float32], row_scale: npt.NDArray[np.float32] | None = None
+    block: HostBlock,
+    m: int,
+    threshold: npt.NDArray[np.float32],
+    row_scale: npt.NDArray[np.float32] | None = None,
+    row_shift: npt.NDArray[np.float32] | None = None,
 ) -> Candidates:
     """Scores of a ``(rows, queries)`` block that may enter each query's running top ``m``.
 
@@ -114,44 +147,82 @@ def host_candidates(
     the block's m-th best included, so that :class:`RunningTop` can keep the lower indices of
     equal scores. A block of at most ``m`` rows gives all of them.
 
-    ``row_scale`` (positive, one per row: cosine's ``1/|x|``): ``block`` holds the products before
-    that scaling, and a score is ``block * row_scale`` (the same float32 product the backend would
-    have made). Scaling the whole block was a pass over it as long as the compare's, for a few
-    candidates per query; instead the raw products are compared against :func:`unscaled_bound`,
-    and only what passes is scaled and compared again. That bound is one per query for the whole
-    block, as loose as the block's scales are spread: the caller scales a block of widely spread
-    scales itself (:data:`~embedtools.search.exact.ROW_SCALE_SPREAD`).
+    ``row_scale`` (positive, one per row: cosine's ``1/|x|``) and ``row_shift`` (one per row, a
+    screen's bound or a mask's ``+inf``): ``block`` holds the products before them, and a score is
+    ``block * row_scale - row_shift`` (the float32 operations the backend would have run, in that
+    order). Each was a pass over the whole block as long as the compare's, for a few candidates per
+    query; instead the raw products are compared against one bound per query for the block
+    (:func:`unscaled_bound` of the threshold plus the block's least shift, :func:`shifted_bound`),
+    and only what passes is scaled, shifted and compared again. The bound is as loose as the
+    block's scales and shifts are spread: the caller finishes a block of widely spread ones itself
+    (:data:`~embedtools.search.exact.ROW_SCALE_SPREAD`, :data:`~embedtools.search.exact.ROW_SHIFT_SPREAD`).
+    A bfloat16 block's words (:data:`HostBlock`) are compared against that bound's word
+    (:func:`_word_limit`) where every query's is positive, and widened to float32 otherwise.
     """
     n, queries = block.shape
     filling = bool(np.isneginf(threshold).any())  # some query has fewer than m candidates yet
-    if row_scale is not None and filling:
-        block, row_scale = block * row_scale[:, None], None
+    words = block.dtype == np.int16
     if filling:
+        whole = finished(host_float32(block), row_scale, row_shift)
         if m < n:
-            return _passing(block, np.maximum(threshold, group_floor(block, m)), inclusive=True)
-        picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], block.shape)
+            return _float_candidates(_passing(whole, np.maximum(threshold, group_floor(whole, m)), inclusive=True))
+        picked = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], whole.shape)
         return (
             np.repeat(np.arange(queries, dtype=np.int64), n),
-            np.ascontiguousarray(block.T).reshape(-1),
+            np.ascontiguousarray(whole.T).reshape(-1),
             np.ascontiguousarray(picked.T).reshape(-1),
         )
-    if row_scale is None:
-        return _passing(block, threshold, inclusive=False)
-    rows, vals, cols = _passing(block, unscaled_bound(threshold, row_scale), inclusive=False)
-    vals = vals * row_scale[cols]
+    if row_scale is None and row_shift is None and not words:
+        return _float_candidates(_passing(block, threshold, inclusive=False))
+    bound = threshold if row_shift is None else shifted_bound(threshold, row_shift)
+    if row_scale is not None:
+        bound = unscaled_bound(bound, row_scale)
+    limit = _word_limit(bound) if words else None
+    if limit is not None:
+        rows, raw, cols = _passing(block, limit, inclusive=True)
+    else:
+        rows, raw, cols = _passing(host_float32(block), bound, inclusive=False)
+    vals = finished(host_float32(raw), None if row_scale is None else row_scale[cols], None if row_shift is None else row_shift[cols])
     keep = vals > threshold[rows]
     return rows[keep], vals[keep], cols[keep]
 
 
-def _query_major(block: npt.NDArray[np.float32]) -> bool:
+def finished(
+    scores: npt.NDArray[np.float32], row_scale: npt.NDArray[np.float32] | None, row_shift: npt.NDArray[np.float32] | None
+) -> npt.NDArray[np.float32]:
+    """``scores * row_scale - row_shift`` in float32, one rounding per operation as a backend's
+    block makes them; per row of a ``(rows, queries)`` block, or per value of a flat array."""
+    column = scores.ndim == 2
+    out = scores
+    if row_scale is not None:
+        out = out * (row_scale[:, None] if column else row_scale)
+    if row_shift is not None:
+        out = out - (row_shift[:, None] if column else row_shift)
+    return out
+
+
+def shifted_bound(threshold: npt.NDArray[np.float32], row_shift: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Per query, a float32 value at most ``threshold + min(row_shift)``: a score
+    ``fl(v - h) > t`` needs ``v > t + h`` (rounding is monotonic and ``t`` a float32), so every
+    such ``v`` exceeds it. The sum is rounded to float32 (its float64 evaluation is off by far less
+    than a float32 step) and taken one step further down. An all-``+inf`` shift (every row masked)
+    gives ``+inf`` (nothing passes), and infinite and NaN thresholds stay as they are."""
+    least = np.float64(row_shift.min()) if row_shift.size else np.float64(np.inf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        near = (threshold.astype(np.float64) + least).astype(np.float32)
+    return _step_down(near)
+
+
+def _query_major(block: npt.NDArray[Any]) -> bool:
     """Whether a ``(rows, queries)`` block lies in memory query by query (a ``(queries, rows)``
     product's transpose, as torch on a CPU makes it): walked in its own memory order, not copied."""
     return bool(block.flags.f_contiguous and not block.flags.c_contiguous)
 
 
-def _passing(block: npt.NDArray[np.float32], bound: npt.NDArray[np.float32], *, inclusive: bool) -> Candidates:
-    """Every score of a ``(rows, queries)`` block above its query's ``bound`` (or equal, ``inclusive``),
-    found in one pass over the block in its memory order."""
+def _passing(block: HostBlock, bound: npt.NDArray[Any], *, inclusive: bool) -> tuple[npt.NDArray[np.int64], npt.NDArray[Any], npt.NDArray[np.int64]]:
+    """Every value of a ``(rows, queries)`` block above its query's ``bound`` (or equal, ``inclusive``),
+    found in one pass over the block in its memory order: rows, the values as the block holds
+    them, columns."""
     n, queries = block.shape
     if _query_major(block):
         lanes, limit = block.T, bound[:, None]
@@ -164,6 +235,11 @@ def _passing(block: npt.NDArray[np.float32], bound: npt.NDArray[np.float32], *, 
     else:
         rows, cols = np.divmod(flat, n)
     return rows, values, cols
+
+
+def _float_candidates(found: tuple[npt.NDArray[np.int64], npt.NDArray[Any], npt.NDArray[np.int64]]) -> Candidates:
+    rows, values, cols = found
+    return rows, cast("npt.NDArray[np.float32]", values), cols
 
 
 #: Relative slack of :func:`unscaled_bound`: beyond the two float32 roundings (the bound's division
