@@ -169,6 +169,12 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
     }
     for screen in timed_screens:
         fns[f"certified {screen}"] = functools.partial(store.search, queries, k=K, quantized=screen, rescore="certified")
+    auto: et.EmbeddingStore | None = None
+    if fast:  # the automatic rule (issue 16): a default store holding the fastest screen's index, searched plainly
+        auto = et.EmbeddingStore(et.make_backend("torch", device), et.ByteBudget(64 << 30), et.Sha256Hasher())
+        auto.add(unit)
+        auto.quantize(dim, max(fast, key=rates.__getitem__))
+        fns["store exact, auto screen"] = functools.partial(auto.search, queries, k=K)
     # NumPy's turns are their own: OpenBLAS's threads spin on after each call and slowed whichever
     # torch search ran next in the same turn (a certified int8 search took twice its time there)
     numpy_fns: dict[str, Callable[[], Any]] = {}
@@ -198,6 +204,11 @@ def section_certified(rows: int, dim: int, n_queries: int, repeat: int, device: 
         listed = ", ".join(f"{name.removeprefix(prefix)} {t * 1e3:.1f} ms" for name, t in timed.items() if name.startswith(prefix))
         print(f"the {kind} screen's block products over the table ({listed}); its backend runs {way!r}")
     truth = store.search(queries, k=K).indices
+    if auto is not None:
+        plain = auto.search(queries, k=K)
+        print(f"automatic rule: a default torch store's plain exact search ran screen {plain.screen!r}: {timed['store exact, auto screen'] * 1e3:.1f} ms, "
+              f"{timed['store f32 exact (torch)'] / timed['store exact, auto screen']:.2f}x faster than float32 (auto_screen=False); "
+              f"ids differ on {mismatches(plain.indices, truth)} of {n_queries} queries")
     for screen in timed_screens:
         t = timed[f"certified {screen}"]
         result = store.search(queries, k=K, quantized=screen, rescore="certified")
