@@ -20,6 +20,7 @@ from embedtools.errors import InvalidArgumentError
 from embedtools.filters import Label
 from embedtools.quantize import QuantizedIndex
 from embedtools.search.certified import Listed, certified_topk, low_rounding, unit_bounds
+from embedtools.search.merge import HostBlock
 from embedtools.search.auto_screen import AUTO_SCREEN_MIN_QUERIES, AUTO_SCREEN_MIN_ROWS
 from embedtools.testing import overriding
 from tests.helpers import GatherCounting, matryoshka_like, reference_scores
@@ -324,6 +325,39 @@ def test_a_certified_screen_through_torchs_native_product_on_a_cpu_is_exact(kind
             assert got.rescored is not None
             np.testing.assert_array_equal(got.indices, exact_ids(queries, rows, metric, 10))
     assert kind in asked  # the screen took the native product
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_a_native_bfloat16_screen_selecting_from_its_words_is_exact(metric: et.Metric) -> None:
+    """Unit rows over several blocks: the bound's row shift and cosine's row scale are left to the
+    host selection, and the bfloat16 block reaches it as its 16-bit words (compared as they are)."""
+    pytest.importorskip("torch")
+    from embedtools.backends.torch import TorchBackend
+
+    host_dtypes: list[str] = []
+
+    class NativeTorch(TorchBackend):
+        def gemm_speedup(self, kind: et.Quantization) -> float:
+            return 3.0
+
+        def host_block(self, block: Any) -> HostBlock:
+            found = super().host_block(block)
+            host_dtypes.append(str(found.dtype))
+            return found
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((40, 48)).astype(np.float32)
+    raw = centres[rng.integers(0, 40, 20_000)] + np.float32(0.4) * rng.standard_normal((20_000, 48)).astype(np.float32)
+    rows = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32)
+    queries = rows[rng.integers(0, 20_000, 24)] + np.float32(0.02) * rng.standard_normal((24, 48)).astype(np.float32)
+    container = et.make_container({"backend": "torch", "max_memory_gb": 1.0})
+    with overriding(container, backend=NativeTorch("cpu")):
+        store = container.store()
+        store.add(rows)
+        store.quantize(48, "bfloat16")
+        got = store.search(queries, 10, metric=metric, quantized="bfloat16", rescore="certified")
+    np.testing.assert_array_equal(got.indices, exact_ids(queries, rows, metric, 10))
+    assert "int16" in host_dtypes  # blocks past the first were selected from their words
 
 
 def test_describe_reports_the_measured_speedups_and_the_rule() -> None:

@@ -218,16 +218,19 @@ def bfloat16_words(values: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
     return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
 
 
-@given(shifted_blocks(), st.integers(1, 3), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+@given(shifted_blocks(), st.integers(1, 3), st.booleans(), st.booleans(), st.sampled_from(["positive", "any", "filling"]), st.booleans())
 def test_host_candidates_of_bfloat16_words_are_the_widened_blocks(
-    drawn: tuple[npt.NDArray[np.float32], ...], m: int, scaled: bool, shifted: bool, positive: bool, query_major: bool
+    drawn: tuple[npt.NDArray[np.float32], ...], m: int, scaled: bool, shifted: bool, thresholds: str, query_major: bool
 ) -> None:
     """A bfloat16 block's words, compared as 16-bit integers against each bound's word, must give
     the candidates and float32 values of the same block widened first, whatever the thresholds'
     signs (a non-positive one widens the block), NaN and infinite scores included."""
     raw, scale, shift, threshold = drawn
-    if positive:  # where every query's bound is positive: the words' own compare
+    if thresholds == "positive":  # where every query's bound is positive: the words' own compare
         threshold = np.abs(threshold) + np.float32(2.0**-20)
+    elif thresholds == "filling":  # a query with fewer than m candidates yet: the whole block, widened
+        threshold = threshold.copy()
+        threshold[0] = -np.inf
     cut = bfloat16_words(raw)
     cut.reshape(-1)[:: 7] = np.int16(0x7FC0)  # a NaN score now and then
     cut.reshape(-1)[3:: 11] = np.int16(0x7F80)  # and +inf
