@@ -192,9 +192,12 @@ def section_scaling(quick: bool, repeat: int, out: Path, memory_limit_gb: float,
 
 
 def _measure_point(point: Point, methods: tuple[str, ...], repeat: int, timeout: float) -> dict[str, dict[str, float | bool] | str]:
-    """The point's data is built once here and saved; each method's process loads it (a page-cache read)."""
-    table = clustered(point.rows, point.dim, seed=0)
-    queries = queries_near(table, point.queries, seed=1)
+    """The point's data is built once here and saved; each method's process loads it (a page-cache read).
+    The rows are unit rows, as an embedding model writes them: every method scores the same ones."""
+    raw = clustered(point.rows, point.dim, seed=0)
+    queries = queries_near(raw, point.queries, seed=1)
+    table = np.ascontiguousarray(raw / np.linalg.norm(raw, axis=1, keepdims=True), dtype=np.float32)
+    del raw
     with tempfile.TemporaryDirectory(prefix="embedtools-scaling-") as folder:
         inputs = Path(folder) / "inputs.npz"
         np.savez(inputs, table=table, queries=queries)
