@@ -362,19 +362,27 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             else:
                 a_low, b_low = a.to(low), b.to(low)
 
-            low_product = None if low is None else BLOCK_PRODUCTS[self.block_product(queries, kind)]
-
-            def run_low(n: int) -> torch.Tensor:
-                return _int8_scores(a_low[:n], b_low) if low_product is None else low_product(a_low[:n], b_low)
-
             def wait(_: object) -> None:
                 if self._device.type == "cuda":
                     torch.cuda.synchronize(self._device)
                 elif self._device.type == "mps":
                     torch.mps.synchronize()
 
+            def speedup(way: str) -> float:
+                product = BLOCK_PRODUCTS[way]
+
+                def run_low(n: int) -> torch.Tensor:
+                    return _int8_scores(a_low[:n], b_low) if low is None else product(a_low[:n], b_low)
+
+                return measured_speedup(lambda n: float32(a[:n], b), run_low, wait)
+
             try:
-                self._speedups[kind] = measured_speedup(lambda n: float32(a[:n], b), run_low, wait)
+                found = speedup(PLAIN_PRODUCT)
+                # where the native product would run (at least float32's speed), by the way its blocks
+                # would take: its ways are timed only then, as a slow one (float16 on most CPUs) is slow each way
+                if low is not None and found >= 1.0 and (way := self.block_product(queries, kind)) != PLAIN_PRODUCT:
+                    found = speedup(way)
+                self._speedups[kind] = found
             except (RuntimeError, TypeError, NotImplementedError):  # a device or torch without this product: none
                 self._speedups[kind] = 0.0
         return self._speedups[kind]
