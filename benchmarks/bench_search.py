@@ -525,6 +525,8 @@ def real_on_torch(corpus: F32, queries: F32, truth: I64, repeat: int) -> None:
         "int8 rescore=2": lambda: store.search(queries, k=K, quantized="int8", rescore=2).indices,
         "int8 certified": lambda: store.search(queries, k=K, quantized="int8", rescore="certified").indices,
     }
+    store.quantize(corpus.shape[1], "bfloat16")
+    fns["bfloat16 certified"] = lambda: store.search(queries, k=K, quantized="bfloat16", rescore="certified").indices
     for fn in fns.values():
         fn()  # warm-up: the rotated unit prefix, the int8 rows' errors
     timed = interleaved_best(fns, repeat)
@@ -533,7 +535,7 @@ def real_on_torch(corpus: F32, queries: F32, truth: I64, repeat: int) -> None:
     print(f"torch store (integer product torch._int_mm for int8 {used}; measured {speedup:.2f}x float32 at the rule's shape): "
           f"exact {exact * 1e3:.1f} ms")
     for name, target in (("funnel [(128, 50)] after fit_rotation(128)", " (target <= 0.5x)"), ("int8 rescore=2", " (target <= 1.0x)"),
-                         ("int8 certified", "")):  # fmt: skip
+                         ("int8 certified", ""), ("bfloat16 certified", f" (bfloat16 {backend.gemm_speedup('bfloat16'):.2f}x float32 here)")):  # fmt: skip
         print(f"  {name:<42}{timed[name] * 1e3:8.1f} ms = {timed[name] / exact:.2f}x exact{target}; "
               f"recall@10 {recall(fns[name](), truth):.4f}")
 
