@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from embedtools.search.merge import Candidates, HostBlock
+    from embedtools.search.select import Candidates, HostBlock
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -287,11 +287,11 @@ class BlockPrimitives(Protocol[ArrayT]):
 
     def host_block(self, block: ArrayT) -> HostBlock:
         """A score block on the host as ``(rows, queries)`` float32, or a bfloat16 block as its
-        int16 words (:data:`~embedtools.search.merge.HostBlock`), sharing its memory where it can."""
+        int16 words (:data:`~embedtools.search.select.HostBlock`), sharing its memory where it can."""
         ...
 
     def device_candidates(self, block: ArrayT, m: int, threshold: npt.NDArray[np.float32]) -> Candidates:
-        """:func:`embedtools.search.merge.host_candidates`'s contract, selected on the device."""
+        """:func:`embedtools.search.select.host_candidates`'s contract, selected on the device."""
         ...
 
     def nth_best(self, block: ArrayT, n: int) -> npt.NDArray[np.float32]:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from embedtools import make_backend
 from embedtools.protocols import Metric, Quantization, SearchBackend
-from embedtools.search.merge import host_float32
+from embedtools.search.select import host_float32
 from embedtools.search import (
     BLOCK_ROWS,
     DEVICE_BLOCK_ROWS,

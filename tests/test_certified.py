@@ -20,7 +20,7 @@ from embedtools.errors import InvalidArgumentError
 from embedtools.filters import Label
 from embedtools.quantize import QuantizedIndex
 from embedtools.search.certified import Listed, certified_topk, low_rounding, unit_bounds
-from embedtools.search.merge import HostBlock
+from embedtools.search.select import HostBlock
 from embedtools.search.auto_screen import AUTO_SCREEN_MIN_QUERIES, AUTO_SCREEN_MIN_ROWS
 from embedtools.testing import overriding
 from tests.helpers import GatherCounting, matryoshka_like, reference_scores

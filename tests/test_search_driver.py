@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from embedtools.search import SAMPLE_STRIDE, best_first, group_floor, host_candidates, host_nth_best, sampled_floor, unscaled_bound
-from embedtools.search.merge import finished, host_float32, shifted_bound
+from embedtools.search.select import finished, host_float32, shifted_bound
 from tests.helpers import clustered, reference_scores
 
 

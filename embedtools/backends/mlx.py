@@ -20,7 +20,7 @@ from embedtools.errors import BackendUnavailableError, DimensionError, InvalidAr
 from embedtools.protocols import Capabilities, DTypeName, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
-from embedtools.search.merge import Candidates
+from embedtools.search.select import Candidates
 
 if TYPE_CHECKING:
     import numpy.typing as npt

@@ -14,7 +14,8 @@ from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import Capabilities, DTypeName, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
-from embedtools.search.merge import Candidates, host_candidates, host_nth_best
+from embedtools.search.merge import host_nth_best
+from embedtools.search.select import Candidates, host_candidates
 
 if TYPE_CHECKING:
     import numpy.typing as npt

@@ -28,7 +28,8 @@ from embedtools.search.kernel import (
     sampled_floor,
     stable_top,
 )
-from embedtools.search.merge import GROUPS_PER_SLOT, Candidates, RunningTop, best_first, group_floor, host_candidates, host_nth_best, unscaled_bound
+from embedtools.search.merge import RunningTop, best_first, host_nth_best
+from embedtools.search.select import GROUPS_PER_SLOT, Candidates, group_floor, host_candidates, unscaled_bound
 from embedtools.search.rescore import rescore
 
 __all__ = [

@@ -19,7 +19,7 @@ from embedtools.errors import DimensionError
 from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayT, Metric, SearchBackend
 from embedtools.search.certified import Certified, top_by_rank
 from embedtools.search.kernel import check_k, check_metric, check_topk_inputs, rows_per_block, run_topk
-from embedtools.search.merge import Candidates, finished, host_candidates, host_float32
+from embedtools.search.select import Candidates, finished, host_candidates, host_float32
 from embedtools.search.l2_certified import IDENTITY, Frame, Screened, l2_topk
 from embedtools.search.rescore import exact_topk_over, ranks_to_scores
 
@@ -32,10 +32,10 @@ F32 = np.float32
 Scored = tuple["npt.NDArray[np.float32]", "npt.NDArray[np.int64]"]
 Block = tuple[ArrayT, "npt.NDArray[np.float32] | None", "npt.NDArray[np.float32] | None"]
 """A score block as the kernel walks it: the backend's block, and the host row scale and row shift
-its scores still need (``None``: applied already; :func:`~embedtools.search.merge.finished`)."""
+its scores still need (``None``: applied already; :func:`~embedtools.search.select.finished`)."""
 
 #: Largest ratio of a block's cosine row scales (``1/|x|``) for which the host selection compares
-#: unscaled products (:func:`~embedtools.search.merge.host_candidates`' ``row_scale``):
+#: unscaled products (:func:`~embedtools.search.select.host_candidates`' ``row_scale``):
 #: unit-normalised embeddings, whose norms are 1 to float32 rounding, are far inside it; a prefix's
 #: norms, spread wide, would loosen its one bound per query until many rows passed it.
 ROW_SCALE_SPREAD = 1.01

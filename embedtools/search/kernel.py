@@ -18,7 +18,8 @@ import numpy.typing as npt
 
 from embedtools.errors import DimensionError, InvalidArgumentError
 from embedtools.protocols import METRICS, Metric
-from embedtools.search.merge import Candidates, RunningTop, best_first, host_nth_best
+from embedtools.search.merge import RunningTop, best_first, host_nth_best
+from embedtools.search.select import Candidates
 
 __all__ = [
     "BLOCK_ROWS",
