@@ -6,7 +6,6 @@ Imported only when a Torch backend is built (``make_backend("torch")``), never b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
@@ -15,13 +14,13 @@ import torch.utils.dlpack
 
 from embedtools.backends._dtypes import dtype_table, lookup_dtype
 from embedtools.backends._norms import COSINE_RANGE, SQUARES_RANGE
-from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, fastest, measured_speedup
-from embedtools.backends.torch_products import BLOCK_PRODUCTS, PLAIN_PRODUCT, QUERY_CLASSES, TIMED_PRODUCT_WORK
+from embedtools.backends._shared import SPEEDUP_SHAPE, SharedOps, measured_speedup
+from embedtools.backends.torch_products import BLOCK_PRODUCTS, INT_MM, PLAIN_PRODUCT, QUERY_CLASSES, TIMED_PRODUCT_WORK, fastest_block_product, int8_scores
 from embedtools.errors import BackendUnavailableError, DimensionError, InvalidArgumentError
 from embedtools.protocols import Capabilities, DTypeName, HostFloat, LowPrecisionGemm, Quantization
 from embedtools.quantize import check_codes
 from embedtools.search.exact import BlockedTopk
-from embedtools.search.merge import Candidates, HostBlock
+from embedtools.search.select import Candidates, HostBlock
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -39,9 +38,6 @@ class _VectorNorm(Protocol):
 # has no stub, and from_numpy's parameter is unannotated.
 _vector_norm = cast(_VectorNorm, torch.linalg.vector_norm)  # pyright: ignore[reportUnknownMemberType]
 _from_numpy = cast("Callable[[npt.NDArray[Any]], torch.Tensor]", torch.from_numpy)  # pyright: ignore[reportUnknownMemberType]
-# int8 x int8 -> int32 (oneDNN on a CPU); private to torch, so looked up rather than imported, and
-# absent in a torch without it (then no integer product)
-_int_mm = cast("Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None", getattr(torch, "_int_mm", None))
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -226,7 +222,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
                      rows_of: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:  # fmt: skip
         lhs = corpus[rows] if rows_of is None else rows_of(corpus[rows])
         if lhs.dtype == torch.int8:  # the integer product (low_precision("int8")), made as (queries, rows)
-            block = _int8_scores(lhs, operand).T
+            block = int8_scores(lhs, operand).T
         elif operand.dtype != torch.float32 and lhs.device.type == "cuda":
             # float32 out: cuBLAS accumulates and reduces (split-K too) in float32, no bf16/fp16 rounding
             block = torch.mm(lhs, operand, out_dtype=torch.float32)
@@ -237,7 +233,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             timed = int(lhs.shape[0]) * int(lhs.shape[1]) * queries >= TIMED_PRODUCT_WORK
             block = BLOCK_PRODUCTS[self.block_product(queries, self.dtype(lhs)) if timed else PLAIN_PRODUCT](lhs, operand)
             if block.dtype == torch.bfloat16 and scale is None and shift is None and not self.capabilities.select_on_device:
-                return block  # selected on the host from its words (search.merge.HostBlock): not widened here
+                return block  # selected on the host from its words (search.select.HostBlock): not widened here
             if block.dtype != torch.float32:
                 block = block.to(torch.float32)
         else:
@@ -294,7 +290,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         ``torch._int_mm`` (oneDNN's u8s8s32 kernels, VNNI where present), exact in int32; CUDA's
         wants shapes in multiples of 8 and is left to the decoded path until a GPU run times it."""
         if kind == "int8":
-            return LowPrecisionGemm(_same, self._int8_operand, None) if self._device.type == "cpu" and _int_mm is not None else None
+            return LowPrecisionGemm(_same, self._int8_operand, None) if self._device.type == "cpu" and INT_MM is not None else None
         low = _LOW.get(kind)
         if low is None:
             return None
@@ -310,7 +306,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
 
     def _int8_operand(self, packed: npt.NDArray[np.float32]) -> torch.Tensor:
         """The host ``(q, d + 2)`` steps, scale and offset as one int8 tensor ``(q, d + 8)``: the
-        steps, then the scale's and offset's float32 bytes (:func:`_int8_scores` views them back)."""
+        steps, then the scale's and offset's float32 bytes (:func:`~embedtools.backends.torch_products.int8_scores` views them back)."""
         dim = packed.shape[1] - 2
         out = np.empty((packed.shape[0], dim + 8), dtype=np.int8)
         out[:, :dim] = packed[:, :dim]
@@ -334,13 +330,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
         if self._device.type != "cpu" or timed_queries is None:
             return PLAIN_PRODUCT
         if (dtype, timed_queries) not in self._block_products:
-            rows, width, _ = SPEEDUP_SHAPE
-            generator = torch.Generator().manual_seed(0)
-            kind = _LOW.get(dtype, torch.float32)
-            lhs = torch.randn(rows, width, generator=generator).to(kind)
-            operand = torch.randn(timed_queries, width, generator=generator).to(kind).T  # as query_operand makes it
-            ways = {name: partial(product, lhs, operand) for name, product in BLOCK_PRODUCTS.items()}
-            self._block_products[(dtype, timed_queries)] = fastest(ways, lambda _: None, repeats=5)
+            self._block_products[(dtype, timed_queries)] = fastest_block_product(_LOW.get(dtype, torch.float32), timed_queries)
         return self._block_products[(dtype, timed_queries)]
 
     @torch.no_grad()
@@ -372,7 +362,7 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
                 product = BLOCK_PRODUCTS[way]
 
                 def run_low(n: int) -> torch.Tensor:
-                    return _int8_scores(a_low[:n], b_low) if low is None else product(a_low[:n], b_low)
+                    return int8_scores(a_low[:n], b_low) if low is None else product(a_low[:n], b_low)
 
                 return measured_speedup(lambda n: float32(a[:n], b), run_low, wait)
 
@@ -386,24 +376,6 @@ class TorchBackend(SharedOps[torch.Tensor], BlockedTopk[torch.Tensor]):
             except (RuntimeError, TypeError, NotImplementedError):  # a device or torch without this product: none
                 self._speedups[kind] = 0.0
         return self._speedups[kind]
-
-
-def _int8_scores(codes: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
-    """``(queries, rows)`` float32 scores ``α·(steps·codes) + β`` of an int8 operand
-    (:meth:`TorchBackend._int8_operand`): the int32 product, converted in place, scaled, offset."""
-    dim = operand.shape[1] - 8
-    terms = operand[:, dim:].contiguous().view(torch.float32)
-    steps = operand[:, :dim]
-    if dim == 1:  # torch 2.13's CPU _int_mm sums a width of 1 wrongly (tests/test_int8_screen.py): an outer product
-        product = steps.to(torch.int32) * codes.T.to(torch.int32)
-    else:
-        assert _int_mm is not None
-        product = _int_mm(steps, codes.T)
-    # converted in place (int32 and float32 are the same size, read and written element by element):
-    # the block's memory stays one score block, and the pass ran faster than into a new tensor
-    scores = product.view(torch.float32)
-    scores.copy_(product)
-    return scores.mul_(terms[:, :1]).add_(terms[:, 1:])
 
 
 _LOW: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,4 +1,4 @@
-"""The ways a torch backend can make a CPU score block, and which of them it times.
+"""The ways a torch backend can make a CPU score block, which of them it times, and its integer product.
 
 One product, three kernels: MKL's (oneDNN's, for bfloat16) matmul either way round and oneDNN's
 inner product. Which runs fastest depends on the CPU, its BLAS and the dtype, so
@@ -10,13 +10,18 @@ Imported with the torch backend, never by ``import embedtools``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 import torch
 
-from embedtools.backends._shared import SPEEDUP_SHAPE
+from embedtools.backends._shared import SPEEDUP_SHAPE, fastest
 
-__all__ = ["BLOCK_PRODUCTS", "PLAIN_PRODUCT", "QUERY_CLASSES", "TIMED_PRODUCT_WORK", "onednn_linear"]
+__all__ = ["BLOCK_PRODUCTS", "INT_MM", "PLAIN_PRODUCT", "QUERY_CLASSES", "TIMED_PRODUCT_WORK", "fastest_block_product", "int8_scores", "onednn_linear"]
+
+#: int8 x int8 -> int32 (oneDNN on a CPU); private to torch, so looked up rather than imported, and
+#: ``None`` in a torch without it (then no integer product).
+INT_MM = cast("Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None", getattr(torch, "_int_mm", None))
 
 
 def onednn_linear(rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
@@ -60,3 +65,34 @@ TIMED_PRODUCT_WORK = 1 << 26
 #: product reads each row for a few multiply-adds: it runs at the speed of memory, which a block in
 #: cache does not show, so those take the plain product. One query's and a batch's are timed.
 QUERY_CLASSES: dict[int, int | None] = {1: 1, 2: None, 16: SPEEDUP_SHAPE[2]}
+
+
+def fastest_block_product(dtype: torch.dtype, queries: int) -> str:
+    """The name of the fastest of :data:`BLOCK_PRODUCTS` for ``dtype`` blocks of ``queries``
+    queries, timed on one block of :data:`SPEEDUP_SHAPE`'s rows and width on the CPU."""
+    rows, width, _ = SPEEDUP_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lhs = torch.randn(rows, width, generator=generator).to(dtype)
+        operand = torch.randn(queries, width, generator=generator).to(dtype).T  # as query_operand makes it
+        ways = {name: partial(product, lhs, operand) for name, product in BLOCK_PRODUCTS.items()}
+        return fastest(ways, lambda _: None, repeats=5)
+
+
+def int8_scores(codes: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+    """``(queries, rows)`` float32 scores ``α·(steps·codes) + β`` of an int8 operand (the steps,
+    then α's and β's float32 bytes: ``TorchBackend.low_precision("int8")``'s): the int32 product,
+    converted in place, scaled, offset."""
+    dim = operand.shape[1] - 8
+    terms = operand[:, dim:].contiguous().view(torch.float32)
+    steps = operand[:, :dim]
+    if dim == 1:  # torch 2.13's CPU _int_mm sums a width of 1 wrongly (tests/test_int8_screen.py): an outer product
+        product = steps.to(torch.int32) * codes.T.to(torch.int32)
+    else:
+        assert INT_MM is not None
+        product = INT_MM(steps, codes.T)
+    # converted in place (int32 and float32 are the same size, read and written element by element):
+    # the block's memory stays one score block, and the pass ran faster than into a new tensor
+    scores = product.view(torch.float32)
+    scores.copy_(product)
+    return scores.mul_(terms[:, :1]).add_(terms[:, 1:])
