@@ -29,7 +29,8 @@ from embedtools.protocols import DEFAULT_BLOCK_BYTES, ArrayBackend, Hasher, Memo
 from embedtools.quantize import Quantization, check_quantization
 from embedtools.results import MemoryInfo, SearchResult
 from embedtools.search.auto_screen import auto_screened
-from embedtools.search.plan import GATHER_FRACTION, Searcher, plan_search, run_search
+from embedtools.search.plan import plan_search
+from embedtools.search.searcher import GATHER_FRACTION, Searcher, run_search
 from embedtools.tables import Table, TableState, appended, kept_rows, labels_for, materialized, new_rows
 from embedtools.tables import positions, removal, replaced_rows, with_index, with_rotation
 from embedtools.validation import JSONObject, LabelsArg, as_config, as_float32_matrix, check_dimension

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import embedtools as et
-import embedtools.search.plan as planner_module
+import embedtools.search.searcher as searcher_module
 from embedtools import ByteBudget, EmbeddingStore, Ids, InvalidArgumentError, Label, Meta, Metric, Sha256Hasher
 from tests.conformance.backends import IDS, PAIRS
 from tests.helpers import assert_exact_topk, clustered
@@ -72,7 +72,7 @@ def test_both_strategies_agree(fraction: float, monkeypatch: pytest.MonkeyPatch)
     store, _ = make_store()
     queries = clustered(5, 24, seed=3)
     baseline = {name: store.search(queries, k=6, where=f).indices for name, f in FILTERS.items()}
-    monkeypatch.setattr(planner_module, "GATHER_FRACTION", fraction)  # 0: always mask; 1: always gather
+    monkeypatch.setattr(searcher_module, "GATHER_FRACTION", fraction)  # 0: always mask; 1: always gather
     for name, f in FILTERS.items():
         np.testing.assert_array_equal(store.search(queries, k=6, where=f).indices, baseline[name])
 
