@@ -237,20 +237,25 @@ def section_exact(rows: int, dim: int, n_queries: int, repeat: int) -> None:
 
     one = queries[:1]
     ones = np.ones(table.shape[1], dtype=np.float32)
-    one_query: dict[str, Callable[[], object]] = {"one query": lambda: store.search(one, k=K)}
-    if torch_store is not None:
-        one_query["torch one query"] = functools.partial(torch_store.search, one, k=K)
-    reads = interleaved_best({"matvec": lambda: table @ ones, "sum": lambda: table.sum(axis=0), **one_query}, repeat * 3)
+    reads = interleaved_best({"matvec": lambda: table @ ones, "sum": lambda: table.sum(axis=0), "one query": lambda: store.search(one, k=K)}, repeat * 3)
     bandwidth = table.nbytes / min(reads["matvec"], reads["sum"])
     one_floor = table.nbytes / bandwidth
     single = reads["one query"]
     print(f"\n== one query over the {table.nbytes / 2**20:.0f} MiB table (interleaved with the reads) ==")
     print(f"one read at the measured bandwidth ({bandwidth / 1e9:.1f} GB/s): {one_floor * 1e3:.2f} ms; "
           f"store.search: {single * 1e3:.2f} ms = {single / one_floor:.2f}x the read")
-    if "torch one query" in reads:
+    if torch_store is not None:
+        # in turns of its own, beside torch's own read of the table: OpenBLAS's threads spin on after
+        # NumPy's reads and slowed the torch search run next to about twice its time alone
+        import torch
+
+        xt, ones_t = torch.from_numpy(table), torch.from_numpy(ones)
+        torch_reads = interleaved_best({"torch matvec": lambda: torch.mv(xt, ones_t), "torch one query": functools.partial(torch_store.search, one, k=K)},
+                                       repeat * 3)  # fmt: skip
+        torch_single, torch_read = torch_reads["torch one query"], torch_reads["torch matvec"]
         way = torch_backend.float32_product(1)
-        print(f"the torch store: {reads['torch one query'] * 1e3:.2f} ms = {reads['torch one query'] / one_floor:.2f}x the read "
-              f"(its one-query product where timed: {way!r})")
+        print(f"the torch store, in turns with torch's own matvec ({torch_read * 1e3:.2f} ms): {torch_single * 1e3:.2f} ms = "
+              f"{torch_single / one_floor:.2f}x the read above, {torch_single / torch_read:.2f}x torch's matvec (its one-query product where timed: {way!r})")
 
 
 def torch_block_products(backend: object, table: F32, queries: F32, dtype: str = "float32") -> tuple[dict[str, Callable[[], object]], str]:
