@@ -48,7 +48,6 @@ def _word_limit(bound: npt.NDArray[np.float32]) -> npt.NDArray[np.int16] | None:
     return limit
 
 
-
 def host_candidates(
     block: HostBlock,
     m: int,
@@ -63,7 +62,7 @@ def host_candidates(
     max-reduction of the block and a partition of a few times ``m`` maxima): a partition of
     thousands of strided rows per query cost as much as a third of the block's GEMM for
     shortlists of 40 to 100. Every row scoring at least that floor is a candidate, rows equal to
-    the block's m-th best included, so that :class:`RunningTop` can keep the lower indices of
+    the block's m-th best included, so that :class:`~embedtools.search.merge.RunningTop` can keep the lower indices of
     equal scores. A block of at most ``m`` rows gives all of them.
 
     ``row_scale`` (positive, one per row: cosine's ``1/|x|``) and ``row_shift`` (one per row, a
