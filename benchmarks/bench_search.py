@@ -454,7 +454,7 @@ def section_real(repeat: int) -> None:
     head, q_head = np.ascontiguousarray(unit[:, :128]), np.ascontiguousarray(queries[:, :128].T)
     q_full = np.ascontiguousarray(queries.T)
     # the int8 shortlist's widening of the codes alone, block by block as its search widens them
-    # (search.int8_screen.folded_shortlist: no decode, the scale in the queries)
+    # (search.int8_screen.int8_shortlist: no decode, the scale in the queries)
     codec = CODECS["int8"]
     calibration = codec.calibrate(corpus)
     assert calibration is not None

@@ -1,5 +1,6 @@
-"""The int8 shortlist without a decode: codes widened, the scale folded into the queries, the offset's
-per-query term left out where it ranks no row above another (``search.int8_screen.folded_shortlist``)."""
+"""The int8 shortlist without a decode on a backend with no integer product: codes widened, the scale
+folded into the queries, the offset's per-query term left out where it ranks no row above another
+(``search.int8_screen.int8_shortlist``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import embedtools as et
 from embedtools.protocols import Metric, block_primitives
 from embedtools.quantize import QuantizedIndex
-from embedtools.search.int8_screen import folded_shortlist
+from embedtools.search.int8_screen import int8_shortlist
 
 BLOCK_BYTES = 1 << 20
 
@@ -52,7 +53,7 @@ def test_a_folded_shortlist_ranks_as_the_decoded_codes_do(metric: Metric, unit: 
     rng = np.random.default_rng(1)
     queries = (rows[rng.integers(0, rows.shape[0], 16)] + 0.1 * rng.standard_normal((16, 32))).astype(np.float32)
     norms = None if metric == "dot" else np.linalg.norm(rows, axis=1).astype(np.float32)
-    found = folded_shortlist(backend, queries, index, norms, 20, metric, None, BLOCK_BYTES)
+    found = int8_shortlist(backend, queries, index, norms, 20, metric, None, BLOCK_BYTES)
     assert found is not None and found.shape == (16, 20)
     ranks = decoded_ranks(queries, index, rows, metric)
     kth = -np.sort(-ranks, axis=1)[:, 19]
@@ -70,9 +71,9 @@ def test_a_folded_shortlist_leaves_cosine_rows_of_spread_norms_to_the_decode_and
     index = QuantizedIndex.build("int8", rows)
     queries = rows[:4].copy()
     norms = np.linalg.norm(rows, axis=1).astype(np.float32)
-    assert folded_shortlist(backend, queries, index, norms, 10, "cosine", None, BLOCK_BYTES) is None  # o·q would rank rows by 1/|x|
+    assert int8_shortlist(backend, queries, index, norms, 10, "cosine", None, BLOCK_BYTES) is None  # o·q would rank rows by 1/|x|
     mask: npt.NDArray[np.bool_] = np.arange(rows.shape[0]) % 3 == 0
-    found = folded_shortlist(backend, queries, index, None, 10, "dot", mask, BLOCK_BYTES)
+    found = int8_shortlist(backend, queries, index, None, 10, "dot", mask, BLOCK_BYTES)
     assert found is not None and bool(np.all(mask[found]))
 
 

@@ -29,8 +29,8 @@ to each query's bound; an l2 screen adds it to its one bound per query.
 An approximate shortlist (:func:`int8_shortlist`) ranks by the same ``q̃·x̂`` where the backend's
 integer product measured faster than decoding the codes into its float32 GEMM: the query's rounding
 (about as large as the rows') is one more approximation before the exact rescoring. Elsewhere
-(NumPy, which has no integer GEMM) :func:`folded_shortlist` ranks by ``x̂·q`` through the float32
-GEMM over the codes widened, the scale folded into the queries.
+(NumPy, which has no integer GEMM) it ranks by ``x̂·q`` through the float32 GEMM over the codes
+only widened, the scale folded into the queries.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from embedtools.search.exact import blocked_topk
 if TYPE_CHECKING:
     from embedtools.quantize import QuantizedIndex
 
-__all__ = ["FOLD_NORM_SPREAD", "STEPS", "Int8Queries", "decode_slack", "folded_shortlist", "int8_queries", "int8_shortlist"]
+__all__ = ["FOLD_NORM_SPREAD", "STEPS", "Int8Queries", "decode_slack", "int8_queries", "int8_shortlist"]
 
 #: The largest step magnitude: symmetric, so ``-t`` is a step whenever ``t`` is.
 STEPS = 127
@@ -107,23 +107,11 @@ def decode_slack(scale: npt.NDArray[np.float32], offset: npt.NDArray[np.float32]
     return _U * (2.01 * _CODE_MAX * s + o) * (1 + 2.0**-20) + 2.0**-126
 
 
-def _ranking(
-    backend: SearchBackend[ArrayT], queries: npt.NDArray[np.float32], index: QuantizedIndex[ArrayT], norms: npt.NDArray[np.float32] | None, metric: Metric
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None]:
-    """The queries a shortlist ranks (unit for cosine, normalised as the exact search normalises
-    them), the index's scale and offset on the host, and the ranking's row scale (cosine's ``1/|x|``)
-    and row shift (l2's ``|x|²/2``) from the original rows' ``norms``, as the decoded ranking uses."""
-    assert index.scale is not None and index.offset is not None
-    ranked = queries
-    if metric == "cosine":
-        ranked = np.asarray(backend.to_numpy(backend.normalize(backend.from_numpy(queries))), dtype=np.float32)
-    scale, offset = (np.asarray(backend.to_numpy(v), dtype=np.float32) for v in (index.scale, index.offset))
-    row_scale = shift = None
-    if norms is not None and metric == "cosine":
-        row_scale = (1.0 / np.where(norms >= COSINE_RANGE[0], norms, np.float32(1.0))).astype(np.float32)
-    elif norms is not None and metric == "l2":
-        shift = (0.5 * norms * norms).astype(np.float32)
-    return ranked, scale, offset, row_scale, shift
+#: Largest ratio of the rows' cosine scales ``1/|x|`` for which :func:`int8_shortlist`'s folded
+#: ranking leaves the offset's term out: unit-normalised rows (norms 1 to a few float32 steps) are
+#: inside it, and the term then moves a score by at most ``|o·q|·2⁻²⁰``, far below the codes' own
+#: rounding (``s/2`` per value).
+FOLD_NORM_SPREAD = 1 + 2.0**-20
 
 
 def int8_shortlist(
@@ -136,49 +124,36 @@ def int8_shortlist(
     mask: npt.NDArray[np.bool_] | None,
     block_bytes: int,
 ) -> npt.NDArray[np.int64] | None:
-    """Each query's best ``k`` rows of an int8 ``index`` by the backend's integer product (the
-    original rows' ``norms`` for cosine and l2, as the decoded ranking uses), or ``None`` where the
-    backend has none that measured faster than float32: the caller then folds or decodes."""
-    if index.scale is None or index.offset is None or backend.gemm_speedup("int8") < 1.0:
-        return None
-    native = backend.low_precision("int8")
-    if native is None:
-        return None
-    ranked, scale, offset, row_scale, shift = _ranking(backend, queries, index, norms, metric)
-    _, rows = blocked_topk(backend, int8_queries(ranked, scale, offset).packed, index.codes, min(k, index.rows), "dot", block_bytes,
-                           scale=row_scale, shift=shift, mask=mask, rows_of=native.rows, settle_ties=False, operand_of=native.operand)  # fmt: skip
-    return rows
+    """Each query's best ``k`` rows of an int8 ``index`` without decoding it (the original rows'
+    ``norms`` for cosine and l2, as the decoded ranking uses), or ``None``: the caller then decodes.
 
-
-#: Largest ratio of the rows' cosine scales ``1/|x|`` for which :func:`folded_shortlist` leaves the
-#: offset term out: unit-normalised rows (norms 1 to a few float32 steps) are inside it, and the term
-#: then moves a score by at most ``|o·q|·2⁻²⁰``, far below the codes' own rounding (``s/2`` per value).
-FOLD_NORM_SPREAD = 1 + 2.0**-20
-
-
-def folded_shortlist(
-    backend: SearchBackend[ArrayT],
-    queries: npt.NDArray[np.float32],
-    index: QuantizedIndex[ArrayT],
-    norms: npt.NDArray[np.float32] | None,
-    k: int,
-    metric: Metric,
-    mask: npt.NDArray[np.bool_] | None,
-    block_bytes: int,
-) -> npt.NDArray[np.int64] | None:
-    """Each query's best ``k`` rows of an int8 ``index`` by the float32 GEMM without decoding: the
-    codes are only widened to float32 and the scale goes into the queries, as
-    ``x̂·q = c·(s∘q) + o·q``. The offset's term ``o·q`` is one number per query, which ranks no row
-    above another for dot and l2 (the ranking's ``- |x|²/2`` is the original rows'); for cosine it is
-    scaled by each row's ``1/|x|``, so it is left out only where those agree within
-    :data:`FOLD_NORM_SPREAD`. ``None`` otherwise (the caller decodes). A decode was three passes over
-    each block of codes (widen, scale, offset) for one."""
+    By the backend's integer product where it measured faster than float32. Otherwise by the float32
+    GEMM over the codes only widened, the scale folded into the queries: ``x̂·q = c·(s∘q) + o·q``,
+    where the offset's term ``o·q`` is one number per query, which ranks no row above another for dot
+    and l2 (the ranking's ``- |x|²/2`` is the original rows'); for cosine it is scaled by each row's
+    ``1/|x|``, so it is left out only where those agree within :data:`FOLD_NORM_SPREAD`, and ``None``
+    is returned for other cosine tables. A decode was three passes over each block of codes (widen,
+    scale, offset) for the one."""
     if index.scale is None or index.offset is None:
         return None
-    ranked, scale, _, row_scale, shift = _ranking(backend, queries, index, norms, metric)
+    ranked = queries
+    if metric == "cosine":  # unit queries, normalised as the exact search normalises them
+        ranked = np.asarray(backend.to_numpy(backend.normalize(backend.from_numpy(queries))), dtype=np.float32)
+    scale, offset = (np.asarray(backend.to_numpy(v), dtype=np.float32) for v in (index.scale, index.offset))
+    row_scale = shift = None
+    if norms is not None and metric == "cosine":
+        row_scale = (1.0 / np.where(norms >= COSINE_RANGE[0], norms, np.float32(1.0))).astype(np.float32)
+    elif norms is not None and metric == "l2":
+        shift = (0.5 * norms * norms).astype(np.float32)
+    kk = min(k, index.rows)
+    native = backend.low_precision("int8") if backend.gemm_speedup("int8") >= 1.0 else None
+    if native is not None:
+        _, rows = blocked_topk(backend, int8_queries(ranked, scale, offset).packed, index.codes, kk, "dot", block_bytes,
+                               scale=row_scale, shift=shift, mask=mask, rows_of=native.rows, settle_ties=False, operand_of=native.operand)  # fmt: skip
+        return rows
     if row_scale is not None and row_scale.size and float(row_scale.max()) > FOLD_NORM_SPREAD * float(row_scale.min()):
         return None
     folded = np.ascontiguousarray(ranked * scale, dtype=np.float32)
-    _, rows = blocked_topk(backend, folded, index.codes, min(k, index.rows), "dot", block_bytes, scale=row_scale, shift=shift, mask=mask,
+    _, rows = blocked_topk(backend, folded, index.codes, kk, "dot", block_bytes, scale=row_scale, shift=shift, mask=mask,
                            rows_of=backend.float32, settle_ties=False)  # fmt: skip
     return rows

@@ -19,7 +19,7 @@ from embedtools.errors import InvalidArgumentError
 from embedtools.progress import progress_bar, shows
 from embedtools.protocols import ArrayBackend, Metric, SearchBackend, block_primitives
 from embedtools.results import SearchResult
-from embedtools.search.int8_screen import folded_shortlist, int8_shortlist
+from embedtools.search.int8_screen import int8_shortlist
 from embedtools.search.plan import SearchPlan
 from embedtools.search.rescore import host_product, ranks_to_scores, rescore
 from embedtools.search.screening import BoundedPrefix, bounded_prefix, certified_search, row_errors
@@ -63,11 +63,9 @@ class Searcher:
             rank_norms = None if rank_metric == "dot" else state.norms
             native = None
             broad = mask is None or np.count_nonzero(mask) > GATHER_FRACTION * mask.size  # a selective one gathers its rows instead
-            if index.codec.kernel == "int8" and blocks is not None and broad:  # the integer product, where it measured faster
+            if index.codec.kernel == "int8" and blocks is not None and broad:  # no decode: integer product, or scale in the queries
                 host_norms = None if rank_norms is None else np.asarray(blocks.to_numpy(rank_norms), dtype=np.float32)
                 native = int8_shortlist(blocks, rank_q, index, host_norms, kk * rescore_factor, rank_metric, mask, self._block_bytes)
-                if native is None:  # or the float32 GEMM over the widened codes, the scale in the queries
-                    native = folded_shortlist(blocks, rank_q, index, host_norms, kk * rescore_factor, rank_metric, mask, self._block_bytes)
             if native is None:
                 decode = index.decoder(self._backend)
                 _, shortlist = self._masked_topk(rank_q, index.codes, rank_norms, kk * rescore_factor, rank_metric, mask, decode)
