@@ -280,3 +280,23 @@ def test_unscaled_bound_keeps_infinite_and_nan_thresholds() -> None:
     bound = unscaled_bound(threshold, np.array([0.5, 2.0], np.float32))
     assert bound[0] == np.inf and np.isnan(bound[1]) and bound[2] == -np.inf
     assert 0.25 > bound[3] > 0.2499 and -1.0 > bound[4] > -1.0001  # t / max(s) just below, t / min(s) just beyond
+
+
+def test_a_nan_row_shift_costs_its_own_row_only() -> None:
+    """A block whose shifts hold a NaN is shifted by the backend (NaN scores lose), not left to the
+    selection, whose one bound per block a NaN would make pass nothing."""
+    from embedtools import NumpyBackend
+    from embedtools.search.exact import blocked_topk
+
+    backend = NumpyBackend()
+    rng = np.random.default_rng(8)
+    rows = rng.standard_normal((20_000, 16)).astype(np.float32)  # blocks of 8,192 rows: the NaN's is the second
+    queries = rng.standard_normal((4, 16)).astype(np.float32)
+    shift = np.full(20_000, np.float32(-0.001))
+    nan_shift, dropped = shift.copy(), shift.copy()
+    nan_shift[12_345], dropped[12_345] = np.nan, np.inf
+    block_bytes = 64 << 20
+    got = blocked_topk(backend, queries, rows, 10, "dot", block_bytes, scale=None, shift=nan_shift, mask=None, rows_of=None, settle_ties=False)
+    want = blocked_topk(backend, queries, rows, 10, "dot", block_bytes, scale=None, shift=dropped, mask=None, rows_of=None, settle_ties=False)
+    assert np.any((want[1] >= 8192) & (want[1] < 16384))  # the NaN's block holds winners
+    np.testing.assert_array_equal(got[1], want[1])

@@ -47,6 +47,10 @@ ROW_SHIFT_SPREAD = 2.0**-6
 
 
 def _spread(shift: npt.NDArray[np.float32]) -> float:
+    """The spread of a block's finite shifts (a mask's ``+inf`` is none); NaN counts as unbounded, so
+    such a block is shifted by the backend, where a NaN costs its own row only."""
+    if np.isnan(shift).any():
+        return float("inf")
     finite = shift[np.isfinite(shift)]
     return float(finite.max() - finite.min()) if finite.size else 0.0
 
