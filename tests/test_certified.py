@@ -367,6 +367,18 @@ def test_describe_reports_the_measured_speedups_and_the_rule() -> None:
     assert found.float32_products == {} and "float32 block product" not in str(found)  # one way only
 
 
+def test_describe_names_the_block_product_of_each_screen_whose_native_product_runs() -> None:
+    pytest.importorskip("torch")
+    from embedtools.backends.torch_products import BLOCK_PRODUCTS
+
+    found = et.describe("torch", "cpu")
+    running = {kind for kind in ("bfloat16", "float16") if found.screen_speedups[kind] >= 1.0}
+    assert set(found.screen_products) == running  # a decoded screen has no product of its own to name
+    assert set(found.screen_products.values()) <= set(BLOCK_PRODUCTS)
+    assert ("screen block product" in str(found)) == bool(running)
+    assert et.describe("numpy").screen_products == {}
+
+
 def test_describe_reports_the_torch_float32_product_of_each_query_class() -> None:
     pytest.importorskip("torch")
     from embedtools.backends.torch_products import BLOCK_PRODUCTS, PLAIN_PRODUCT

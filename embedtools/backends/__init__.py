@@ -184,6 +184,9 @@ class Description:
     #: Which way the backend makes a float32 score block, per class of query counts, where it has
     #: several and times them (torch on a CPU, ``TorchBackend.float32_product``); empty elsewhere.
     float32_products: dict[str, str] = field(default_factory=dict[str, str])
+    #: Which way the backend makes a bfloat16 or float16 screen's block for a batch (16+ queries), for
+    #: each kind whose native product runs here (at least float32's speed); empty where none does.
+    screen_products: dict[str, str] = field(default_factory=dict[str, str])
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend} on {self.device}", f"why: {self.reason}"]
@@ -195,6 +198,8 @@ class Description:
         if self.float32_products:
             ways = ", ".join(f"{queries}: {way}" for queries, way in self.float32_products.items())
             lines.append(f"float32 block product: {ways}")
+        if self.screen_products:
+            lines.append("screen block product (16+ queries): " + ", ".join(f"{kind}: {way}" for kind, way in self.screen_products.items()))
         lines += [f"  {name}: devices {', '.join(found)}" for name, found in self.devices.items()]
         lines += [f"  {package}: {version or 'not installed'}" for package, version in self.versions.items()]
         return "\n".join(lines)
@@ -209,6 +214,7 @@ def _version(package: str) -> str | None:
 
 def describe(backend: str = "auto", device: str | None = None) -> Description:
     """Build the backend ``(backend, device)`` resolves to and report it with versions and reasons."""
+    from embedtools.backends._shared import SPEEDUP_SHAPE
     from embedtools.search.certified import AUTO_SCREEN_SPEEDUP
 
     choice = resolve(backend, device)
@@ -221,8 +227,13 @@ def describe(backend: str = "auto", device: str | None = None) -> Description:
         if fast
         else f"off: no low-precision GEMM ran {AUTO_SCREEN_SPEEDUP:g}x faster than float32 here, exact search stays float32"
     )
+    chooser = getattr(built, "block_product", None)
+    screen_products = {} if not callable(chooser) else {
+        kind: str(chooser(SPEEDUP_SHAPE[2], kind)) for kind in ("bfloat16", "float16") if speedups[kind] >= 1.0
+    }  # fmt: skip
     return Description(
         float32_products=_float32_products(built),
+        screen_products=screen_products,
         backend=built.name,
         device=built.device,
         reason=choice.reason,
