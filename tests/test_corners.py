@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedtools import make_backend
+from embedtools.search.kernel import FEW_QUERIES, FEW_QUERY_BLOCK_ROWS
 from embedtools.search import (
     BLOCK_ROWS,
     GROUPS_PER_SLOT,
@@ -123,7 +124,20 @@ SWITCH_KS = (1, 9, 10, 39, 40, 98, 99, 100,
 @pytest.mark.parametrize("k", SWITCH_KS)
 def test_exact_search_at_every_switch_point_is_the_stable_top_k(k: int) -> None:
     corpus = integer_rows(3 * BLOCK_ROWS + 123, 6, seed=k)
-    queries = integer_rows(7, 6, seed=k + 1)
+    queries = integer_rows(FEW_QUERIES, 6, seed=k + 1)  # a batch: blocks of BLOCK_ROWS
+    assert rows_per_block(FEW_QUERIES, gpu=False) == BLOCK_ROWS
+    scores, indices = make_backend("numpy").topk(queries, corpus, k, "dot")
+    want_scores, want_indices = stable_topk(queries.astype(np.float64) @ corpus.T.astype(np.float64), k)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+@pytest.mark.parametrize("k", [1, 10, 99, 5000])
+def test_exact_search_of_a_few_queries_over_their_longer_blocks_is_the_stable_top_k(k: int) -> None:
+    n_queries = 7
+    assert BLOCK_ROWS < rows_per_block(n_queries, gpu=False) <= FEW_QUERY_BLOCK_ROWS
+    corpus = integer_rows(2 * FEW_QUERY_BLOCK_ROWS + 77, 6, seed=k)
+    queries = integer_rows(n_queries, 6, seed=k + 1)
     scores, indices = make_backend("numpy").topk(queries, corpus, k, "dot")
     want_scores, want_indices = stable_topk(queries.astype(np.float64) @ corpus.T.astype(np.float64), k)
     np.testing.assert_array_equal(indices, want_indices)

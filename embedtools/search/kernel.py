@@ -28,6 +28,8 @@ __all__ = [
     "CANDIDATE_BYTES",
     "DECODED_BLOCK_BYTES",
     "DEVICE_BLOCK_ROWS",
+    "FEW_QUERIES",
+    "FEW_QUERY_BLOCK_ROWS",
     "ONE_QUERY_BLOCK_ROWS",
     "SAMPLED_FLOOR_MIN",
     "SAMPLE_STRIDE",
@@ -89,6 +91,14 @@ MIN_BATCH_BLOCK_ROWS = 1024
 #: Corpus rows per block for a single query on a CPU: its product is a GEMV that streams the table at
 #: memory speed, and 4,096-row blocks only added a call, a compare and a merge per block to it.
 ONE_QUERY_BLOCK_ROWS = 1 << 20
+#: Fewer queries than this are "a few" on a CPU: their product, like one query's, reads each row for a
+#: few multiply-adds and runs at the speed of memory (torch times no way for them either:
+#: ``torch_products.QUERY_CLASSES``), so their blocks take up to :data:`FEW_QUERY_BLOCK_ROWS` rows
+#: within :data:`SCORE_BLOCK_BYTES`: each block costs a call, a compare and a merge, as for one query
+#: (``bench_search --scaling`` prints the queries axis, where 10 queries on 8,192-row blocks ran
+#: 0.54-0.62x torch naive).
+FEW_QUERIES = 16
+FEW_QUERY_BLOCK_ROWS = 1 << 16
 
 
 #: Corpus rows per block on a GPU, where no cache needs fitting and a 4,096-row block is microseconds
@@ -106,7 +116,7 @@ DECODED_BLOCK_BYTES = 3 << 20
 
 def rows_per_block(n_queries: int, *, gpu: bool, decoded_width: int | None = None) -> int:
     """Rows per top-k block: :data:`DEVICE_BLOCK_ROWS` on a GPU; on a CPU, :data:`ONE_QUERY_BLOCK_ROWS`
-    for one query and :data:`BLOCK_ROWS` for a batch (whose GEMM and selection want a block of
+    for one query, :data:`FEW_QUERY_BLOCK_ROWS` for a few and :data:`BLOCK_ROWS` for a batch (whose GEMM and selection want a block of
     scores that stays in cache, so a large batch gets fewer rows: at most :data:`SCORE_BLOCK_BYTES`
     of scores, at least :data:`MIN_BATCH_BLOCK_ROWS` rows), and for a corpus decoded block by block (``decoded_width``: the
     decoded rows' width) at most :data:`DECODED_BLOCK_BYTES` of decoded rows, in a multiple of 64
@@ -117,7 +127,7 @@ def rows_per_block(n_queries: int, *, gpu: bool, decoded_width: int | None = Non
         rows = ONE_QUERY_BLOCK_ROWS
     else:
         fitting = SCORE_BLOCK_BYTES // (4 * max(n_queries, 1)) // 64 * 64
-        rows = min(BLOCK_ROWS, max(MIN_BATCH_BLOCK_ROWS, fitting))
+        rows = min(FEW_QUERY_BLOCK_ROWS if n_queries < FEW_QUERIES else BLOCK_ROWS, max(MIN_BATCH_BLOCK_ROWS, fitting))
     if decoded_width is not None:
         rows = min(rows, max(DECODED_BLOCK_BYTES // (4 * max(decoded_width, 1)) // 64 * 64, 64))
     return rows
