@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from embedtools import make_backend
 from embedtools.protocols import Metric, Quantization, SearchBackend
 from embedtools.search.select import host_float32
+from embedtools.search.kernel import FEW_QUERIES, FEW_QUERY_BLOCK_ROWS
 from embedtools.search import (
     BLOCK_ROWS,
     DEVICE_BLOCK_ROWS,
@@ -113,11 +114,12 @@ def test_plan_blocks_counts_each_querys_shortlist_against_the_bound() -> None:
 
 def test_blocks_are_cache_sized_for_a_cpu_batch_streaming_for_one_query_and_launch_sized_on_a_gpu() -> None:
     assert rows_per_block(1, gpu=False) == ONE_QUERY_BLOCK_ROWS > BLOCK_ROWS
-    sizes = [rows_per_block(n, gpu=False) for n in (2, 128, 300, 500, 1_000, 4_096, 100_000)]
-    assert sizes[:2] == [BLOCK_ROWS, BLOCK_ROWS]
+    sizes = [rows_per_block(n, gpu=False) for n in (2, FEW_QUERIES - 1, FEW_QUERIES, 128, 300, 500, 1_000, 4_096, 100_000)]
+    assert sizes[:4] == [FEW_QUERY_BLOCK_ROWS, FEW_QUERY_BLOCK_ROWS, BLOCK_ROWS, BLOCK_ROWS]  # a few queries stream, like one
+    assert (FEW_QUERIES - 1) * 4 * sizes[1] <= SCORE_BLOCK_BYTES  # within the same bytes of scores
     assert sizes == sorted(sizes, reverse=True)  # a larger batch never gets more rows
     assert all(size % 64 == 0 for size in sizes)
-    assert 1_000 * 4 * sizes[4] <= SCORE_BLOCK_BYTES < 1_000 * 4 * BLOCK_ROWS  # its scores fit
+    assert 1_000 * 4 * sizes[6] <= SCORE_BLOCK_BYTES < 1_000 * 4 * BLOCK_ROWS  # its scores fit
     assert sizes[-1] == MIN_BATCH_BLOCK_ROWS
     assert rows_per_block(1, gpu=True) == rows_per_block(10_000, gpu=True) == DEVICE_BLOCK_ROWS
 
