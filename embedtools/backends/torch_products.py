@@ -43,8 +43,8 @@ def onednn_linear(rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
 #: store's blocks): for float32, oneDNN's on a 2-core AMD EPYC with AVX-512, where MKL takes a slower
 #: path; MKL's (queries, rows) product beat its (rows, queries) one on a 2-core Intel Xeon. For
 #: bfloat16 on an Intel Xeon with AMX, (rows, queries) ran the screen's blocks in half the time of
-#: (queries, rows), the reverse of the float32 order there (a scratch profile; ``bench_backends``
-#: times each).  A low-precision way rounds each score once, to its dtype, after float32
+#: (queries, rows), the reverse of the float32 order there (``bench_search --only certified`` times
+#: each way of the screen's product). A low-precision way rounds each score once, to its dtype, after float32
 #: accumulation (oneDNN's kernels, the certified bounds' model): the certified tests hold every way.
 BLOCK_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "matmul (rows, queries)": lambda rows, operand: rows @ operand,

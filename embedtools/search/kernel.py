@@ -95,8 +95,7 @@ ONE_QUERY_BLOCK_ROWS = 1 << 20
 #: few multiply-adds and runs at the speed of memory (torch times no way for them either:
 #: ``torch_products.QUERY_CLASSES``), so their blocks take up to :data:`FEW_QUERY_BLOCK_ROWS` rows
 #: within :data:`SCORE_BLOCK_BYTES`: each block costs a call, a compare and a merge, as for one query
-#: (``bench_search --scaling`` prints the queries axis, where 10 queries on 8,192-row blocks ran
-#: 0.54-0.62x torch naive).
+#: (``bench_search --scaling`` times the queries axis against torch naive).
 FEW_QUERIES = 16
 FEW_QUERY_BLOCK_ROWS = 1 << 16
 
