@@ -182,10 +182,12 @@ def blocked_topk(
             operands.clear()
             operand = operands[key] = make_operand(np.ascontiguousarray(q[qs]))
         row_scale = row_shift = None
-        if host and (shift is None or _spread(shift[rs]) <= ROW_SHIFT_SPREAD):  # a shift left on the backend keeps its scale there
-            row_shift = None if shift is None else shift[rs]
-            if scale is not None and scale[rs].size and scale[rs].max() <= ROW_SCALE_SPREAD * scale[rs].min():
-                row_scale = scale[rs]
+        block_shift = None if shift is None else shift[rs]
+        if host and (block_shift is None or _spread(block_shift) <= ROW_SHIFT_SPREAD):  # a shift left on the backend keeps its scale there
+            row_shift = block_shift
+            block_scale = None if scale is None else scale[rs]
+            if block_scale is not None and block_scale.size and block_scale.max() <= ROW_SCALE_SPREAD * block_scale.min():
+                row_scale = block_scale
         block = backend.block_scores(x, rs, operand, scale_d if row_scale is None else None, shift_d if row_shift is None else None, rows_of)
         return block, row_scale, row_shift
 
